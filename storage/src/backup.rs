@@ -1,0 +1,857 @@
+//! The backup pipeline.
+//!
+//! ```text
+//! walker ──events──▶ assembler (trees, file cache, in source order)
+//!    │                   ▲ pending results
+//!    └─file jobs─▶ file workers (read, chunk, hash, dedup) ──chunks──▶ cpu workers
+//!                                                     (compress, encrypt) ──▶ packer ──▶ uploaders
+//! ```
+//! Every queue is bounded, so memory stays bounded whatever the size of a
+//! file or volume: at most a few chunks per worker, one open pack, and the
+//! packs being written. Index files are written only after the packs they
+//! list are durable, and the snapshot is written last.
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::fs::{self, File, Metadata};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use fastcdc::v2020::{Normalization, StreamCDC};
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use marmoset_index::FileCacheEntry;
+use tracing::{debug, warn};
+
+use crate::backend::FileKind;
+use crate::blob::{self, BlobType, EncodedBlob};
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::pack::{PackBuilder, PackEntry};
+use crate::repo::Repository;
+use crate::snapshot::{BackupSummary, Snapshot, SourceError};
+use crate::tree::{self, Node, NodeKind, Tree, Xattr};
+
+/// Caller's choices for one backup.
+#[derive(Debug, Clone, Default)]
+pub struct BackupOptions {
+    /// Source name recorded in the snapshot (default `host:/abs/path`).
+    pub source: Option<String>,
+    pub tags: Vec<String>,
+    /// Glob patterns; a pattern without `/` matches any file name, one with
+    /// `/` matches the absolute path.
+    pub excludes: Vec<String>,
+    /// Worker threads for reading and for compression/encryption
+    /// (default: the number of cores).
+    pub threads: Option<usize>,
+    /// Read every file even when the file cache says it is unchanged.
+    pub force_read: bool,
+    /// Parallel pack writers (default 2).
+    pub uploaders: Option<usize>,
+    /// Record this host name instead of the machine's.
+    pub hostname: Option<String>,
+}
+
+/// Live counters for a progress display; updated by the pipeline.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub files_done: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_added: AtomicU64,
+    pub errors: AtomicU64,
+    pub current: Mutex<String>,
+}
+
+const PACK_QUEUE: usize = 1;
+const FILE_CACHE_SEP: u8 = 0;
+/// Index files are written at least every this many packs, so an
+/// interrupted backup loses little index work (packs are found anyway).
+const PACKS_PER_INDEX: usize = 8;
+
+/// Shared state of the blob-saving half of the pipeline.
+struct Saver<'r> {
+    repo: &'r Repository,
+    level: i32,
+    pack_size: usize,
+    inflight: Mutex<HashSet<Id>>,
+    packer: Mutex<PackBuilder>,
+    /// Taken (and so closed) once all blobs are queued.
+    upload_tx: Mutex<Option<Sender<PackBuilder>>>,
+    pending_index: Mutex<Vec<(Id, Vec<PackEntry>)>>,
+    stats: Stats,
+    progress: &'r Progress,
+    abort: AtomicBool,
+    first_error: Mutex<Option<Error>>,
+}
+
+#[derive(Default)]
+struct Stats {
+    bytes_added: AtomicU64,
+    data_blobs: AtomicU64,
+    tree_blobs: AtomicU64,
+    packs: AtomicU64,
+}
+
+impl<'r> Saver<'r> {
+    fn fail(&self, e: Error) {
+        let mut slot = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        self.abort.store(true, Ordering::SeqCst);
+    }
+
+    fn aborted(&self) -> bool {
+        self.abort.load(Ordering::Relaxed)
+    }
+
+    /// Claims `id` for storing: false when the repository or this backup
+    /// already has it.
+    fn claim(&self, id: &Id) -> Result<bool> {
+        if self.repo.index().contains_blob(&id.0)? {
+            return Ok(false);
+        }
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(inflight.insert(*id))
+    }
+
+    fn add_encoded(&self, blob: EncodedBlob) -> Result<()> {
+        let len = blob.ciphertext.len() as u64;
+        match blob.kind {
+            BlobType::Data => self.stats.data_blobs.fetch_add(1, Ordering::Relaxed),
+            _ => self.stats.tree_blobs.fetch_add(1, Ordering::Relaxed),
+        };
+        let full = {
+            let mut p = self.packer.lock().unwrap_or_else(|p| p.into_inner());
+            p.add(blob)?;
+            if p.len() >= self.pack_size {
+                Some(std::mem::replace(&mut *p, PackBuilder::with_capacity(self.pack_size + (1 << 20))))
+            } else {
+                None
+            }
+        };
+        self.stats.bytes_added.fetch_add(len, Ordering::Relaxed);
+        self.progress.bytes_added.fetch_add(len, Ordering::Relaxed);
+        if let Some(pack) = full {
+            self.send_pack(pack)?;
+        }
+        Ok(())
+    }
+
+    fn send_pack(&self, pack: PackBuilder) -> Result<()> {
+        let tx = self.upload_tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        tx.ok_or_else(|| Error::Aborted("pack writer closed".into()))?
+            .send(pack)
+            .map_err(|_| Error::Aborted("pack writer stopped".into()))
+    }
+
+    /// Stores a small blob (tree, chunk list) from the calling thread.
+    fn save_blob(&self, kind: BlobType, data: &[u8]) -> Result<Id> {
+        let id = self.repo.keys().content_id(data);
+        if self.claim(&id)? {
+            self.add_encoded(blob::encode(self.repo.keys(), kind, id, data, self.level)?)?;
+        }
+        Ok(id)
+    }
+
+    fn flush_packer(&self) -> Result<()> {
+        let last = std::mem::take(&mut *self.packer.lock().unwrap_or_else(|p| p.into_inner()));
+        if !last.is_empty() {
+            self.send_pack(last)?;
+        }
+        Ok(())
+    }
+
+    /// Uploader loop: seal, write, then make the blobs visible.
+    fn upload_loop(&self, rx: Receiver<PackBuilder>) {
+        for builder in rx {
+            if self.aborted() {
+                continue;
+            }
+            if let Err(e) = self.upload_one(builder) {
+                self.fail(e);
+            }
+        }
+    }
+
+    fn upload_one(&self, builder: PackBuilder) -> Result<()> {
+        let sealed = builder.seal(self.repo.keys())?;
+        let name = sealed.id.to_hex();
+        self.repo.backend().write(FileKind::Pack, &name, &sealed.bytes)?;
+        debug!(pack = %name, blobs = sealed.entries.len(), "pack written");
+        self.stats.packs.fetch_add(1, Ordering::Relaxed);
+        let item = vec![(sealed.id, sealed.entries)];
+        // Blobs become visible in the local cache right away for dedup;
+        // the repository index file follows in batches.
+        self.repo.cache_entries(&item, false)?;
+        {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            for e in &item[0].1 {
+                inflight.remove(&e.id);
+            }
+        }
+        let batch = {
+            let mut pending = self.pending_index.lock().unwrap_or_else(|p| p.into_inner());
+            pending.extend(item);
+            if pending.len() >= PACKS_PER_INDEX {
+                std::mem::take(&mut *pending)
+            } else {
+                Vec::new()
+            }
+        };
+        if !batch.is_empty() {
+            self.repo.write_index(&batch)?;
+        }
+        Ok(())
+    }
+}
+
+/// Result of reading one file.
+struct FileContent {
+    content: Vec<Id>,
+    indirect: bool,
+    size: u64,
+}
+
+type FileResult = std::result::Result<FileContent, String>;
+
+enum Pending {
+    Ready(FileContent),
+    Waiting(Receiver<FileResult>),
+}
+
+enum Event {
+    Enter(Node),
+    Leaf(Node, Option<(Pending, Vec<u8>, Metadata)>),
+    Exit,
+    Error(SourceError),
+}
+
+struct FileJob {
+    path: PathBuf,
+    reply: Sender<FileResult>,
+}
+
+struct Chunk {
+    id: Id,
+    data: Vec<u8>,
+}
+
+/// Runs a backup of `paths` and returns the new snapshot.
+pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions, progress: &Progress) -> Result<(Id, Snapshot)> {
+    let start = Instant::now();
+    let time = chrono::Utc::now();
+    if paths.is_empty() {
+        return Err(Error::InvalidArgument("nothing to back up: no paths given".into()));
+    }
+    let mut abs = Vec::new();
+    for p in paths {
+        let a = std::path::absolute(p).map_err(|e| Error::io(p, e))?;
+        fs::symlink_metadata(&a).map_err(|e| Error::io(&a, e))?;
+        abs.push(a);
+    }
+    let hostname = opts.hostname.clone().unwrap_or_else(crate::util::hostname);
+    let source = opts.source.clone().unwrap_or_else(|| {
+        let joined: Vec<String> = abs.iter().map(|p| p.display().to_string()).collect();
+        format!("{hostname}:{}", joined.join(","))
+    });
+    let excludes = build_excludes(&opts.excludes)?;
+    let recovered = repo.recover_unindexed_packs()?;
+    if recovered > 0 {
+        debug!(recovered, "reusing packs of an interrupted backup");
+    }
+    let parent = repo
+        .snapshots()?
+        .0
+        .into_iter()
+        .rev()
+        .find(|(_, s)| s.source == source)
+        .map(|(id, _)| id);
+
+    let threads = opts
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .max(1);
+    let uploaders = opts.uploaders.unwrap_or(2).max(1);
+    let (upload_tx, upload_rx) = bounded::<PackBuilder>(PACK_QUEUE);
+    let saver = Saver {
+        repo,
+        level: repo.config().compression_level,
+        pack_size: repo.config().pack_size as usize,
+        inflight: Mutex::new(HashSet::new()),
+        packer: Mutex::new(PackBuilder::with_capacity(repo.config().pack_size as usize + (1 << 20))),
+        upload_tx: Mutex::new(Some(upload_tx)),
+        pending_index: Mutex::new(Vec::new()),
+        stats: Stats::default(),
+        progress,
+        abort: AtomicBool::new(false),
+        first_error: Mutex::new(None),
+    };
+    let ctx = WalkCtx {
+        repo,
+        excludes,
+        source_key: source.clone(),
+        force_read: opts.force_read,
+    };
+
+    let mut summary = BackupSummary::default();
+    let mut root_parts = Vec::new();
+    std::thread::scope(|s| -> Result<()> {
+        let saver = &saver;
+        let (job_tx, job_rx) = bounded::<FileJob>(threads * 4);
+        let (chunk_tx, chunk_rx) = bounded::<Chunk>(threads * 2);
+        let (event_tx, event_rx) = bounded::<Event>(8192);
+        let mut uploader_handles = Vec::new();
+        for _ in 0..uploaders {
+            let rx = upload_rx.clone();
+            uploader_handles.push(s.spawn(move || saver.upload_loop(rx)));
+        }
+        drop(upload_rx);
+        let mut cpu_handles = Vec::new();
+        for _ in 0..threads {
+            let rx = chunk_rx.clone();
+            cpu_handles.push(s.spawn(move || cpu_worker(saver, rx)));
+        }
+        drop(chunk_rx);
+        let mut file_handles = Vec::new();
+        for _ in 0..threads {
+            let rx = job_rx.clone();
+            let tx = chunk_tx.clone();
+            file_handles.push(s.spawn(move || file_worker(saver, rx, tx)));
+        }
+        drop(job_rx);
+        drop(chunk_tx);
+        let assembler = s.spawn(|| assemble(saver, &ctx, event_rx));
+
+        let walk_result = walk_roots(&ctx, saver, &abs, &event_tx, &job_tx);
+        drop(event_tx);
+        drop(job_tx);
+        let assembled = assembler.join();
+        for h in file_handles {
+            let _ = h.join();
+        }
+        for h in cpu_handles {
+            let _ = h.join();
+        }
+        // All blobs are queued: seal the last pack, then let uploaders drain.
+        let flushed = if saver.aborted() { Ok(()) } else { saver.flush_packer() };
+        // Close the channel so the uploaders' loops end.
+        drop(saver.upload_tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        for h in uploader_handles {
+            let _ = h.join();
+        }
+        walk_result?;
+        flushed?;
+        match assembled {
+            Ok(Ok((parts, sum))) => {
+                root_parts = parts;
+                summary = sum;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::Aborted("tree assembler panicked".into())),
+        }
+    })
+    .or_else(|e| match saver.first_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        Some(first) => Err(first),
+        None => Err(e),
+    })?;
+    if let Some(e) = saver.first_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e);
+    }
+    // Index files for the remaining packs, then the snapshot: in this order,
+    // so the snapshot never references a blob that no index lists.
+    let rest = std::mem::take(&mut *saver.pending_index.lock().unwrap_or_else(|p| p.into_inner()));
+    if !rest.is_empty() {
+        repo.write_index(&rest)?;
+    }
+    repo.index().flush()?;
+
+    summary.bytes_added = saver.stats.bytes_added.load(Ordering::Relaxed);
+    summary.data_blobs_added = saver.stats.data_blobs.load(Ordering::Relaxed);
+    summary.tree_blobs_added = saver.stats.tree_blobs.load(Ordering::Relaxed);
+    summary.packs_written = saver.stats.packs.load(Ordering::Relaxed);
+    summary.duration_secs = start.elapsed().as_secs_f64();
+    let tree = *root_parts.first().ok_or_else(|| Error::Aborted("no root tree".into()))?;
+    let snap = Snapshot {
+        version: 1,
+        time,
+        hostname,
+        username: crate::util::username(),
+        source,
+        paths: abs.iter().map(|p| p.display().to_string()).collect(),
+        tags: opts.tags.clone(),
+        tree,
+        tree_parts: if root_parts.len() > 1 { root_parts } else { Vec::new() },
+        parent,
+        program_version: format!("marmoset {}", env!("CARGO_PKG_VERSION")),
+        incomplete: !summary.errors.is_empty(),
+        summary,
+    };
+    let id = repo.save_snapshot(&snap)?;
+    Ok((id, snap))
+}
+
+struct WalkCtx<'r> {
+    repo: &'r Repository,
+    excludes: GlobSet,
+    source_key: String,
+    force_read: bool,
+}
+
+fn build_excludes(patterns: &[String]) -> Result<GlobSet> {
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        let g = Glob::new(p).map_err(|e| Error::InvalidArgument(format!("exclude pattern {p:?}: {e}")))?;
+        b.add(g);
+    }
+    b.build().map_err(|e| Error::InvalidArgument(e.to_string()))
+}
+
+impl WalkCtx<'_> {
+    fn excluded(&self, path: &Path) -> bool {
+        if self.excludes.is_empty() {
+            return false;
+        }
+        self.excludes.is_match(path) || path.file_name().is_some_and(|n| self.excludes.is_match(n))
+    }
+
+    fn cache_key(&self, path: &Path) -> Vec<u8> {
+        let mut k = self.source_key.as_bytes().to_vec();
+        k.push(FILE_CACHE_SEP);
+        k.extend_from_slice(path.as_os_str().as_bytes());
+        k
+    }
+}
+
+fn walk_roots(ctx: &WalkCtx, saver: &Saver, paths: &[PathBuf], events: &Sender<Event>, jobs: &Sender<FileJob>) -> Result<()> {
+    // One directory: its contents form the root. Otherwise the root holds
+    // one entry per path, named by its last component.
+    if let [only] = paths {
+        let meta = fs::symlink_metadata(only).map_err(|e| Error::io(only, e))?;
+        if meta.is_dir() {
+            return walk_dir_contents(ctx, saver, only, events, jobs);
+        }
+    }
+    let mut names = HashSet::new();
+    for p in paths {
+        let name = p.file_name().unwrap_or(p.as_os_str()).as_bytes().to_vec();
+        if !names.insert(name.clone()) {
+            return Err(Error::InvalidArgument(format!(
+                "two paths share the name {:?}; back them up separately",
+                String::from_utf8_lossy(&name)
+            )));
+        }
+    }
+    let mut sorted: Vec<&PathBuf> = paths.iter().collect();
+    sorted.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    for p in sorted {
+        walk_entry(ctx, saver, p, events, jobs)?;
+    }
+    Ok(())
+}
+
+fn walk_dir_contents(ctx: &WalkCtx, saver: &Saver, dir: &Path, events: &Sender<Event>, jobs: &Sender<FileJob>) -> Result<()> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) => {
+            return send(events, Event::Error(source_error(dir, &e.to_string())));
+        }
+    };
+    let mut names: Vec<std::ffi::OsString> = Vec::new();
+    for entry in rd {
+        match entry {
+            Ok(e) => names.push(e.file_name()),
+            Err(e) => send(events, Event::Error(source_error(dir, &e.to_string())))?,
+        }
+    }
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    for name in names {
+        if saver.aborted() {
+            return Err(Error::Aborted("backup aborted".into()));
+        }
+        walk_entry(ctx, saver, &dir.join(name), events, jobs)?;
+    }
+    Ok(())
+}
+
+fn send(events: &Sender<Event>, e: Event) -> Result<()> {
+    events.send(e).map_err(|_| Error::Aborted("tree assembler stopped".into()))
+}
+
+fn source_error(path: &Path, error: &str) -> SourceError {
+    SourceError {
+        path: path.display().to_string(),
+        error: error.to_string(),
+    }
+}
+
+fn walk_entry(ctx: &WalkCtx, saver: &Saver, path: &Path, events: &Sender<Event>, jobs: &Sender<FileJob>) -> Result<()> {
+    if ctx.excluded(path) {
+        return Ok(());
+    }
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) => return send(events, Event::Error(source_error(path, &e.to_string()))),
+    };
+    let name = path.file_name().unwrap_or(OsStr::new("")).as_bytes().to_vec();
+    let mut node = node_from_meta(name, &meta);
+    node.xattrs = read_xattrs(path);
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        send(events, Event::Enter(node))?;
+        walk_dir_contents(ctx, saver, path, events, jobs)?;
+        return send(events, Event::Exit);
+    }
+    if ft.is_symlink() {
+        match fs::read_link(path) {
+            Ok(t) => node.link_target = Some(t.as_os_str().as_bytes().to_vec()),
+            Err(e) => return send(events, Event::Error(source_error(path, &e.to_string()))),
+        }
+        return send(events, Event::Leaf(node, None));
+    }
+    if !ft.is_file() {
+        return send(events, Event::Leaf(node, None));
+    }
+    let key = ctx.cache_key(path);
+    if !ctx.force_read {
+        if let Some(content) = unchanged_content(ctx, &key, &meta)? {
+            return send(events, Event::Leaf(node, Some((Pending::Ready(content), key, meta))));
+        }
+    }
+    let (reply, rx) = bounded(1);
+    jobs.send(FileJob {
+        path: path.to_owned(),
+        reply,
+    })
+    .map_err(|_| Error::Aborted("file readers stopped".into()))?;
+    send(events, Event::Leaf(node, Some((Pending::Waiting(rx), key, meta))))
+}
+
+/// The cached content of an unchanged file, if every blob is still stored.
+fn unchanged_content(ctx: &WalkCtx, key: &[u8], meta: &Metadata) -> Result<Option<FileContent>> {
+    let Some(c) = ctx.repo.index().get_file(key)? else {
+        return Ok(None);
+    };
+    let same = c.size == meta.len()
+        && c.mtime_ns == mtime_ns(meta)
+        && c.ctime_ns == ctime_ns(meta)
+        && c.inode == meta.ino();
+    if !same {
+        return Ok(None);
+    }
+    for id in &c.content {
+        if !ctx.repo.index().contains_blob(id)? {
+            return Ok(None);
+        }
+    }
+    Ok(Some(FileContent {
+        content: c.content.into_iter().map(Id).collect(),
+        indirect: c.indirect,
+        size: c.size,
+    }))
+}
+
+fn mtime_ns(m: &Metadata) -> i64 {
+    m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec())
+}
+
+fn ctime_ns(m: &Metadata) -> i64 {
+    m.ctime().saturating_mul(1_000_000_000).saturating_add(m.ctime_nsec())
+}
+
+pub(crate) fn node_from_meta(name: Vec<u8>, meta: &Metadata) -> Node {
+    let ft = meta.file_type();
+    let kind = if ft.is_dir() {
+        NodeKind::Dir
+    } else if ft.is_symlink() {
+        NodeKind::Symlink
+    } else if ft.is_fifo() {
+        NodeKind::Fifo
+    } else if ft.is_socket() {
+        NodeKind::Socket
+    } else if ft.is_char_device() {
+        NodeKind::Chardev
+    } else if ft.is_block_device() {
+        NodeKind::Blockdev
+    } else {
+        NodeKind::File
+    };
+    let mut n = Node::new(name, kind);
+    n.mode = meta.mode() & 0o7777;
+    n.uid = meta.uid();
+    n.gid = meta.gid();
+    n.mtime_ns = mtime_ns(meta);
+    if kind == NodeKind::File {
+        n.size = meta.len();
+        if meta.nlink() > 1 {
+            n.inode = meta.ino();
+            n.links = meta.nlink();
+        }
+    }
+    if matches!(kind, NodeKind::Chardev | NodeKind::Blockdev) {
+        n.rdev = meta.rdev();
+    }
+    n
+}
+
+fn read_xattrs(path: &Path) -> Vec<Xattr> {
+    let Ok(names) = xattr::list(path) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for name in names {
+        if let Ok(Some(value)) = xattr::get(path, &name) {
+            out.push(Xattr {
+                name: name.as_bytes().to_vec(),
+                value,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+fn file_worker(saver: &Saver, jobs: Receiver<FileJob>, chunks: Sender<Chunk>) {
+    for job in jobs {
+        if saver.aborted() {
+            let _ = job.reply.send(Err("backup aborted".into()));
+            continue;
+        }
+        let result = read_file(saver, &job.path, &chunks);
+        let reply = match result {
+            Ok(c) => Ok(c),
+            Err(FileError::Source(msg)) => Err(msg),
+            Err(FileError::Fatal(e)) => {
+                saver.fail(e);
+                Err("backup aborted".into())
+            }
+        };
+        saver.progress.files_done.fetch_add(1, Ordering::Relaxed);
+        let _ = job.reply.send(reply);
+    }
+}
+
+enum FileError {
+    /// The source file could not be read: recorded, the backup goes on.
+    Source(String),
+    /// The repository side failed: the backup stops.
+    Fatal(Error),
+}
+
+fn read_file(saver: &Saver, path: &Path, chunks: &Sender<Chunk>) -> std::result::Result<FileContent, FileError> {
+    if let Ok(mut cur) = saver.progress.current.try_lock() {
+        cur.clear();
+        cur.push_str(&path.to_string_lossy());
+    }
+    let f = File::open(path).map_err(|e| FileError::Source(e.to_string()))?;
+    let cfg = &saver.repo.config().chunker;
+    let keys = saver.repo.keys();
+    let chunker = StreamCDC::with_level_and_seed(
+        f,
+        cfg.min_size as usize,
+        cfg.avg_size as usize,
+        cfg.max_size as usize,
+        Normalization::Level1,
+        keys.chunker_seed(),
+    );
+    let mut ids = Vec::new();
+    let mut size = 0u64;
+    for chunk in chunker {
+        if saver.aborted() {
+            return Err(FileError::Fatal(Error::Aborted("backup aborted".into())));
+        }
+        let chunk = chunk.map_err(|e| FileError::Source(format!("read failed at byte {size}: {e}")))?;
+        size += chunk.length as u64;
+        saver.progress.bytes_read.fetch_add(chunk.length as u64, Ordering::Relaxed);
+        let id = keys.content_id(&chunk.data);
+        ids.push(id);
+        if saver.claim(&id).map_err(FileError::Fatal)? {
+            chunks
+                .send(Chunk { id, data: chunk.data })
+                .map_err(|_| FileError::Fatal(Error::Aborted("compression workers stopped".into())))?;
+        }
+    }
+    if ids.len() <= tree::MAX_DIRECT_CHUNKS {
+        return Ok(FileContent {
+            content: ids,
+            indirect: false,
+            size,
+        });
+    }
+    let mut lists = Vec::new();
+    for part in ids.chunks(tree::CHUNK_LIST_LEN) {
+        let id = saver
+            .save_blob(BlobType::ChunkList, &tree::encode_chunk_list(part))
+            .map_err(FileError::Fatal)?;
+        lists.push(id);
+    }
+    Ok(FileContent {
+        content: lists,
+        indirect: true,
+        size,
+    })
+}
+
+fn cpu_worker(saver: &Saver, chunks: Receiver<Chunk>) {
+    for c in chunks {
+        if saver.aborted() {
+            continue;
+        }
+        let r = blob::encode(saver.repo.keys(), BlobType::Data, c.id, &c.data, saver.level)
+            .and_then(|b| saver.add_encoded(b));
+        if let Err(e) = r {
+            saver.fail(e);
+        }
+    }
+}
+
+/// A directory being assembled: finished parts plus the current one.
+struct DirBuilder {
+    node: Node,
+    parts: Vec<Id>,
+    entries: Vec<Node>,
+}
+
+impl DirBuilder {
+    fn push(&mut self, saver: &Saver, node: Node) -> Result<()> {
+        self.entries.push(node);
+        if self.entries.len() >= tree::MAX_PART_ENTRIES {
+            self.flush_part(saver)?;
+        }
+        Ok(())
+    }
+
+    fn flush_part(&mut self, saver: &Saver) -> Result<()> {
+        let t = Tree {
+            nodes: std::mem::take(&mut self.entries),
+        };
+        self.parts.push(saver.save_blob(BlobType::Tree, &t.encode()?)?);
+        Ok(())
+    }
+
+    fn finish(mut self, saver: &Saver) -> Result<(Node, Vec<Id>)> {
+        if !self.entries.is_empty() || self.parts.is_empty() {
+            self.flush_part(saver)?;
+        }
+        self.node.subtree = self.parts.clone();
+        Ok((self.node, self.parts))
+    }
+}
+
+fn assemble(saver: &Saver, ctx: &WalkCtx, events: Receiver<Event>) -> Result<(Vec<Id>, BackupSummary)> {
+    let r = assemble_inner(saver, ctx, &events);
+    if let Err(e) = &r {
+        saver.fail(Error::Aborted(e.to_string()));
+    }
+    r
+}
+
+fn assemble_inner(saver: &Saver, ctx: &WalkCtx, events: &Receiver<Event>) -> Result<(Vec<Id>, BackupSummary)> {
+    let mut sum = BackupSummary::default();
+    let mut stack = vec![DirBuilder {
+        node: Node::new(Vec::new(), NodeKind::Dir),
+        parts: Vec::new(),
+        entries: Vec::new(),
+    }];
+    for ev in events {
+        if saver.aborted() {
+            return Err(Error::Aborted("backup aborted".into()));
+        }
+        match ev {
+            Event::Enter(node) => {
+                sum.dirs_total += 1;
+                stack.push(DirBuilder {
+                    node,
+                    parts: Vec::new(),
+                    entries: Vec::new(),
+                });
+            }
+            Event::Exit => {
+                let dir = stack.pop().ok_or_else(|| Error::Aborted("unbalanced walk".into()))?;
+                let (node, _) = dir.finish(saver)?;
+                stack
+                    .last_mut()
+                    .ok_or_else(|| Error::Aborted("unbalanced walk".into()))?
+                    .push(saver, node)?;
+            }
+            Event::Error(e) => {
+                warn!(path = %e.path, error = %e.error, "cannot read, skipped");
+                saver.progress.errors.fetch_add(1, Ordering::Relaxed);
+                sum.errors.push(e);
+            }
+            Event::Leaf(mut node, file) => {
+                if let Some((pending, key, meta)) = file {
+                    let path = String::from_utf8_lossy(&key[ctx.source_key.len() + 1..]).into_owned();
+                    let (content, fresh) = match pending {
+                        Pending::Ready(c) => (Ok(c), false),
+                        Pending::Waiting(rx) => (
+                            rx.recv().unwrap_or_else(|_| Err("backup aborted".into())),
+                            true,
+                        ),
+                    };
+                    match content {
+                        Ok(c) => {
+                            if fresh {
+                                if ctx.repo.index().get_file(&key)?.is_some() {
+                                    sum.files_changed += 1;
+                                } else {
+                                    sum.files_new += 1;
+                                }
+                                sum.bytes_read += c.size;
+                                if c.size == meta.len() {
+                                    ctx.repo.index().put_file(&key, &cache_entry(&c, &meta))?;
+                                }
+                            } else {
+                                sum.files_unmodified += 1;
+                                saver.progress.files_done.fetch_add(1, Ordering::Relaxed);
+                            }
+                            node.size = c.size;
+                            node.content = c.content;
+                            node.indirect = c.indirect;
+                            sum.files_total += 1;
+                            sum.bytes_total += node.size;
+                        }
+                        Err(msg) => {
+                            if saver.aborted() {
+                                return Err(Error::Aborted("backup aborted".into()));
+                            }
+                            warn!(path = %path, error = %msg, "cannot read, skipped");
+                            saver.progress.errors.fetch_add(1, Ordering::Relaxed);
+                            sum.errors.push(SourceError { path, error: msg });
+                            continue;
+                        }
+                    }
+                }
+                stack
+                    .last_mut()
+                    .ok_or_else(|| Error::Aborted("unbalanced walk".into()))?
+                    .push(saver, node)?;
+            }
+        }
+    }
+    if saver.aborted() {
+        return Err(Error::Aborted("backup aborted".into()));
+    }
+    let root = stack.pop().ok_or_else(|| Error::Aborted("unbalanced walk".into()))?;
+    if !stack.is_empty() {
+        return Err(Error::Aborted("walk ended inside a directory".into()));
+    }
+    let (_, parts) = root.finish(saver)?;
+    Ok((parts, sum))
+}
+
+fn cache_entry(c: &FileContent, meta: &Metadata) -> FileCacheEntry {
+    FileCacheEntry {
+        size: c.size,
+        mtime_ns: mtime_ns(meta),
+        ctime_ns: ctime_ns(meta),
+        inode: meta.ino(),
+        indirect: c.indirect,
+        content: c.content.iter().map(|i| i.0).collect(),
+    }
+}

@@ -1,0 +1,167 @@
+//! Command-line arguments (clap derive). Parsing only: no engine logic here.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "marmoset", version, about = "Deduplicating, encrypted backups with fast restore")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Repository location: a directory path (optionally `local:PATH`).
+    #[arg(short = 'r', long, env = "MARMOSET_REPOSITORY", global = true)]
+    pub repo: Option<String>,
+    /// Read the repository password from this file (first line).
+    #[arg(long, env = "MARMOSET_PASSWORD_FILE", global = true)]
+    pub password_file: Option<PathBuf>,
+    /// Machine-readable JSON on stdout instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Root of the local index caches (default ~/.cache/marmoset).
+    #[arg(long, env = "MARMOSET_CACHE_DIR", global = true)]
+    pub cache_dir: Option<PathBuf>,
+    /// More log output (-v info, -vv debug); logs go to stderr.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// No progress bars.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a new repository.
+    Init,
+    /// Back up files and directories into a new snapshot.
+    Backup(BackupArgs),
+    /// List snapshots.
+    Snapshots(SnapshotsArgs),
+    /// List files of a snapshot: SNAP[:path].
+    Ls(LsArgs),
+    /// Restore a snapshot, or a path in it, into a directory.
+    Restore(RestoreArgs),
+    /// Print repository objects: config, snapshot ID, tree SNAP[:path], index NAME, pack ID, keys.
+    Cat(CatArgs),
+    /// Repository statistics (and one snapshot's with --snapshot).
+    Stats(StatsArgs),
+    /// Manage keys (passwords) of the repository.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Repair repository metadata.
+    Repair {
+        #[command(subcommand)]
+        command: RepairCommand,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// Files and directories to back up.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// Source name recorded in the snapshot (default host:/path), e.g. namespace/pvc.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Tag the snapshot (repeatable).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Exclude paths matching a glob (repeatable); without `/` it matches names.
+    #[arg(long = "exclude", short = 'e')]
+    pub excludes: Vec<String>,
+    /// Read all files even if unchanged since the last backup.
+    #[arg(long)]
+    pub force: bool,
+    /// Worker threads (default: number of cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Record this host name.
+    #[arg(long)]
+    pub host: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotsArgs {
+    /// Only snapshots of this source.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Only snapshots with this tag.
+    #[arg(long)]
+    pub tag: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct LsArgs {
+    /// SNAP[:path]; SNAP is an id prefix or `latest`.
+    pub target: String,
+    /// List everything below the path.
+    #[arg(short = 'R', long)]
+    pub recursive: bool,
+    /// Long listing: mode, owner, size, time.
+    #[arg(short, long)]
+    pub long: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// SNAP[:path]; SNAP is an id prefix or `latest`.
+    pub snapshot: String,
+    /// Directory to restore into (created if missing).
+    #[arg(long, short = 't')]
+    pub target: PathBuf,
+    /// Restore only paths matching a glob (repeatable).
+    #[arg(long = "include", short = 'i')]
+    pub includes: Vec<String>,
+    /// Skip paths matching a glob (repeatable).
+    #[arg(long = "exclude", short = 'e')]
+    pub excludes: Vec<String>,
+    /// Parallel readers.
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct CatArgs {
+    /// config | snapshot | tree | index | pack | keys | blob
+    pub kind: String,
+    pub id: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    /// Report one snapshot instead of the whole repository.
+    #[arg(long)]
+    pub snapshot: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Add a key; its password comes from --new-password-file or a prompt.
+    Add(NewPassword),
+    /// List keys.
+    List,
+    /// Remove a key by id prefix (never the last one).
+    Remove { id: String },
+    /// Change the password of the key in use (data is not rewritten).
+    Passwd(NewPassword),
+}
+
+#[derive(Args, Debug)]
+pub struct NewPassword {
+    #[arg(long, env = "MARMOSET_NEW_PASSWORD_FILE")]
+    pub new_password_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RepairCommand {
+    /// Rebuild the index files from the pack trailers.
+    Index,
+}

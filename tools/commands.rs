@@ -1,0 +1,524 @@
+//! One function per command: validate arguments, call the engine, print.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use marmoset_storage::backend::fs::FsBackend;
+use marmoset_storage::backend::{Backend, FileKind};
+use marmoset_storage::{Config, Id, Node, NodeKind, OpenOptions, Repository};
+use serde_json::json;
+
+use crate::cli::*;
+use crate::progress::{bytes, Ticker};
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Init => init(g),
+        Command::Backup(a) => backup(g, a),
+        Command::Snapshots(a) => snapshots(g, a),
+        Command::Ls(a) => ls(g, a),
+        Command::Restore(a) => restore(g, a),
+        Command::Cat(a) => cat(g, a),
+        Command::Stats(a) => stats(g, a),
+        Command::Key { command } => key(g, command),
+        Command::Repair { command } => match command {
+            RepairCommand::Index => repair_index(g),
+        },
+    }
+}
+
+fn open_backend(g: &Global) -> Result<Arc<dyn Backend>> {
+    let Some(repo) = g.repo.as_deref() else {
+        bail!("no repository given: use --repo or MARMOSET_REPOSITORY");
+    };
+    if let Some(rest) = repo.strip_prefix("s3:") {
+        bail!("S3 repositories ({rest}) are not supported by this build yet");
+    }
+    let path = repo.strip_prefix("local:").unwrap_or(repo);
+    Ok(Arc::new(FsBackend::new(path)))
+}
+
+fn read_password_file(path: &std::path::Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).with_context(|| format!("reading password file {}", path.display()))?;
+    let line = raw.split(|&b| b == b'\n').next().unwrap_or(&[]);
+    Ok(line.strip_suffix(b"\r").unwrap_or(line).to_vec())
+}
+
+fn password(g: &Global, confirm: bool) -> Result<Vec<u8>> {
+    if let Some(p) = &g.password_file {
+        return read_password_file(p);
+    }
+    if let Ok(p) = std::env::var("MARMOSET_PASSWORD") {
+        return Ok(p.into_bytes());
+    }
+    prompt("repository password", confirm)
+}
+
+fn prompt(what: &str, confirm: bool) -> Result<Vec<u8>> {
+    let p = rpassword::prompt_password(format!("enter {what}: ")).context("reading password from the terminal")?;
+    if confirm {
+        let again = rpassword::prompt_password(format!("enter {what} again: "))?;
+        if again != p {
+            bail!("passwords do not match");
+        }
+    }
+    if p.is_empty() {
+        bail!("empty password");
+    }
+    Ok(p.into_bytes())
+}
+
+fn new_password(a: &NewPassword) -> Result<Vec<u8>> {
+    match &a.new_password_file {
+        Some(p) => read_password_file(p),
+        None => prompt("new password", true),
+    }
+}
+
+fn open_opts(g: &Global) -> OpenOptions {
+    OpenOptions {
+        cache_root: g.cache_dir.clone(),
+    }
+}
+
+fn open(g: &Global) -> Result<Repository> {
+    let backend = open_backend(g)?;
+    let pw = password(g, false)?;
+    Ok(Repository::open(backend, &pw, &open_opts(g))?)
+}
+
+fn print_json(v: &serde_json::Value) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn init(g: &Global) -> Result<ExitCode> {
+    let backend = open_backend(g)?;
+    let pw = password(g, true)?;
+    let repo = Repository::init(backend.clone(), &pw, Config::new(), &open_opts(g))?;
+    if g.json {
+        print_json(&json!({"repository_id": repo.config().repository_id, "location": backend.location()}))?;
+    } else {
+        println!(
+            "created repository {} at {}",
+            repo.config().repository_id.short(),
+            backend.location()
+        );
+        println!("keep the password safe: data cannot be recovered without it");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn backup(g: &Global, a: BackupArgs) -> Result<ExitCode> {
+    let repo = open(g)?;
+    let opts = marmoset_storage::BackupOptions {
+        source: a.source,
+        tags: a.tags,
+        excludes: a.excludes,
+        threads: a.threads,
+        force_read: a.force,
+        uploaders: None,
+        hostname: a.host,
+    };
+    let progress = Arc::new(marmoset_storage::Progress::default());
+    let p = progress.clone();
+    let ticker = Ticker::start(!g.quiet && !g.json, move || {
+        format!(
+            "{} files, {} read, {} added, {} errors  {}",
+            p.files_done.load(Ordering::Relaxed),
+            bytes(p.bytes_read.load(Ordering::Relaxed)),
+            bytes(p.bytes_added.load(Ordering::Relaxed)),
+            p.errors.load(Ordering::Relaxed),
+            p.current.lock().map(|c| c.clone()).unwrap_or_default()
+        )
+    });
+    let (id, snap) = marmoset_storage::backup(&repo, &a.paths, &opts, &progress)?;
+    drop(ticker);
+    let s = &snap.summary;
+    if g.json {
+        print_json(&json!({"snapshot": id, "source": snap.source, "incomplete": snap.incomplete, "summary": s}))?;
+    } else {
+        for e in &s.errors {
+            eprintln!("warning: {}: {}", e.path, e.error);
+        }
+        println!(
+            "files: {} new, {} changed, {} unmodified; {} dirs",
+            s.files_new, s.files_changed, s.files_unmodified, s.dirs_total
+        );
+        println!(
+            "read {} of {}; added {} in {} packs ({} data blobs, {} tree blobs)",
+            bytes(s.bytes_read),
+            bytes(s.bytes_total),
+            bytes(s.bytes_added),
+            s.packs_written,
+            s.data_blobs_added,
+            s.tree_blobs_added
+        );
+        println!("snapshot {} saved in {:.2}s", id.short(), s.duration_secs);
+        if snap.incomplete {
+            eprintln!("warning: {} files or folders could not be read; the snapshot is incomplete", s.errors.len());
+        }
+    }
+    Ok(if snap.incomplete { ExitCode::from(3) } else { ExitCode::SUCCESS })
+}
+
+fn snapshots(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
+    let repo = open(g)?;
+    let (snaps, bad) = repo.snapshots()?;
+    for (name, e) in &bad {
+        eprintln!("warning: snapshot {name} unreadable: {e}");
+    }
+    let snaps: Vec<_> = snaps
+        .into_iter()
+        .filter(|(_, s)| a.source.as_ref().is_none_or(|src| &s.source == src))
+        .filter(|(_, s)| a.tag.as_ref().is_none_or(|t| s.tags.contains(t)))
+        .collect();
+    if g.json {
+        let v: Vec<_> = snaps.iter().map(|(id, s)| json!({"id": id, "snapshot": s})).collect();
+        print_json(&serde_json::Value::Array(v))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<10} {:<20} {:<30} {:<16} {:>10}", "ID", "Time", "Source", "Tags", "Size");
+    for (id, s) in &snaps {
+        println!(
+            "{:<10} {:<20} {:<30} {:<16} {:>10}{}",
+            id.short(),
+            s.time.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S"),
+            s.source,
+            s.tags.join(","),
+            bytes(s.summary.bytes_total),
+            if s.incomplete { " (incomplete)" } else { "" }
+        );
+    }
+    println!("{} snapshots", snaps.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn split_target(t: &str) -> (&str, &str) {
+    match t.split_once(':') {
+        Some((s, p)) => (s, p),
+        None => (t, ""),
+    }
+}
+
+fn node_line(n: &Node, path: &str, long: bool) -> String {
+    if !long {
+        return path.to_string();
+    }
+    let kind = match n.kind {
+        NodeKind::Dir => 'd',
+        NodeKind::Symlink => 'l',
+        NodeKind::Fifo => 'p',
+        NodeKind::Socket => 's',
+        NodeKind::Chardev => 'c',
+        NodeKind::Blockdev => 'b',
+        NodeKind::File => '-',
+    };
+    let t = chrono::DateTime::from_timestamp_nanos(n.mtime_ns).with_timezone(&chrono::Local);
+    let mut line = format!(
+        "{kind}{:04o} {:>5} {:>5} {:>12} {} {path}",
+        n.mode,
+        n.uid,
+        n.gid,
+        n.size,
+        t.format("%Y-%m-%d %H:%M:%S")
+    );
+    if let Some(target) = &n.link_target {
+        line.push_str(" -> ");
+        line.push_str(&String::from_utf8_lossy(target));
+    }
+    line
+}
+
+fn ls(g: &Global, a: LsArgs) -> Result<ExitCode> {
+    let repo = open(g)?;
+    let (spec, path) = split_target(&a.target);
+    let (_, snap) = repo.resolve_snapshot(spec)?;
+    let node = repo.find_node(&snap, path)?;
+    let base = path.trim_matches('/').to_string();
+    let mut out = std::io::stdout().lock();
+    let mut stack = vec![(node, base)];
+    let mut first = true;
+    while let Some((node, p)) = stack.pop() {
+        if node.kind != NodeKind::Dir {
+            emit(&mut out, g.json, &node, &p, a.long)?;
+            continue;
+        }
+        if !first && !a.recursive {
+            continue;
+        }
+        first = false;
+        let entries = repo.dir_entries(&node)?;
+        let mut subdirs = Vec::new();
+        for e in entries {
+            let child = if p.is_empty() { format!("/{}", e.name_lossy()) } else { format!("/{}/{}", p.trim_start_matches('/'), e.name_lossy()) };
+            emit(&mut out, g.json, &e, &child, a.long)?;
+            if e.kind == NodeKind::Dir && a.recursive {
+                subdirs.push((e, child));
+            }
+        }
+        // Depth-first in name order: push in reverse.
+        stack.extend(subdirs.into_iter().rev());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn emit(out: &mut impl Write, json: bool, n: &Node, path: &str, long: bool) -> Result<()> {
+    if json {
+        serde_json::to_writer(&mut *out, &json!({
+            "path": path, "type": n.kind, "mode": n.mode, "uid": n.uid, "gid": n.gid,
+            "size": n.size, "mtime_ns": n.mtime_ns,
+            "link_target": n.link_target.as_ref().map(|t| String::from_utf8_lossy(t).into_owned()),
+        }))?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "{}", node_line(n, path, long))?;
+    }
+    Ok(())
+}
+
+fn restore(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
+    let repo = open(g)?;
+    let (spec, path) = split_target(&a.snapshot);
+    let (id, snap) = repo.resolve_snapshot(spec)?;
+    let opts = marmoset_storage::RestoreOptions {
+        includes: a.includes,
+        excludes: a.excludes,
+        threads: a.threads,
+    };
+    let progress = Arc::new(marmoset_storage::RestoreProgress::default());
+    let p = progress.clone();
+    let total = snap.summary.bytes_total;
+    let ticker = Ticker::start(!g.quiet && !g.json, move || {
+        format!(
+            "{} files, {} of {}",
+            p.files_done.load(Ordering::Relaxed),
+            bytes(p.bytes_written.load(Ordering::Relaxed)),
+            bytes(total)
+        )
+    });
+    let summary = marmoset_storage::restore(&repo, &snap, path, &a.target, &opts, &progress)?;
+    drop(ticker);
+    if g.json {
+        print_json(&json!({"snapshot": id, "summary": summary}))?;
+    } else {
+        for e in &summary.errors {
+            eprintln!("error: {}: {}", e.path, e.error);
+        }
+        println!(
+            "restored {} files, {} dirs, {} links, {} in {:.2}s to {}",
+            summary.files,
+            summary.dirs,
+            summary.links,
+            bytes(summary.bytes),
+            summary.duration_secs,
+            a.target.display()
+        );
+    }
+    if !summary.errors.is_empty() {
+        eprintln!("{} files could not be restored", summary.errors.len());
+        return Ok(ExitCode::from(3));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cat(g: &Global, a: CatArgs) -> Result<ExitCode> {
+    let need_id = || a.id.clone().context("this object needs an id argument");
+    match a.kind.as_str() {
+        "config" => {
+            let repo = open(g)?;
+            print_json(&serde_json::to_value(repo.config())?)?;
+        }
+        "keys" => {
+            let repo = open(g)?;
+            print_json(&serde_json::to_value(repo.list_keys()?)?)?;
+        }
+        "snapshot" => {
+            let repo = open(g)?;
+            let (id, s) = repo.resolve_snapshot(&need_id()?)?;
+            print_json(&json!({"id": id, "snapshot": s}))?;
+        }
+        "tree" => {
+            let repo = open(g)?;
+            let target = need_id()?;
+            let (spec, path) = split_target(&target);
+            let node = match Id::from_hex(spec) {
+                Some(tree_id) if path.is_empty() => {
+                    let mut n = Node::new(Vec::new(), NodeKind::Dir);
+                    n.subtree = vec![tree_id];
+                    n
+                }
+                _ => {
+                    let (_, snap) = repo.resolve_snapshot(spec)?;
+                    repo.find_node(&snap, path)?
+                }
+            };
+            let entries = repo.dir_entries(&node)?;
+            print_json(&serde_json::to_value(entries.iter().map(node_json).collect::<Vec<_>>())?)?;
+        }
+        "index" => {
+            let repo = open(g)?;
+            let packs = repo.load_index_file(&need_id()?)?;
+            print_json(&packs_json(&packs))?;
+        }
+        "pack" => {
+            let repo = open(g)?;
+            let id = need_id()?;
+            let size = repo.backend().size(FileKind::Pack, &id)?;
+            let entries = repo.read_pack_trailer(&id, size)?;
+            let pid = Id::from_hex(&id).unwrap_or_default();
+            print_json(&packs_json(&[(pid, entries)]))?;
+        }
+        "blob" => {
+            let repo = open(g)?;
+            let id = Id::from_hex(&need_id()?).context("blob id must be 64 hex digits")?;
+            std::io::stdout().write_all(&repo.load_blob(&id)?)?;
+        }
+        other => bail!("unknown object kind {other:?} (config, keys, snapshot, tree, index, pack, blob)"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn node_json(n: &Node) -> serde_json::Value {
+    json!({
+        "name": n.name_lossy(), "type": n.kind, "mode": n.mode, "uid": n.uid, "gid": n.gid,
+        "mtime_ns": n.mtime_ns, "size": n.size, "content": n.content, "indirect": n.indirect,
+        "subtree": n.subtree, "link_target": n.link_target.as_ref().map(|t| String::from_utf8_lossy(t).into_owned()),
+        "inode": n.inode, "links": n.links, "xattrs": n.xattrs.len(),
+    })
+}
+
+fn packs_json(packs: &[(Id, Vec<marmoset_storage::PackEntry>)]) -> serde_json::Value {
+    serde_json::Value::Array(
+        packs
+            .iter()
+            .map(|(p, es)| {
+                json!({"pack": p, "blobs": es.iter().map(|e| json!({
+                    "id": e.id, "type": format!("{:?}", e.kind).to_lowercase(), "offset": e.offset,
+                    "length": e.length, "raw_length": e.raw_length, "compressed": e.flags & 1 != 0,
+                })).collect::<Vec<_>>()})
+            })
+            .collect(),
+    )
+}
+
+fn stats(g: &Global, a: StatsArgs) -> Result<ExitCode> {
+    let repo = open(g)?;
+    if let Some(spec) = a.snapshot {
+        let (id, s) = repo.resolve_snapshot(&spec)?;
+        if g.json {
+            print_json(&json!({"snapshot": id, "summary": s.summary}))?;
+        } else {
+            let m = &s.summary;
+            println!("snapshot {} of {} at {}", id.short(), s.source, s.time);
+            println!("  files: {}  dirs: {}  size: {}", m.files_total, m.dirs_total, bytes(m.bytes_total));
+            println!("  added when taken: {}  took {:.2}s", bytes(m.bytes_added), m.duration_secs);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (snaps, _) = repo.snapshots()?;
+    let packs = repo.backend().list(FileKind::Pack)?;
+    let pack_bytes: u64 = packs.iter().map(|(_, s)| s).sum();
+    let (mut data, mut trees, mut raw, mut stored) = (0u64, 0u64, 0u64, 0u64);
+    repo.index().for_each_blob(|_, loc| {
+        if loc.kind == 0 {
+            data += 1;
+        } else {
+            trees += 1;
+        }
+        raw += u64::from(loc.raw_length);
+        stored += u64::from(loc.length);
+    })?;
+    let logical: u64 = snaps.iter().map(|(_, s)| s.summary.bytes_total).sum();
+    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    if g.json {
+        print_json(&json!({
+            "snapshots": snaps.len(), "packs": packs.len(), "pack_bytes": pack_bytes,
+            "data_blobs": data, "tree_blobs": trees, "raw_bytes": raw, "stored_blob_bytes": stored,
+            "logical_bytes_all_snapshots": logical,
+            "dedup_ratio": ratio(logical, raw), "compression_ratio": ratio(raw, stored),
+        }))?;
+    } else {
+        println!("repository {}", repo.config().repository_id.short());
+        println!("  snapshots:          {}", snaps.len());
+        println!("  packs:              {} ({})", packs.len(), bytes(pack_bytes));
+        println!("  blobs:              {data} data, {trees} tree");
+        println!("  unique data:        {} ({} stored)", bytes(raw), bytes(stored));
+        println!("  all snapshots size: {}", bytes(logical));
+        println!("  dedup ratio:        {:.2}x", ratio(logical, raw));
+        println!("  compression ratio:  {:.2}x", ratio(raw, stored));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn key(g: &Global, c: KeyCommand) -> Result<ExitCode> {
+    let mut repo = open(g)?;
+    match c {
+        KeyCommand::Add(a) => {
+            let id = repo.add_key(&new_password(&a)?)?;
+            if g.json {
+                print_json(&json!({"added": id}))?;
+            } else {
+                println!("added key {}", &id[..8]);
+            }
+        }
+        KeyCommand::List => {
+            let keys = repo.list_keys()?;
+            if g.json {
+                print_json(&serde_json::to_value(keys)?)?;
+            } else {
+                println!("  {:<10} {:<20} {:<16} {}", "ID", "Created", "Host", "User");
+                for k in keys {
+                    println!(
+                        "{} {:<10} {:<20} {:<16} {}",
+                        if k.current { "*" } else { " " },
+                        &k.id[..8],
+                        k.created.format("%Y-%m-%d %H:%M:%S"),
+                        k.hostname,
+                        k.username
+                    );
+                }
+            }
+        }
+        KeyCommand::Remove { id } => {
+            repo.remove_key(&id)?;
+            if g.json {
+                print_json(&json!({"removed": id}))?;
+            } else {
+                println!("removed key {id}");
+            }
+        }
+        KeyCommand::Passwd(a) => {
+            let id = repo.change_password(&new_password(&a)?)?;
+            if g.json {
+                print_json(&json!({"key": id}))?;
+            } else {
+                println!("password changed (new key {}); data was not rewritten", &id[..8]);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn repair_index(g: &Global) -> Result<ExitCode> {
+    let repo = open(g)?;
+    let r = repo.repair_index()?;
+    if g.json {
+        print_json(&serde_json::to_value(&r)?)?;
+    } else {
+        println!(
+            "rebuilt index from {} packs ({} blobs): {} index files written, {} removed",
+            r.packs, r.blobs, r.index_files_written, r.index_files_removed
+        );
+        for p in &r.unreadable_packs {
+            eprintln!("warning: pack {p} is unreadable and was left out");
+        }
+    }
+    Ok(if r.unreadable_packs.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}

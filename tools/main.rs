@@ -1,0 +1,51 @@
+//! The `marmoset` command-line tool: parses arguments, opens the repository,
+//! calls the engine in `marmoset-storage`, prints tables or JSON.
+//!
+//! Exit codes: 0 success, 1 error, 2 usage error, 3 backup incomplete (some
+//! source files unreadable) or restore with damaged files, 10 repository not
+//! found, 11 repository format too new, 12 wrong password.
+
+mod cli;
+mod commands;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use marmoset_storage::Error as StorageError;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    init_logging(cli.global.verbose);
+    match commands::run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+fn exit_code(err: &anyhow::Error) -> u8 {
+    match err.downcast_ref::<StorageError>() {
+        Some(StorageError::RepositoryNotFound { .. }) => 10,
+        Some(StorageError::UnsupportedVersion { .. }) => 11,
+        Some(StorageError::WrongPassword) => 12,
+        _ => 1,
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MARMOSET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
