@@ -24,7 +24,14 @@ fn noise(n: usize) -> Vec<u8> {
 }
 
 fn text(n: usize) -> Vec<u8> {
-    let words = ["alpha ", "beta ", "level=info ", "request_id=42 ", "GET /api/v1 ", "200 OK\n"];
+    let words = [
+        "alpha ",
+        "beta ",
+        "level=info ",
+        "request_id=42 ",
+        "GET /api/v1 ",
+        "200 OK\n",
+    ];
     let mut v = Vec::with_capacity(n);
     let mut i = 7usize;
     while v.len() < n {
@@ -45,9 +52,16 @@ fn chunker(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(data.len() as u64));
         g.bench_with_input(BenchmarkId::new("fastcdc_1MiB", name), &data, |b, d| {
             b.iter(|| {
-                StreamCDC::with_level_and_seed(&d[..], 256 << 10, MIB, 4 * MIB, Normalization::Level1, 42)
-                    .map(|c| c.unwrap().length)
-                    .sum::<usize>()
+                StreamCDC::with_level_and_seed(
+                    &d[..],
+                    256 << 10,
+                    MIB,
+                    4 * MIB,
+                    Normalization::Level1,
+                    42,
+                )
+                .map(|c| c.unwrap().length)
+                .sum::<usize>()
             })
         });
     }
@@ -69,9 +83,11 @@ fn compress(c: &mut Criterion) {
         let chunk = &data[..MIB];
         g.throughput(Throughput::Bytes(MIB as u64));
         for level in [1, 3, 6] {
-            g.bench_with_input(BenchmarkId::new(format!("zstd_{level}"), name), chunk, |b, d| {
-                b.iter(|| zstd::bulk::compress(d, level).unwrap().len())
-            });
+            g.bench_with_input(
+                BenchmarkId::new(format!("zstd_{level}"), name),
+                chunk,
+                |b, d| b.iter(|| zstd::bulk::compress(d, level).unwrap().len()),
+            );
         }
     }
     g.finish();
@@ -83,7 +99,9 @@ fn encrypt(c: &mut Criterion) {
     let id = keys.content_id(&data);
     let mut g = c.benchmark_group("encrypt");
     g.throughput(Throughput::Bytes(MIB as u64));
-    g.bench_function("xchacha20poly1305_1MiB", |b| b.iter(|| keys.encrypt(&data, &id.0)));
+    g.bench_function("xchacha20poly1305_1MiB", |b| {
+        b.iter(|| keys.encrypt(&data, &id.0))
+    });
     g.finish();
 }
 
@@ -94,17 +112,29 @@ fn whole_pipeline(c: &mut Criterion) {
     g.sample_size(10);
     for (name, data) in datasets() {
         g.throughput(Throughput::Bytes(data.len() as u64));
-        g.bench_with_input(BenchmarkId::new("chunk_hash_compress_encrypt_pack", name), &data, |b, d| {
-            b.iter(|| {
-                let mut pack = PackBuilder::default();
-                for ch in StreamCDC::with_level_and_seed(&d[..], 256 << 10, MIB, 4 * MIB, Normalization::Level1, 42) {
-                    let ch = ch.unwrap();
-                    let id = keys.content_id(&ch.data);
-                    pack.add(blob::encode(&keys, BlobType::Data, id, &ch.data, 3).unwrap()).unwrap();
-                }
-                pack.seal(&keys).unwrap().bytes.len()
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::new("chunk_hash_compress_encrypt_pack", name),
+            &data,
+            |b, d| {
+                b.iter(|| {
+                    let mut pack = PackBuilder::default();
+                    for ch in StreamCDC::with_level_and_seed(
+                        &d[..],
+                        256 << 10,
+                        MIB,
+                        4 * MIB,
+                        Normalization::Level1,
+                        42,
+                    ) {
+                        let ch = ch.unwrap();
+                        let id = keys.content_id(&ch.data);
+                        pack.add(blob::encode(&keys, BlobType::Data, id, &ch.data, 3).unwrap())
+                            .unwrap();
+                    }
+                    pack.seal(&keys).unwrap().bytes.len()
+                })
+            },
+        );
     }
     g.finish();
 }

@@ -19,7 +19,11 @@ fn wrong_password_is_rejected_clearly() {
     env.init();
     let bad = env.path("bad");
     fs::write(&bad, "not the password").unwrap();
-    let out = env.cmd().args(["--password-file", bad.to_str().unwrap(), "snapshots"]).output().unwrap();
+    let out = env
+        .cmd()
+        .args(["--password-file", bad.to_str().unwrap(), "snapshots"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(12));
     assert!(stderr(&out).contains("wrong password"), "{}", stderr(&out));
 }
@@ -29,8 +33,17 @@ fn missing_repository_is_reported() {
     let env = Env::new();
     let out = env.cmd().arg("snapshots").output().unwrap();
     assert_eq!(out.status.code(), Some(10));
-    assert!(stderr(&out).contains("no repository at"), "{}", stderr(&out));
-    let none = env.cmd().env_remove("MARMOSET_REPOSITORY").arg("snapshots").output().unwrap();
+    assert!(
+        stderr(&out).contains("no repository at"),
+        "{}",
+        stderr(&out)
+    );
+    let none = env
+        .cmd()
+        .env_remove("MARMOSET_REPOSITORY")
+        .arg("snapshots")
+        .output()
+        .unwrap();
     assert!(!none.status.success());
     assert!(stderr(&none).contains("no repository given"));
     // init twice refuses to overwrite.
@@ -45,11 +58,17 @@ fn newer_format_version_is_refused() {
     let env = Env::new();
     env.init();
     let cfg = env.repo.join("marmoset.repository");
-    let text = fs::read_to_string(&cfg).unwrap().replace("\"format_version\": 1", "\"format_version\": 2");
+    let text = fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"format_version\": 1", "\"format_version\": 2");
     fs::write(&cfg, text).unwrap();
     let out = env.cmd().arg("snapshots").output().unwrap();
     assert_eq!(out.status.code(), Some(11));
-    assert!(stderr(&out).contains("newer than this marmoset supports"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("newer than this marmoset supports"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -57,7 +76,9 @@ fn tampered_config_is_detected() {
     let env = Env::new();
     env.init();
     let cfg = env.repo.join("marmoset.repository");
-    let text = fs::read_to_string(&cfg).unwrap().replace("\"compression_level\": 3", "\"compression_level\": 5");
+    let text = fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"compression_level\": 3", "\"compression_level\": 5");
     fs::write(&cfg, text).unwrap();
     let out = env.cmd().arg("snapshots").output().unwrap();
     assert!(!out.status.success());
@@ -80,7 +101,10 @@ fn two_pack_repo(env: &Env) -> (String, String) {
         .find(|p| fs::metadata(env.pack_path(p)).unwrap().len() > 1 << 20)
         .unwrap()
         .clone();
-    let snap = env.json(&["snapshots"])[1]["id"].as_str().unwrap().to_string();
+    let snap = env.json(&["snapshots"])[1]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     (victim_pack, snap)
 }
 
@@ -94,13 +118,26 @@ fn corrupted_byte_in_pack_fails_that_file_only_and_names_it() {
     fs::write(&path, &bytes).unwrap();
 
     let dst = env.path("dst");
-    let out = env.cmd().args(["restore", &snap, "--target", dst.to_str().unwrap()]).output().unwrap();
+    let out = env
+        .cmd()
+        .args(["restore", &snap, "--target", dst.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(err.contains("victim.bin") && err.contains("authentication failed"), "{err}");
+    assert!(
+        err.contains("victim.bin") && err.contains("authentication failed"),
+        "{err}"
+    );
     assert!(err.contains(&pack), "names the pack: {err}");
-    assert!(!dst.join("victim.bin").exists(), "no silently wrong file left");
-    assert_eq!(fs::read(dst.join("healthy.bin")).unwrap(), fs::read(env.path("a/healthy.bin")).unwrap());
+    assert!(
+        !dst.join("victim.bin").exists(),
+        "no silently wrong file left"
+    );
+    assert_eq!(
+        fs::read(dst.join("healthy.bin")).unwrap(),
+        fs::read(env.path("a/healthy.bin")).unwrap()
+    );
 }
 
 #[test]
@@ -114,10 +151,17 @@ fn truncated_pack_is_reported_and_other_files_restore() {
     drop(f);
 
     let dst = env.path("dst");
-    let out = env.cmd().args(["restore", &snap, "--target", dst.to_str().unwrap()]).output().unwrap();
+    let out = env
+        .cmd()
+        .args(["restore", &snap, "--target", dst.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(3));
     let err = stderr(&out);
-    assert!(err.contains("victim.bin") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("victim.bin") && err.contains("truncated"),
+        "{err}"
+    );
     assert!(!dst.join("victim.bin").exists());
     assert!(dst.join("healthy.bin").exists());
     // repair index drops the damaged pack and says so, keeping the rest.
@@ -141,7 +185,12 @@ fn unreadable_source_files_are_skipped_and_reported() {
     c.args(["--json", "backup", src.to_str().unwrap()]);
     let out = without_dac_override(c).output().unwrap();
     fs::set_permissions(src.join("locked-dir"), fs::Permissions::from_mode(0o755)).unwrap();
-    assert_eq!(out.status.code(), Some(3), "exit code 3 = incomplete: {}", stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "exit code 3 = incomplete: {}",
+        stderr(&out)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["incomplete"], true);
     let errors = v["summary"]["errors"].as_array().unwrap();
@@ -157,10 +206,18 @@ fn unreadable_source_files_are_skipped_and_reported() {
 fn missing_source_path_and_bad_snapshot_ids_are_clear_errors() {
     let env = Env::new();
     env.init();
-    let out = env.cmd().args(["backup", "/nonexistent/path/xyz"]).output().unwrap();
+    let out = env
+        .cmd()
+        .args(["backup", "/nonexistent/path/xyz"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("/nonexistent/path/xyz"));
-    let out = env.cmd().args(["restore", "deadbeef", "--target", "/tmp/x"]).output().unwrap();
+    let out = env
+        .cmd()
+        .args(["restore", "deadbeef", "--target", "/tmp/x"])
+        .output()
+        .unwrap();
     assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
     let out = env.cmd().args(["ls", "latest"]).output().unwrap();
     assert!(!out.status.success());
@@ -174,7 +231,8 @@ fn crafted_tree_with_traversal_names_is_refused_on_restore() {
     let src = env.path("src");
     fs::create_dir_all(&src).unwrap();
     fs::write(src.join("good"), b"good").unwrap();
-    let (_, mut snap) = marmoset_storage::backup(&repo, &[src], &Default::default(), &Default::default()).unwrap();
+    let (_, mut snap) =
+        marmoset_storage::backup(&repo, &[src], &Default::default(), &Default::default()).unwrap();
     // A hostile repository writer re-points the snapshot at a hand-made
     // tree whose names try to escape the restore target.
     let good = repo.load_tree(&snap.tree).unwrap().nodes.remove(0);
@@ -182,12 +240,25 @@ fn crafted_tree_with_traversal_names_is_refused_on_restore() {
     evil.name = b"..".to_vec();
     let mut slash = good.clone();
     slash.name = b"a/../../escape".to_vec();
-    let t = Tree { nodes: vec![evil, slash, good] };
+    let t = Tree {
+        nodes: vec![evil, slash, good],
+    };
     snap.tree = repo.save_tree_blob(&t).unwrap();
     let dst = env.path("deep/dst");
-    let sum = marmoset_storage::restore(&repo, &snap, "", &dst, &Default::default(), &Default::default()).unwrap();
+    let sum = marmoset_storage::restore(
+        &repo,
+        &snap,
+        "",
+        &dst,
+        &Default::default(),
+        &Default::default(),
+    )
+    .unwrap();
     assert_eq!(sum.errors.len(), 2, "{:?}", sum.errors);
-    assert!(sum.errors.iter().all(|e| e.error.contains("unsafe file name")));
+    assert!(sum
+        .errors
+        .iter()
+        .all(|e| e.error.contains("unsafe file name")));
     assert!(dst.join("good").exists());
     assert!(!env.path("deep/escape").exists() && !env.path("escape").exists());
 }

@@ -12,7 +12,10 @@ use common::*;
 use rand::Rng;
 
 fn pack_bytes(env: &Env) -> u64 {
-    env.pack_names().iter().map(|p| fs::metadata(env.pack_path(p)).unwrap().len()).sum()
+    env.pack_names()
+        .iter()
+        .map(|p| fs::metadata(env.pack_path(p)).unwrap().len())
+        .sum()
 }
 
 #[test]
@@ -22,12 +25,15 @@ fn killed_backups_leave_a_valid_repository_and_resume() {
         env.init();
         let early = env.path("early");
         random_tree(&early, seed, 40);
-        let early_snap = env.backup(&early, &[])["snapshot"].as_str().unwrap().to_string();
+        let early_snap = env.backup(&early, &[])["snapshot"]
+            .as_str()
+            .unwrap()
+            .to_string();
         let before = pack_bytes(&env);
 
         let big = env.path("big");
         fs::create_dir_all(&big).unwrap();
-        let mut r = rng(seed);
+        let mut r = rng(seed + 1000);
         for i in 0..12 {
             fs::write(big.join(format!("f{i}")), random_bytes(&mut r, 20 << 20)).unwrap();
         }
@@ -46,7 +52,10 @@ fn killed_backups_leave_a_valid_repository_and_resume() {
         child.kill().unwrap();
         let status = child.wait().unwrap();
         let at_kill = pack_bytes(&env) - before;
-        assert!(at_kill > 0, "seed {seed}: packs were stored before the kill");
+        assert!(
+            at_kill > 0,
+            "seed {seed}: packs were stored before the kill"
+        );
         if status.success() {
             continue; // finished before the kill landed: nothing to test
         }
@@ -55,13 +64,20 @@ fn killed_backups_leave_a_valid_repository_and_resume() {
         let dst = env.path("dst");
         env.ok(&["restore", &early_snap, "--target", dst.to_str().unwrap()]);
         assert_same_tree(&early, &dst);
-        assert_eq!(env.json(&["snapshots"]).as_array().unwrap().len(), 1, "no snapshot from the killed run");
+        assert_eq!(
+            env.json(&["snapshots"]).as_array().unwrap().len(),
+            1,
+            "no snapshot from the killed run"
+        );
 
         // The next backup completes and does not upload stored packs again.
         let resumed = env.backup(&big, &[]);
         let added = resumed["summary"]["bytes_added"].as_u64().unwrap();
         let total = 240u64 << 20;
-        assert!(added + at_kill >= total, "seed {seed}: everything stored once");
+        assert!(
+            added + at_kill >= total,
+            "seed {seed}: everything stored once"
+        );
         assert!(
             added <= total - at_kill + (16 << 20),
             "seed {seed}: resumed backup re-uploaded stored data: added {added}, stored at kill {at_kill}"

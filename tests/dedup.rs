@@ -20,7 +20,10 @@ fn same_data_twice_adds_almost_nothing_and_a_changed_middle_adds_only_its_chunks
     fs::write(a.join("big.bin"), &data).unwrap();
     let first = env.backup(&a, &[]);
     let added1 = first["summary"]["bytes_added"].as_u64().unwrap();
-    assert!(added1 > 200 * MIB, "first backup stores everything: {added1}");
+    assert!(
+        added1 > 200 * MIB,
+        "first backup stores everything: {added1}"
+    );
 
     // Same bytes under another path and source: read again, stored once.
     let b = env.path("b");
@@ -41,11 +44,17 @@ fn same_data_twice_adds_almost_nothing_and_a_changed_middle_adds_only_its_chunks
     let third = env.backup(&c, &[]);
     let added3 = third["summary"]["bytes_added"].as_u64().unwrap();
     assert!(added3 > MIB, "the changed MiB is stored: {added3}");
-    assert!(added3 < 10 * MIB, "only the chunks around the change are stored: {added3}");
+    assert!(
+        added3 < 10 * MIB,
+        "only the chunks around the change are stored: {added3}"
+    );
 
     let stats = env.json(&["stats"]);
     let raw = stats["raw_bytes"].as_u64().unwrap();
-    assert!(raw < 212 * MIB, "three 200 MiB snapshots need ~201 MiB of unique data: {raw}");
+    assert!(
+        raw < 212 * MIB,
+        "three 200 MiB snapshots need ~201 MiB of unique data: {raw}"
+    );
 }
 
 #[test]
@@ -86,7 +95,10 @@ fn unchanged_rebackup_reads_nothing_and_adds_only_a_snapshot() {
 
     // --force reads everything again but stores nothing new.
     let forced = env.backup(&src, &["--force"]);
-    assert_eq!(forced["summary"]["bytes_read"], forced["summary"]["bytes_total"]);
+    assert_eq!(
+        forced["summary"]["bytes_read"],
+        forced["summary"]["bytes_total"]
+    );
     assert_eq!(forced["summary"]["data_blobs_added"], 0);
 }
 

@@ -20,7 +20,7 @@ proptest! {
         let repo = env.init_lib();
         let src = env.path("src");
         random_tree(&src, seed, files);
-        let (_, snap) = marmoset_storage::backup(&repo, &[src.clone()], &BackupOptions::default(), &Progress::default()).unwrap();
+        let (_, snap) = marmoset_storage::backup(&repo, std::slice::from_ref(&src), &BackupOptions::default(), &Progress::default()).unwrap();
         prop_assert!(!snap.incomplete);
         let dst = env.path("dst");
         let sum = marmoset_storage::restore(&repo, &snap, "", &dst, &RestoreOptions::default(), &RestoreProgress::default()).unwrap();
@@ -37,7 +37,11 @@ fn cli_round_trip_with_special_files_hardlinks_and_xattrs() {
     random_tree(&src, 7, 60);
     fs::write(src.join("hl-a"), b"hard linked content").unwrap();
     fs::hard_link(src.join("hl-a"), src.join("hl-b")).unwrap();
-    nix::unistd::mkfifo(&src.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o640)).unwrap();
+    nix::unistd::mkfifo(
+        &src.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
     fs::write(src.join("ro"), b"read only").unwrap();
     fs::set_permissions(src.join("ro"), fs::Permissions::from_mode(0o444)).unwrap();
     let xattr_ok = xattr::set(src.join("ro"), "user.marmoset", b"value").is_ok();
@@ -57,26 +61,58 @@ fn cli_round_trip_with_special_files_hardlinks_and_xattrs() {
     let a = fs::metadata(dst.join("hl-a")).unwrap();
     let b = fs::metadata(dst.join("hl-b")).unwrap();
     assert_eq!(a.ino(), b.ino(), "hard links restored as links");
-    assert!(fs::symlink_metadata(dst.join("fifo")).unwrap().file_type().is_fifo_like());
+    assert!(fs::symlink_metadata(dst.join("fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo_like());
     if xattr_ok {
-        assert_eq!(xattr::get(dst.join("ro"), "user.marmoset").unwrap().as_deref(), Some(&b"value"[..]));
+        assert_eq!(
+            xattr::get(dst.join("ro"), "user.marmoset")
+                .unwrap()
+                .as_deref(),
+            Some(&b"value"[..])
+        );
     }
     // The hole stayed a hole.
     assert!(fs::metadata(dst.join("sparse")).unwrap().blocks() * 512 < 8 << 20);
 
     // Partial restores: a sub path, and include/exclude globs.
     let part = env.path("part");
-    env.ok(&["restore", &format!("{}:/hl-a", &snap[..8]), "--target", part.to_str().unwrap()]);
+    env.ok(&[
+        "restore",
+        &format!("{}:/hl-a", &snap[..8]),
+        "--target",
+        part.to_str().unwrap(),
+    ]);
     assert_eq!(fs::read(part.join("hl-a")).unwrap(), b"hard linked content");
     assert_eq!(fs::read_dir(&part).unwrap().count(), 1);
     let inc = env.path("inc");
-    env.ok(&["restore", "latest", "--target", inc.to_str().unwrap(), "--include", "*.txt", "--exclude", "dir-*"]);
+    env.ok(&[
+        "restore",
+        "latest",
+        "--target",
+        inc.to_str().unwrap(),
+        "--include",
+        "*.txt",
+        "--exclude",
+        "dir-*",
+    ]);
     for e in walk(&inc) {
         let name = e.file_name().unwrap().to_string_lossy().to_string();
-        assert!(e.is_dir() || name.ends_with(".txt"), "{name} should not be restored");
-        assert!(!e.to_string_lossy().contains("/dir-"), "{} excluded", e.display());
+        assert!(
+            e.is_dir() || name.ends_with(".txt"),
+            "{name} should not be restored"
+        );
+        assert!(
+            !e.to_string_lossy().contains("/dir-"),
+            "{} excluded",
+            e.display()
+        );
     }
-    assert!(walk(&inc).iter().any(|p| p.is_file()), "some .txt files restored");
+    assert!(
+        walk(&inc).iter().any(|p| p.is_file()),
+        "some .txt files restored"
+    );
 }
 
 trait FifoLike {
@@ -114,7 +150,10 @@ fn ls_cat_and_snapshots_show_the_backup() {
     assert_eq!(snaps[0]["snapshot"]["tags"][0], "daily");
     let out = env.ok(&["ls", "latest", "-R"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("/sub\n") && text.contains("/sub/file.txt"), "{text}");
+    assert!(
+        text.contains("/sub\n") && text.contains("/sub/file.txt"),
+        "{text}"
+    );
     let tree = env.json(&["cat", "tree", "latest:/sub"]);
     assert_eq!(tree[0]["name"], "file.txt");
     assert_eq!(tree[0]["size"], 5);
@@ -134,11 +173,25 @@ fn directory_with_more_entries_than_one_tree_part() {
     for i in 0..25_000 {
         fs::write(src.join("many").join(format!("{i:06}")), i.to_string()).unwrap();
     }
-    let (_, snap) = marmoset_storage::backup(&repo, &[src.clone()], &BackupOptions::default(), &Progress::default()).unwrap();
+    let (_, snap) = marmoset_storage::backup(
+        &repo,
+        std::slice::from_ref(&src),
+        &BackupOptions::default(),
+        &Progress::default(),
+    )
+    .unwrap();
     let node = repo.find_node(&snap, "many").unwrap();
     assert_eq!(node.subtree.len(), 3, "25k entries split into 3 parts");
     assert_eq!(repo.find_node(&snap, "many/024999").unwrap().size, 5);
     let dst = env.path("dst");
-    marmoset_storage::restore(&repo, &snap, "", &dst, &RestoreOptions::default(), &RestoreProgress::default()).unwrap();
+    marmoset_storage::restore(
+        &repo,
+        &snap,
+        "",
+        &dst,
+        &RestoreOptions::default(),
+        &RestoreProgress::default(),
+    )
+    .unwrap();
     assert_same_tree(&src, &dst);
 }

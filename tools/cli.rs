@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "marmoset", version, about = "Deduplicating, encrypted backups with fast restore")]
+#[command(
+    name = "marmoset",
+    version,
+    about = "Deduplicating, encrypted backups with fast restore"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,

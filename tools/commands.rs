@@ -43,7 +43,8 @@ fn open_backend(g: &Global) -> Result<Arc<dyn Backend>> {
 }
 
 fn read_password_file(path: &std::path::Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).with_context(|| format!("reading password file {}", path.display()))?;
+    let raw =
+        std::fs::read(path).with_context(|| format!("reading password file {}", path.display()))?;
     let line = raw.split(|&b| b == b'\n').next().unwrap_or(&[]);
     Ok(line.strip_suffix(b"\r").unwrap_or(line).to_vec())
 }
@@ -59,7 +60,8 @@ fn password(g: &Global, confirm: bool) -> Result<Vec<u8>> {
 }
 
 fn prompt(what: &str, confirm: bool) -> Result<Vec<u8>> {
-    let p = rpassword::prompt_password(format!("enter {what}: ")).context("reading password from the terminal")?;
+    let p = rpassword::prompt_password(format!("enter {what}: "))
+        .context("reading password from the terminal")?;
     if confirm {
         let again = rpassword::prompt_password(format!("enter {what} again: "))?;
         if again != p {
@@ -103,7 +105,9 @@ fn init(g: &Global) -> Result<ExitCode> {
     let pw = password(g, true)?;
     let repo = Repository::init(backend.clone(), &pw, Config::new(), &open_opts(g))?;
     if g.json {
-        print_json(&json!({"repository_id": repo.config().repository_id, "location": backend.location()}))?;
+        print_json(
+            &json!({"repository_id": repo.config().repository_id, "location": backend.location()}),
+        )?;
     } else {
         println!(
             "created repository {} at {}",
@@ -142,7 +146,9 @@ fn backup(g: &Global, a: BackupArgs) -> Result<ExitCode> {
     drop(ticker);
     let s = &snap.summary;
     if g.json {
-        print_json(&json!({"snapshot": id, "source": snap.source, "incomplete": snap.incomplete, "summary": s}))?;
+        print_json(
+            &json!({"snapshot": id, "source": snap.source, "incomplete": snap.incomplete, "summary": s}),
+        )?;
     } else {
         for e in &s.errors {
             eprintln!("warning: {}: {}", e.path, e.error);
@@ -162,10 +168,17 @@ fn backup(g: &Global, a: BackupArgs) -> Result<ExitCode> {
         );
         println!("snapshot {} saved in {:.2}s", id.short(), s.duration_secs);
         if snap.incomplete {
-            eprintln!("warning: {} files or folders could not be read; the snapshot is incomplete", s.errors.len());
+            eprintln!(
+                "warning: {} files or folders could not be read; the snapshot is incomplete",
+                s.errors.len()
+            );
         }
     }
-    Ok(if snap.incomplete { ExitCode::from(3) } else { ExitCode::SUCCESS })
+    Ok(if snap.incomplete {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn snapshots(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
@@ -180,16 +193,24 @@ fn snapshots(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
         .filter(|(_, s)| a.tag.as_ref().is_none_or(|t| s.tags.contains(t)))
         .collect();
     if g.json {
-        let v: Vec<_> = snaps.iter().map(|(id, s)| json!({"id": id, "snapshot": s})).collect();
+        let v: Vec<_> = snaps
+            .iter()
+            .map(|(id, s)| json!({"id": id, "snapshot": s}))
+            .collect();
         print_json(&serde_json::Value::Array(v))?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<10} {:<20} {:<30} {:<16} {:>10}", "ID", "Time", "Source", "Tags", "Size");
+    println!(
+        "{:<10} {:<20} {:<30} {:<16} {:>10}",
+        "ID", "Time", "Source", "Tags", "Size"
+    );
     for (id, s) in &snaps {
         println!(
             "{:<10} {:<20} {:<30} {:<16} {:>10}{}",
             id.short(),
-            s.time.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S"),
+            s.time
+                .with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M:%S"),
             s.source,
             s.tags.join(","),
             bytes(s.summary.bytes_total),
@@ -257,7 +278,11 @@ fn ls(g: &Global, a: LsArgs) -> Result<ExitCode> {
         let entries = repo.dir_entries(&node)?;
         let mut subdirs = Vec::new();
         for e in entries {
-            let child = if p.is_empty() { format!("/{}", e.name_lossy()) } else { format!("/{}/{}", p.trim_start_matches('/'), e.name_lossy()) };
+            let child = if p.is_empty() {
+                format!("/{}", e.name_lossy())
+            } else {
+                format!("/{}/{}", p.trim_start_matches('/'), e.name_lossy())
+            };
             emit(&mut out, g.json, &e, &child, a.long)?;
             if e.kind == NodeKind::Dir && a.recursive {
                 subdirs.push((e, child));
@@ -271,11 +296,14 @@ fn ls(g: &Global, a: LsArgs) -> Result<ExitCode> {
 
 fn emit(out: &mut impl Write, json: bool, n: &Node, path: &str, long: bool) -> Result<()> {
     if json {
-        serde_json::to_writer(&mut *out, &json!({
-            "path": path, "type": n.kind, "mode": n.mode, "uid": n.uid, "gid": n.gid,
-            "size": n.size, "mtime_ns": n.mtime_ns,
-            "link_target": n.link_target.as_ref().map(|t| String::from_utf8_lossy(t).into_owned()),
-        }))?;
+        serde_json::to_writer(
+            &mut *out,
+            &json!({
+                "path": path, "type": n.kind, "mode": n.mode, "uid": n.uid, "gid": n.gid,
+                "size": n.size, "mtime_ns": n.mtime_ns,
+                "link_target": n.link_target.as_ref().map(|t| String::from_utf8_lossy(t).into_owned()),
+            }),
+        )?;
         writeln!(out)?;
     } else {
         writeln!(out, "{}", node_line(n, path, long))?;
@@ -360,7 +388,9 @@ fn cat(g: &Global, a: CatArgs) -> Result<ExitCode> {
                 }
             };
             let entries = repo.dir_entries(&node)?;
-            print_json(&serde_json::to_value(entries.iter().map(node_json).collect::<Vec<_>>())?)?;
+            print_json(&serde_json::to_value(
+                entries.iter().map(node_json).collect::<Vec<_>>(),
+            )?)?;
         }
         "index" => {
             let repo = open(g)?;
@@ -380,7 +410,9 @@ fn cat(g: &Global, a: CatArgs) -> Result<ExitCode> {
             let id = Id::from_hex(&need_id()?).context("blob id must be 64 hex digits")?;
             std::io::stdout().write_all(&repo.load_blob(&id)?)?;
         }
-        other => bail!("unknown object kind {other:?} (config, keys, snapshot, tree, index, pack, blob)"),
+        other => {
+            bail!("unknown object kind {other:?} (config, keys, snapshot, tree, index, pack, blob)")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -417,8 +449,17 @@ fn stats(g: &Global, a: StatsArgs) -> Result<ExitCode> {
         } else {
             let m = &s.summary;
             println!("snapshot {} of {} at {}", id.short(), s.source, s.time);
-            println!("  files: {}  dirs: {}  size: {}", m.files_total, m.dirs_total, bytes(m.bytes_total));
-            println!("  added when taken: {}  took {:.2}s", bytes(m.bytes_added), m.duration_secs);
+            println!(
+                "  files: {}  dirs: {}  size: {}",
+                m.files_total,
+                m.dirs_total,
+                bytes(m.bytes_total)
+            );
+            println!(
+                "  added when taken: {}  took {:.2}s",
+                bytes(m.bytes_added),
+                m.duration_secs
+            );
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -447,9 +488,17 @@ fn stats(g: &Global, a: StatsArgs) -> Result<ExitCode> {
     } else {
         println!("repository {}", repo.config().repository_id.short());
         println!("  snapshots:          {}", snaps.len());
-        println!("  packs:              {} ({})", packs.len(), bytes(pack_bytes));
+        println!(
+            "  packs:              {} ({})",
+            packs.len(),
+            bytes(pack_bytes)
+        );
         println!("  blobs:              {data} data, {trees} tree");
-        println!("  unique data:        {} ({} stored)", bytes(raw), bytes(stored));
+        println!(
+            "  unique data:        {} ({} stored)",
+            bytes(raw),
+            bytes(stored)
+        );
         println!("  all snapshots size: {}", bytes(logical));
         println!("  dedup ratio:        {:.2}x", ratio(logical, raw));
         println!("  compression ratio:  {:.2}x", ratio(raw, stored));
@@ -473,7 +522,7 @@ fn key(g: &Global, c: KeyCommand) -> Result<ExitCode> {
             if g.json {
                 print_json(&serde_json::to_value(keys)?)?;
             } else {
-                println!("  {:<10} {:<20} {:<16} {}", "ID", "Created", "Host", "User");
+                println!("  {:<10} {:<20} {:<16} User", "ID", "Created", "Host");
                 for k in keys {
                     println!(
                         "{} {:<10} {:<20} {:<16} {}",
@@ -499,7 +548,10 @@ fn key(g: &Global, c: KeyCommand) -> Result<ExitCode> {
             if g.json {
                 print_json(&json!({"key": id}))?;
             } else {
-                println!("password changed (new key {}); data was not rewritten", &id[..8]);
+                println!(
+                    "password changed (new key {}); data was not rewritten",
+                    &id[..8]
+                );
             }
         }
     }
@@ -520,5 +572,9 @@ fn repair_index(g: &Global) -> Result<ExitCode> {
             eprintln!("warning: pack {p} is unreadable and was left out");
         }
     }
-    Ok(if r.unreadable_packs.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if r.unreadable_packs.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

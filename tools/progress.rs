@@ -23,7 +23,10 @@ impl Ticker {
         let s = stop.clone();
         let handle = std::thread::spawn(move || {
             let bar = ProgressBar::new_spinner();
-            bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
             while !s.load(Ordering::Relaxed) {
                 bar.set_message(msg());
                 bar.tick();

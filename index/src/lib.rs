@@ -114,7 +114,7 @@ impl FileCacheEntry {
     }
 
     fn decode(b: &[u8]) -> Option<Self> {
-        if b.len() < 33 || (b.len() - 33) % 32 != 0 {
+        if b.len() < 33 || !(b.len() - 33).is_multiple_of(32) {
             return None;
         }
         let u = |r: std::ops::Range<usize>| -> Option<[u8; 8]> { b[r].try_into().ok() };
@@ -192,10 +192,12 @@ impl IndexCache {
     }
 
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily> {
-        self.db.cf_handle(name).ok_or_else(|| IndexError::Malformed {
-            path: self.path.clone(),
-            what: "column family",
-        })
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| IndexError::Malformed {
+                path: self.path.clone(),
+                what: "column family",
+            })
     }
 
     /// Looks up a blob's location.
@@ -351,7 +353,11 @@ mod tests {
         assert_eq!(c.get_blob(&[2; 32])?, Some(loc(2)));
         let mut packs = c.packs()?;
         packs.sort();
-        assert_eq!(packs, vec![[1; 32], [2; 32]], "uncommitted pack 4 not listed");
+        assert_eq!(
+            packs,
+            vec![[1; 32], [2; 32]],
+            "uncommitted pack 4 not listed"
+        );
         assert_eq!(c.get_blob(&[4; 32])?, Some(loc(4)));
         assert_eq!(c.loaded_index_files()?, vec!["abc".to_string()]);
         c.clear_blobs()?;

@@ -98,7 +98,7 @@ struct Stats {
 
 impl<'r> Saver<'r> {
     fn fail(&self, e: Error) {
-        let mut slot = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = crate::util::lock(&self.first_error);
         if slot.is_none() {
             *slot = Some(e);
         }
@@ -115,7 +115,7 @@ impl<'r> Saver<'r> {
         if self.repo.index().contains_blob(&id.0)? {
             return Ok(false);
         }
-        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inflight = crate::util::lock(&self.inflight);
         Ok(inflight.insert(*id))
     }
 
@@ -126,10 +126,13 @@ impl<'r> Saver<'r> {
             _ => self.stats.tree_blobs.fetch_add(1, Ordering::Relaxed),
         };
         let full = {
-            let mut p = self.packer.lock().unwrap_or_else(|p| p.into_inner());
+            let mut p = crate::util::lock(&self.packer);
             p.add(blob)?;
             if p.len() >= self.pack_size {
-                Some(std::mem::replace(&mut *p, PackBuilder::with_capacity(self.pack_size + (1 << 20))))
+                Some(std::mem::replace(
+                    &mut *p,
+                    PackBuilder::with_capacity(self.pack_size + (1 << 20)),
+                ))
             } else {
                 None
             }
@@ -143,7 +146,7 @@ impl<'r> Saver<'r> {
     }
 
     fn send_pack(&self, pack: PackBuilder) -> Result<()> {
-        let tx = self.upload_tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let tx = crate::util::lock(&self.upload_tx).clone();
         tx.ok_or_else(|| Error::Aborted("pack writer closed".into()))?
             .send(pack)
             .map_err(|_| Error::Aborted("pack writer stopped".into()))
@@ -159,7 +162,7 @@ impl<'r> Saver<'r> {
     }
 
     fn flush_packer(&self) -> Result<()> {
-        let last = std::mem::take(&mut *self.packer.lock().unwrap_or_else(|p| p.into_inner()));
+        let last = std::mem::take(&mut *crate::util::lock(&self.packer));
         if !last.is_empty() {
             self.send_pack(last)?;
         }
@@ -181,7 +184,9 @@ impl<'r> Saver<'r> {
     fn upload_one(&self, builder: PackBuilder) -> Result<()> {
         let sealed = builder.seal(self.repo.keys())?;
         let name = sealed.id.to_hex();
-        self.repo.backend().write(FileKind::Pack, &name, &sealed.bytes)?;
+        self.repo
+            .backend()
+            .write(FileKind::Pack, &name, &sealed.bytes)?;
         debug!(pack = %name, blobs = sealed.entries.len(), "pack written");
         self.stats.packs.fetch_add(1, Ordering::Relaxed);
         let item = vec![(sealed.id, sealed.entries)];
@@ -189,13 +194,13 @@ impl<'r> Saver<'r> {
         // the repository index file follows in batches.
         self.repo.cache_entries(&item, false)?;
         {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            let mut inflight = crate::util::lock(&self.inflight);
             for e in &item[0].1 {
                 inflight.remove(&e.id);
             }
         }
         let batch = {
-            let mut pending = self.pending_index.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pending = crate::util::lock(&self.pending_index);
             pending.extend(item);
             if pending.len() >= PACKS_PER_INDEX {
                 std::mem::take(&mut *pending)
@@ -225,8 +230,8 @@ enum Pending {
 }
 
 enum Event {
-    Enter(Node),
-    Leaf(Node, Option<(Pending, Vec<u8>, Metadata)>),
+    Enter(Box<Node>),
+    Leaf(Box<Node>, Option<Box<(Pending, Vec<u8>, Metadata)>>),
     Exit,
     Error(SourceError),
 }
@@ -242,11 +247,18 @@ struct Chunk {
 }
 
 /// Runs a backup of `paths` and returns the new snapshot.
-pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions, progress: &Progress) -> Result<(Id, Snapshot)> {
+pub fn backup(
+    repo: &Repository,
+    paths: &[PathBuf],
+    opts: &BackupOptions,
+    progress: &Progress,
+) -> Result<(Id, Snapshot)> {
     let start = Instant::now();
     let time = chrono::Utc::now();
     if paths.is_empty() {
-        return Err(Error::InvalidArgument("nothing to back up: no paths given".into()));
+        return Err(Error::InvalidArgument(
+            "nothing to back up: no paths given".into(),
+        ));
     }
     let mut abs = Vec::new();
     for p in paths {
@@ -283,7 +295,9 @@ pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions, progre
         level: repo.config().compression_level,
         pack_size: repo.config().pack_size as usize,
         inflight: Mutex::new(HashSet::new()),
-        packer: Mutex::new(PackBuilder::with_capacity(repo.config().pack_size as usize + (1 << 20))),
+        packer: Mutex::new(PackBuilder::with_capacity(
+            repo.config().pack_size as usize + (1 << 20),
+        )),
         upload_tx: Mutex::new(Some(upload_tx)),
         pending_index: Mutex::new(Vec::new()),
         stats: Stats::default(),
@@ -338,9 +352,13 @@ pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions, progre
             let _ = h.join();
         }
         // All blobs are queued: seal the last pack, then let uploaders drain.
-        let flushed = if saver.aborted() { Ok(()) } else { saver.flush_packer() };
+        let flushed = if saver.aborted() {
+            Ok(())
+        } else {
+            saver.flush_packer()
+        };
         // Close the channel so the uploaders' loops end.
-        drop(saver.upload_tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        drop(crate::util::lock(&saver.upload_tx).take());
         for h in uploader_handles {
             let _ = h.join();
         }
@@ -356,16 +374,13 @@ pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions, progre
             Err(_) => Err(Error::Aborted("tree assembler panicked".into())),
         }
     })
-    .or_else(|e| match saver.first_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        Some(first) => Err(first),
-        None => Err(e),
-    })?;
-    if let Some(e) = saver.first_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+    .map_err(|e| crate::util::lock(&saver.first_error).take().unwrap_or(e))?;
+    if let Some(e) = crate::util::lock(&saver.first_error).take() {
         return Err(e);
     }
     // Index files for the remaining packs, then the snapshot: in this order,
     // so the snapshot never references a blob that no index lists.
-    let rest = std::mem::take(&mut *saver.pending_index.lock().unwrap_or_else(|p| p.into_inner()));
+    let rest = std::mem::take(&mut *crate::util::lock(&saver.pending_index));
     if !rest.is_empty() {
         repo.write_index(&rest)?;
     }
@@ -376,7 +391,9 @@ pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions, progre
     summary.tree_blobs_added = saver.stats.tree_blobs.load(Ordering::Relaxed);
     summary.packs_written = saver.stats.packs.load(Ordering::Relaxed);
     summary.duration_secs = start.elapsed().as_secs_f64();
-    let tree = *root_parts.first().ok_or_else(|| Error::Aborted("no root tree".into()))?;
+    let tree = *root_parts
+        .first()
+        .ok_or_else(|| Error::Aborted("no root tree".into()))?;
     let snap = Snapshot {
         version: 1,
         time,
@@ -386,7 +403,11 @@ pub fn backup(repo: &Repository, paths: &[PathBuf], opts: &BackupOptions, progre
         paths: abs.iter().map(|p| p.display().to_string()).collect(),
         tags: opts.tags.clone(),
         tree,
-        tree_parts: if root_parts.len() > 1 { root_parts } else { Vec::new() },
+        tree_parts: if root_parts.len() > 1 {
+            root_parts
+        } else {
+            Vec::new()
+        },
         parent,
         program_version: format!("marmoset {}", env!("CARGO_PKG_VERSION")),
         incomplete: !summary.errors.is_empty(),
@@ -406,7 +427,8 @@ struct WalkCtx<'r> {
 fn build_excludes(patterns: &[String]) -> Result<GlobSet> {
     let mut b = GlobSetBuilder::new();
     for p in patterns {
-        let g = Glob::new(p).map_err(|e| Error::InvalidArgument(format!("exclude pattern {p:?}: {e}")))?;
+        let g = Glob::new(p)
+            .map_err(|e| Error::InvalidArgument(format!("exclude pattern {p:?}: {e}")))?;
         b.add(g);
     }
     b.build().map_err(|e| Error::InvalidArgument(e.to_string()))
@@ -428,7 +450,13 @@ impl WalkCtx<'_> {
     }
 }
 
-fn walk_roots(ctx: &WalkCtx, saver: &Saver, paths: &[PathBuf], events: &Sender<Event>, jobs: &Sender<FileJob>) -> Result<()> {
+fn walk_roots(
+    ctx: &WalkCtx,
+    saver: &Saver,
+    paths: &[PathBuf],
+    events: &Sender<Event>,
+    jobs: &Sender<FileJob>,
+) -> Result<()> {
     // One directory: its contents form the root. Otherwise the root holds
     // one entry per path, named by its last component.
     if let [only] = paths {
@@ -455,7 +483,13 @@ fn walk_roots(ctx: &WalkCtx, saver: &Saver, paths: &[PathBuf], events: &Sender<E
     Ok(())
 }
 
-fn walk_dir_contents(ctx: &WalkCtx, saver: &Saver, dir: &Path, events: &Sender<Event>, jobs: &Sender<FileJob>) -> Result<()> {
+fn walk_dir_contents(
+    ctx: &WalkCtx,
+    saver: &Saver,
+    dir: &Path,
+    events: &Sender<Event>,
+    jobs: &Sender<FileJob>,
+) -> Result<()> {
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) => {
@@ -480,7 +514,9 @@ fn walk_dir_contents(ctx: &WalkCtx, saver: &Saver, dir: &Path, events: &Sender<E
 }
 
 fn send(events: &Sender<Event>, e: Event) -> Result<()> {
-    events.send(e).map_err(|_| Error::Aborted("tree assembler stopped".into()))
+    events
+        .send(e)
+        .map_err(|_| Error::Aborted("tree assembler stopped".into()))
 }
 
 fn source_error(path: &Path, error: &str) -> SourceError {
@@ -490,7 +526,13 @@ fn source_error(path: &Path, error: &str) -> SourceError {
     }
 }
 
-fn walk_entry(ctx: &WalkCtx, saver: &Saver, path: &Path, events: &Sender<Event>, jobs: &Sender<FileJob>) -> Result<()> {
+fn walk_entry(
+    ctx: &WalkCtx,
+    saver: &Saver,
+    path: &Path,
+    events: &Sender<Event>,
+    jobs: &Sender<FileJob>,
+) -> Result<()> {
     if ctx.excluded(path) {
         return Ok(());
     }
@@ -498,12 +540,16 @@ fn walk_entry(ctx: &WalkCtx, saver: &Saver, path: &Path, events: &Sender<Event>,
         Ok(m) => m,
         Err(e) => return send(events, Event::Error(source_error(path, &e.to_string()))),
     };
-    let name = path.file_name().unwrap_or(OsStr::new("")).as_bytes().to_vec();
+    let name = path
+        .file_name()
+        .unwrap_or(OsStr::new(""))
+        .as_bytes()
+        .to_vec();
     let mut node = node_from_meta(name, &meta);
     node.xattrs = read_xattrs(path);
     let ft = meta.file_type();
     if ft.is_dir() {
-        send(events, Event::Enter(node))?;
+        send(events, Event::Enter(Box::new(node)))?;
         walk_dir_contents(ctx, saver, path, events, jobs)?;
         return send(events, Event::Exit);
     }
@@ -512,15 +558,21 @@ fn walk_entry(ctx: &WalkCtx, saver: &Saver, path: &Path, events: &Sender<Event>,
             Ok(t) => node.link_target = Some(t.as_os_str().as_bytes().to_vec()),
             Err(e) => return send(events, Event::Error(source_error(path, &e.to_string()))),
         }
-        return send(events, Event::Leaf(node, None));
+        return send(events, Event::Leaf(Box::new(node), None));
     }
     if !ft.is_file() {
-        return send(events, Event::Leaf(node, None));
+        return send(events, Event::Leaf(Box::new(node), None));
     }
     let key = ctx.cache_key(path);
     if !ctx.force_read {
         if let Some(content) = unchanged_content(ctx, &key, &meta)? {
-            return send(events, Event::Leaf(node, Some((Pending::Ready(content), key, meta))));
+            return send(
+                events,
+                Event::Leaf(
+                    Box::new(node),
+                    Some(Box::new((Pending::Ready(content), key, meta))),
+                ),
+            );
         }
     }
     let (reply, rx) = bounded(1);
@@ -529,7 +581,13 @@ fn walk_entry(ctx: &WalkCtx, saver: &Saver, path: &Path, events: &Sender<Event>,
         reply,
     })
     .map_err(|_| Error::Aborted("file readers stopped".into()))?;
-    send(events, Event::Leaf(node, Some((Pending::Waiting(rx), key, meta))))
+    send(
+        events,
+        Event::Leaf(
+            Box::new(node),
+            Some(Box::new((Pending::Waiting(rx), key, meta))),
+        ),
+    )
 }
 
 /// The cached content of an unchanged file, if every blob is still stored.
@@ -557,11 +615,15 @@ fn unchanged_content(ctx: &WalkCtx, key: &[u8], meta: &Metadata) -> Result<Optio
 }
 
 fn mtime_ns(m: &Metadata) -> i64 {
-    m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec())
+    m.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(m.mtime_nsec())
 }
 
 fn ctime_ns(m: &Metadata) -> i64 {
-    m.ctime().saturating_mul(1_000_000_000).saturating_add(m.ctime_nsec())
+    m.ctime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(m.ctime_nsec())
 }
 
 pub(crate) fn node_from_meta(name: Vec<u8>, meta: &Metadata) -> Node {
@@ -643,7 +705,11 @@ enum FileError {
     Fatal(Error),
 }
 
-fn read_file(saver: &Saver, path: &Path, chunks: &Sender<Chunk>) -> std::result::Result<FileContent, FileError> {
+fn read_file(
+    saver: &Saver,
+    path: &Path,
+    chunks: &Sender<Chunk>,
+) -> std::result::Result<FileContent, FileError> {
     if let Ok(mut cur) = saver.progress.current.try_lock() {
         cur.clear();
         cur.push_str(&path.to_string_lossy());
@@ -665,15 +731,24 @@ fn read_file(saver: &Saver, path: &Path, chunks: &Sender<Chunk>) -> std::result:
         if saver.aborted() {
             return Err(FileError::Fatal(Error::Aborted("backup aborted".into())));
         }
-        let chunk = chunk.map_err(|e| FileError::Source(format!("read failed at byte {size}: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| FileError::Source(format!("read failed at byte {size}: {e}")))?;
         size += chunk.length as u64;
-        saver.progress.bytes_read.fetch_add(chunk.length as u64, Ordering::Relaxed);
+        saver
+            .progress
+            .bytes_read
+            .fetch_add(chunk.length as u64, Ordering::Relaxed);
         let id = keys.content_id(&chunk.data);
         ids.push(id);
         if saver.claim(&id).map_err(FileError::Fatal)? {
             chunks
-                .send(Chunk { id, data: chunk.data })
-                .map_err(|_| FileError::Fatal(Error::Aborted("compression workers stopped".into())))?;
+                .send(Chunk {
+                    id,
+                    data: chunk.data,
+                })
+                .map_err(|_| {
+                    FileError::Fatal(Error::Aborted("compression workers stopped".into()))
+                })?;
         }
     }
     if ids.len() <= tree::MAX_DIRECT_CHUNKS {
@@ -702,8 +777,14 @@ fn cpu_worker(saver: &Saver, chunks: Receiver<Chunk>) {
         if saver.aborted() {
             continue;
         }
-        let r = blob::encode(saver.repo.keys(), BlobType::Data, c.id, &c.data, saver.level)
-            .and_then(|b| saver.add_encoded(b));
+        let r = blob::encode(
+            saver.repo.keys(),
+            BlobType::Data,
+            c.id,
+            &c.data,
+            saver.level,
+        )
+        .and_then(|b| saver.add_encoded(b));
         if let Err(e) = r {
             saver.fail(e);
         }
@@ -730,7 +811,8 @@ impl DirBuilder {
         let t = Tree {
             nodes: std::mem::take(&mut self.entries),
         };
-        self.parts.push(saver.save_blob(BlobType::Tree, &t.encode()?)?);
+        self.parts
+            .push(saver.save_blob(BlobType::Tree, &t.encode()?)?);
         Ok(())
     }
 
@@ -743,7 +825,11 @@ impl DirBuilder {
     }
 }
 
-fn assemble(saver: &Saver, ctx: &WalkCtx, events: Receiver<Event>) -> Result<(Vec<Id>, BackupSummary)> {
+fn assemble(
+    saver: &Saver,
+    ctx: &WalkCtx,
+    events: Receiver<Event>,
+) -> Result<(Vec<Id>, BackupSummary)> {
     let r = assemble_inner(saver, ctx, &events);
     if let Err(e) = &r {
         saver.fail(Error::Aborted(e.to_string()));
@@ -751,7 +837,11 @@ fn assemble(saver: &Saver, ctx: &WalkCtx, events: Receiver<Event>) -> Result<(Ve
     r
 }
 
-fn assemble_inner(saver: &Saver, ctx: &WalkCtx, events: &Receiver<Event>) -> Result<(Vec<Id>, BackupSummary)> {
+fn assemble_inner(
+    saver: &Saver,
+    ctx: &WalkCtx,
+    events: &Receiver<Event>,
+) -> Result<(Vec<Id>, BackupSummary)> {
     let mut sum = BackupSummary::default();
     let mut stack = vec![DirBuilder {
         node: Node::new(Vec::new(), NodeKind::Dir),
@@ -766,13 +856,15 @@ fn assemble_inner(saver: &Saver, ctx: &WalkCtx, events: &Receiver<Event>) -> Res
             Event::Enter(node) => {
                 sum.dirs_total += 1;
                 stack.push(DirBuilder {
-                    node,
+                    node: *node,
                     parts: Vec::new(),
                     entries: Vec::new(),
                 });
             }
             Event::Exit => {
-                let dir = stack.pop().ok_or_else(|| Error::Aborted("unbalanced walk".into()))?;
+                let dir = stack
+                    .pop()
+                    .ok_or_else(|| Error::Aborted("unbalanced walk".into()))?;
                 let (node, _) = dir.finish(saver)?;
                 stack
                     .last_mut()
@@ -785,8 +877,10 @@ fn assemble_inner(saver: &Saver, ctx: &WalkCtx, events: &Receiver<Event>) -> Res
                 sum.errors.push(e);
             }
             Event::Leaf(mut node, file) => {
-                if let Some((pending, key, meta)) = file {
-                    let path = String::from_utf8_lossy(&key[ctx.source_key.len() + 1..]).into_owned();
+                if let Some(file) = file {
+                    let (pending, key, meta) = *file;
+                    let path =
+                        String::from_utf8_lossy(&key[ctx.source_key.len() + 1..]).into_owned();
                     let (content, fresh) = match pending {
                         Pending::Ready(c) => (Ok(c), false),
                         Pending::Waiting(rx) => (
@@ -830,14 +924,16 @@ fn assemble_inner(saver: &Saver, ctx: &WalkCtx, events: &Receiver<Event>) -> Res
                 stack
                     .last_mut()
                     .ok_or_else(|| Error::Aborted("unbalanced walk".into()))?
-                    .push(saver, node)?;
+                    .push(saver, *node)?;
             }
         }
     }
     if saver.aborted() {
         return Err(Error::Aborted("backup aborted".into()));
     }
-    let root = stack.pop().ok_or_else(|| Error::Aborted("unbalanced walk".into()))?;
+    let root = stack
+        .pop()
+        .ok_or_else(|| Error::Aborted("unbalanced walk".into()))?;
     if !stack.is_empty() {
         return Err(Error::Aborted("walk ended inside a directory".into()));
     }

@@ -41,11 +41,19 @@ pub struct EncodedBlob {
 }
 
 /// Compresses (when it shrinks) and encrypts one plaintext blob.
-pub fn encode(keys: &Keys, kind: BlobType, id: Id, plaintext: &[u8], level: i32) -> Result<EncodedBlob> {
+pub fn encode(
+    keys: &Keys,
+    kind: BlobType,
+    id: Id,
+    plaintext: &[u8],
+    level: i32,
+) -> Result<EncodedBlob> {
     let raw_length = u32::try_from(plaintext.len())
         .map_err(|_| Error::InvalidArgument("blob larger than 4 GiB".into()))?;
     let compressed = if level > 0 {
-        zstd::bulk::compress(plaintext, level).ok().filter(|c| c.len() < plaintext.len())
+        zstd::bulk::compress(plaintext, level)
+            .ok()
+            .filter(|c| c.len() < plaintext.len())
     } else {
         None
     };
@@ -64,7 +72,14 @@ pub fn encode(keys: &Keys, kind: BlobType, id: Id, plaintext: &[u8], level: i32)
 
 /// Decrypts, decompresses and verifies one blob against its content id.
 /// Any mismatch is an error naming the blob: wrong bytes never escape.
-pub fn decode(keys: &Keys, kind: BlobType, id: &Id, flags: u8, raw_length: u32, data: &[u8]) -> Result<Vec<u8>> {
+pub fn decode(
+    keys: &Keys,
+    kind: BlobType,
+    id: &Id,
+    flags: u8,
+    raw_length: u32,
+    data: &[u8],
+) -> Result<Vec<u8>> {
     let what = || format!("blob {id}");
     let body = keys.decrypt(data, &blob_aad(kind as u8, id), what)?;
     let plain = if flags & FLAG_ZSTD != 0 {
@@ -94,13 +109,27 @@ mod tests {
         let e = encode(&k, BlobType::Data, id, &text, 3)?;
         assert_eq!(e.flags, FLAG_ZSTD);
         assert!(e.ciphertext.len() < text.len() / 10);
-        assert_eq!(decode(&k, BlobType::Data, &id, e.flags, e.raw_length, &e.ciphertext)?, text);
+        assert_eq!(
+            decode(
+                &k,
+                BlobType::Data,
+                &id,
+                e.flags,
+                e.raw_length,
+                &e.ciphertext
+            )?,
+            text
+        );
 
-        let noise: Vec<u8> = (0..10_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let mut noise = vec![0u8; 10_000];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut noise);
         let id = k.content_id(&noise);
         let e = encode(&k, BlobType::Data, id, &noise, 3)?;
         assert_eq!(e.flags, 0);
-        assert_eq!(decode(&k, BlobType::Data, &id, 0, e.raw_length, &e.ciphertext)?, noise);
+        assert_eq!(
+            decode(&k, BlobType::Data, &id, 0, e.raw_length, &e.ciphertext)?,
+            noise
+        );
         Ok(())
     }
 

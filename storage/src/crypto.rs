@@ -79,9 +79,11 @@ impl Keys {
         out.extend_from_slice(plaintext);
         // In-place encryption of the tail cannot fail for buffers below the
         // cipher's 256 GiB limit; blobs are at most a few MiB.
-        let tag = self
-            .cipher
-            .encrypt_in_place_detached(XNonce::from_slice(&nonce), aad, &mut out[NONCE_LEN..]);
+        let tag = self.cipher.encrypt_in_place_detached(
+            XNonce::from_slice(&nonce),
+            aad,
+            &mut out[NONCE_LEN..],
+        );
         match tag {
             Ok(tag) => out.extend_from_slice(&tag),
             Err(_) => out.clear(),
@@ -90,9 +92,17 @@ impl Keys {
     }
 
     /// Decrypts and authenticates; `what` names the object in the error.
-    pub fn decrypt(&self, data: &[u8], aad: &[u8], what: impl FnOnce() -> String) -> Result<Vec<u8>> {
+    pub fn decrypt(
+        &self,
+        data: &[u8],
+        aad: &[u8],
+        what: impl FnOnce() -> String,
+    ) -> Result<Vec<u8>> {
         if data.len() < OVERHEAD {
-            return Err(Error::corrupt(what(), "ciphertext shorter than nonce and tag"));
+            return Err(Error::corrupt(
+                what(),
+                "ciphertext shorter than nonce and tag",
+            ));
         }
         let (nonce, rest) = data.split_at(NONCE_LEN);
         let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
@@ -150,9 +160,11 @@ impl KdfParams {
             return Err(bad("cost out of range"));
         }
         let salt = hex::decode(&self.salt).map_err(|_| bad("salt is not hex"))?;
-        let params = argon2::Params::new(self.memory_kib, self.iterations, self.parallelism, Some(32))
-            .map_err(|e| bad(&e.to_string()))?;
-        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let params =
+            argon2::Params::new(self.memory_kib, self.iterations, self.parallelism, Some(32))
+                .map_err(|e| bad(&e.to_string()))?;
+        let argon =
+            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let mut out = [0u8; 32];
         argon
             .hash_password_into(password, &salt, &mut out)
@@ -222,7 +234,10 @@ impl RawCipher {
         rand::thread_rng().fill_bytes(&mut nonce);
         let mut out = nonce.to_vec();
         let mut buf = plaintext.to_vec();
-        if let Ok(tag) = self.0.encrypt_in_place_detached(XNonce::from_slice(&nonce), aad, &mut buf) {
+        if let Ok(tag) = self
+            .0
+            .encrypt_in_place_detached(XNonce::from_slice(&nonce), aad, &mut buf)
+        {
             out.extend_from_slice(&buf);
             out.extend_from_slice(&tag);
         }
@@ -256,12 +271,17 @@ mod tests {
         assert_eq!(k.decrypt(&ct, &blob_aad(0, &id), String::new)?, b"hello");
         // Moved to another id or type: authentication must fail.
         let other = k.content_id(b"other");
-        assert!(matches!(k.decrypt(&ct, &blob_aad(0, &other), String::new), Err(Error::Decrypt { .. })));
+        assert!(matches!(
+            k.decrypt(&ct, &blob_aad(0, &other), String::new),
+            Err(Error::Decrypt { .. })
+        ));
         assert!(k.decrypt(&ct, &blob_aad(1, &id), String::new).is_err());
         let mut flipped = ct.clone();
         flipped[30] ^= 1;
         assert!(k.decrypt(&flipped, &blob_aad(0, &id), String::new).is_err());
-        assert!(k.decrypt(&ct[..10], &blob_aad(0, &id), String::new).is_err());
+        assert!(k
+            .decrypt(&ct[..10], &blob_aad(0, &id), String::new)
+            .is_err());
         Ok(())
     }
 
@@ -278,7 +298,7 @@ mod tests {
     fn key_file_wraps_and_rejects_wrong_password() -> Result<()> {
         let k = Keys::generate();
         let kf = KeyFile::wrap(&k, b"secret")?;
-        let got = kf.unwrap_keys(b"secret")?.ok_or_else(|| Error::WrongPassword)?;
+        let got = kf.unwrap_keys(b"secret")?.ok_or(Error::WrongPassword)?;
         assert_eq!(got.content_id(b"z"), k.content_id(b"z"));
         assert!(kf.unwrap_keys(b"wrong")?.is_none());
         Ok(())

@@ -59,8 +59,10 @@ struct VersionProbe {
 
 impl Config {
     pub fn new() -> Self {
-        let mut chunker = ChunkerParams::default();
-        chunker.algorithm = "fastcdc-2020".into();
+        let chunker = ChunkerParams {
+            algorithm: "fastcdc-2020".into(),
+            ..ChunkerParams::default()
+        };
         Self {
             format_version: FORMAT_VERSION,
             repository_id: Id::random(),
@@ -105,7 +107,10 @@ impl Config {
         if ok {
             Ok(())
         } else {
-            Err(Error::corrupt("config marmoset.repository", "parameters out of range"))
+            Err(Error::corrupt(
+                "config marmoset.repository",
+                "parameters out of range",
+            ))
         }
     }
 
@@ -118,7 +123,8 @@ impl Config {
                 supported: FORMAT_VERSION,
             });
         }
-        serde_json::from_slice(bytes).map_err(|e| Error::corrupt("config marmoset.repository", e.to_string()))
+        serde_json::from_slice(bytes)
+            .map_err(|e| Error::corrupt("config marmoset.repository", e.to_string()))
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
@@ -161,14 +167,18 @@ pub fn open_file(keys: &Keys, kind: &str, name: &str, data: &[u8]) -> Result<Vec
         Some((&PAYLOAD_RAW, body)) => Ok(body.to_vec()),
         Some((&PAYLOAD_ZSTD, body)) => {
             let mut out = Vec::new();
-            let mut dec = zstd::stream::read::Decoder::new(body).map_err(|e| Error::corrupt(what(), e.to_string()))?;
+            let mut dec = zstd::stream::read::Decoder::new(body)
+                .map_err(|e| Error::corrupt(what(), e.to_string()))?;
             use std::io::Read;
             (&mut dec)
                 .take(MAX_FILE_PLAINTEXT as u64 + 1)
                 .read_to_end(&mut out)
                 .map_err(|e| Error::corrupt(what(), format!("zstd: {e}")))?;
             if out.len() > MAX_FILE_PLAINTEXT {
-                return Err(Error::corrupt(what(), "decompressed size exceeds the limit"));
+                return Err(Error::corrupt(
+                    what(),
+                    "decompressed size exceeds the limit",
+                ));
             }
             Ok(out)
         }
@@ -196,7 +206,9 @@ pub fn encode_index(packs: &[(Id, Vec<PackEntry>)]) -> Vec<u8> {
 
 pub fn decode_index(name: &str, b: &[u8]) -> Result<Vec<(Id, Vec<PackEntry>)>> {
     let bad = |r: &str| Error::corrupt(format!("index {name}"), r.to_string());
-    let rest = b.strip_prefix(INDEX_MAGIC).ok_or_else(|| bad("missing magic"))?;
+    let rest = b
+        .strip_prefix(INDEX_MAGIC)
+        .ok_or_else(|| bad("missing magic"))?;
     let mut out = Vec::new();
     let mut pos = 0;
     while pos < rest.len() {
@@ -204,7 +216,11 @@ pub fn decode_index(name: &str, b: &[u8]) -> Result<Vec<(Id, Vec<PackEntry>)>> {
             return Err(bad("truncated pack header"));
         }
         let pack = Id(rest[pos..pos + 32].try_into().map_err(|_| bad("pack id"))?);
-        let count = u32::from_le_bytes(rest[pos + 32..pos + 36].try_into().map_err(|_| bad("count"))?) as usize;
+        let count = u32::from_le_bytes(
+            rest[pos + 32..pos + 36]
+                .try_into()
+                .map_err(|_| bad("count"))?,
+        ) as usize;
         pos += 36;
         let end = count
             .checked_mul(ENTRY_LEN)
@@ -233,16 +249,28 @@ mod tests {
         c.sign(&k)?;
         let bytes = c.to_bytes()?;
         Config::parse(&bytes)?.verify(&k)?;
-        let tampered = String::from_utf8_lossy(&bytes).replace("\"pack_size\": 16777216", "\"pack_size\": 16777218");
+        let tampered = String::from_utf8_lossy(&bytes)
+            .replace("\"pack_size\": 16777216", "\"pack_size\": 16777218");
         assert!(Config::parse(tampered.as_bytes())?.verify(&k).is_err());
-        let newer = String::from_utf8_lossy(&bytes).replace("\"format_version\": 1", "\"format_version\": 9");
-        assert!(matches!(Config::parse(newer.as_bytes()), Err(Error::UnsupportedVersion { found: 9, .. })));
+        let newer = String::from_utf8_lossy(&bytes)
+            .replace("\"format_version\": 1", "\"format_version\": 9");
+        assert!(matches!(
+            Config::parse(newer.as_bytes()),
+            Err(Error::UnsupportedVersion { found: 9, .. })
+        ));
         Ok(())
     }
 
     #[test]
     fn index_encoding_round_trips_and_rejects_truncation() -> Result<()> {
-        let e = PackEntry { kind: BlobType::Tree, flags: 1, id: Id([3; 32]), offset: 7, length: 9, raw_length: 11 };
+        let e = PackEntry {
+            kind: BlobType::Tree,
+            flags: 1,
+            id: Id([3; 32]),
+            offset: 7,
+            length: 9,
+            raw_length: 11,
+        };
         let packs = vec![(Id([1; 32]), vec![e, e]), (Id([2; 32]), vec![e])];
         let enc = encode_index(&packs);
         assert_eq!(decode_index("x", &enc)?, packs);

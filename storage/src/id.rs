@@ -68,11 +68,10 @@ impl<'de> Deserialize<'de> for Id {
             Id::from_hex(&s).ok_or_else(|| D::Error::custom("invalid hex id"))
         } else {
             let b: serde_bytes_like::Bytes = Deserialize::deserialize(d)?;
-            let arr: [u8; 32] = b
-                .0
-                .as_slice()
-                .try_into()
-                .map_err(|_| D::Error::custom("id must be 32 bytes"))?;
+            let arr: [u8; 32] =
+                b.0.as_slice()
+                    .try_into()
+                    .map_err(|_| D::Error::custom("id must be 32 bytes"))?;
             Ok(Id(arr))
         }
     }

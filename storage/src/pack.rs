@@ -121,9 +121,14 @@ impl PackBuilder {
 pub fn trailer_len(pack: &str, footer: &[u8], pack_size: u64) -> Result<u64> {
     let what = || format!("pack {pack}");
     if footer.len() != FOOTER_LEN as usize || &footer[4..] != MAGIC {
-        return Err(Error::corrupt(what(), "missing pack magic (truncated or not a pack)"));
+        return Err(Error::corrupt(
+            what(),
+            "missing pack magic (truncated or not a pack)",
+        ));
     }
-    let len = u64::from(u32::from_le_bytes([footer[0], footer[1], footer[2], footer[3]]));
+    let len = u64::from(u32::from_le_bytes([
+        footer[0], footer[1], footer[2], footer[3],
+    ]));
     if len + FOOTER_LEN > pack_size {
         return Err(Error::corrupt(what(), "trailer length exceeds pack size"));
     }
@@ -131,11 +136,19 @@ pub fn trailer_len(pack: &str, footer: &[u8], pack_size: u64) -> Result<u64> {
 }
 
 /// Decrypts a trailer and checks every entry lies inside the blob area.
-pub fn decode_trailer(keys: &Keys, pack: &str, trailer: &[u8], blob_area: u64) -> Result<Vec<PackEntry>> {
+pub fn decode_trailer(
+    keys: &Keys,
+    pack: &str,
+    trailer: &[u8],
+    blob_area: u64,
+) -> Result<Vec<PackEntry>> {
     let what = || format!("pack {pack} trailer");
     let plain = keys.decrypt(trailer, &file_aad("pack-trailer"), what)?;
     if plain.len() % ENTRY_LEN != 0 {
-        return Err(Error::corrupt(what(), "length is not a multiple of the entry size"));
+        return Err(Error::corrupt(
+            what(),
+            "length is not a multiple of the entry size",
+        ));
     }
     plain
         .chunks_exact(ENTRY_LEN)
@@ -171,11 +184,19 @@ mod tests {
         let footer = &p.bytes[p.bytes.len() - 12..];
         let tlen = trailer_len("p", footer, size)?;
         let start = (size - FOOTER_LEN - tlen) as usize;
-        let entries = decode_trailer(&k, "p", &p.bytes[start..start + tlen as usize], start as u64)?;
+        let entries = decode_trailer(
+            &k,
+            "p",
+            &p.bytes[start..start + tlen as usize],
+            start as u64,
+        )?;
         assert_eq!(entries, p.entries);
         for (e, (id, data)) in entries.iter().zip(&ids) {
             let raw = &p.bytes[e.offset as usize..(e.offset + u64::from(e.length)) as usize];
-            assert_eq!(&blob::decode(&k, e.kind, id, e.flags, e.raw_length, raw)?, data);
+            assert_eq!(
+                &blob::decode(&k, e.kind, id, e.flags, e.raw_length, raw)?,
+                data
+            );
         }
         // Truncation is detected by the footer check.
         assert!(trailer_len("p", &p.bytes[p.bytes.len() - 13..p.bytes.len() - 1], size).is_err());

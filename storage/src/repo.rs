@@ -50,6 +50,9 @@ impl Drop for TempCache {
     }
 }
 
+/// Readable snapshots (oldest first) and the unreadable ones with why.
+pub type SnapshotList = (Vec<(Id, Snapshot)>, Vec<(String, Error)>);
+
 pub struct Repository {
     backend: Arc<dyn Backend>,
     keys: Keys,
@@ -72,7 +75,12 @@ pub struct KeyInfo {
 
 impl Repository {
     /// Creates a new repository with one key for `password`.
-    pub fn init(backend: Arc<dyn Backend>, password: &[u8], mut config: Config, opts: &OpenOptions) -> Result<Self> {
+    pub fn init(
+        backend: Arc<dyn Backend>,
+        password: &[u8],
+        mut config: Config,
+        opts: &OpenOptions,
+    ) -> Result<Self> {
         match backend.size(FileKind::Config, CONFIG_NAME) {
             Ok(_) => {
                 return Err(Error::RepositoryExists {
@@ -109,16 +117,24 @@ impl Repository {
         Self::assemble(backend, keys, config, key_name, opts)
     }
 
-    fn assemble(backend: Arc<dyn Backend>, keys: Keys, config: Config, key_name: String, opts: &OpenOptions) -> Result<Self> {
+    fn assemble(
+        backend: Arc<dyn Backend>,
+        keys: Keys,
+        config: Config,
+        key_name: String,
+        opts: &OpenOptions,
+    ) -> Result<Self> {
         let dir = opts.cache_root().join(config.repository_id.to_hex());
         let (index, temp) = match IndexCache::open(&dir) {
             Ok(i) => (i, None),
             Err(IndexError::Locked { .. }) => {
                 // Another marmoset process (a concurrent backup) holds the
                 // cache: work from a private one rebuilt from the repository.
-                let tmp = opts
-                    .cache_root()
-                    .join(format!("tmp-{}-{}", std::process::id(), Id::random().short()));
+                let tmp = opts.cache_root().join(format!(
+                    "tmp-{}-{}",
+                    std::process::id(),
+                    Id::random().short()
+                ));
                 debug!(cache = %tmp.display(), "shared index cache busy, using a private one");
                 (IndexCache::open(&tmp)?, Some(TempCache(tmp)))
             }
@@ -162,9 +178,14 @@ impl Repository {
     /// If a file the cache loaded is gone (merged or removed by maintenance),
     /// the blob part of the cache is rebuilt from scratch.
     pub fn sync_index(&self) -> Result<()> {
-        let remote: std::collections::HashSet<String> =
-            self.backend.list(FileKind::Index)?.into_iter().map(|(n, _)| n).collect();
-        let loaded: std::collections::HashSet<String> = self.index.loaded_index_files()?.into_iter().collect();
+        let remote: std::collections::HashSet<String> = self
+            .backend
+            .list(FileKind::Index)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let loaded: std::collections::HashSet<String> =
+            self.index.loaded_index_files()?.into_iter().collect();
         let to_load: Vec<&String> = if loaded.iter().any(|n| !remote.contains(n)) {
             debug!("index files were removed remotely; rebuilding the blob cache");
             self.index.clear_blobs()?;
@@ -191,7 +212,11 @@ impl Repository {
         format::decode_index(name, &plain)
     }
 
-    pub(crate) fn cache_entries(&self, packs: &[(Id, Vec<PackEntry>)], committed: bool) -> Result<()> {
+    pub(crate) fn cache_entries(
+        &self,
+        packs: &[(Id, Vec<PackEntry>)],
+        committed: bool,
+    ) -> Result<()> {
         let mut batch = Vec::new();
         for (pack, entries) in packs {
             for e in entries {
@@ -232,13 +257,18 @@ impl Repository {
     pub fn load_file(&self, kind: FileKind, name: &str) -> Result<Vec<u8>> {
         let bytes = self.backend.read(kind, name)?;
         if Id::of_bytes(&bytes).to_hex() != name {
-            return Err(Error::corrupt(format!("{kind} {name}"), "content does not match its name"));
+            return Err(Error::corrupt(
+                format!("{kind} {name}"),
+                "content does not match its name",
+            ));
         }
         format::open_file(&self.keys, &kind.to_string(), name, &bytes)
     }
 
     pub fn blob_location(&self, id: &Id) -> Result<BlobLocation> {
-        self.index.get_blob(&id.0)?.ok_or(Error::BlobNotFound { id: *id })
+        self.index
+            .get_blob(&id.0)?
+            .ok_or(Error::BlobNotFound { id: *id })
     }
 
     /// Reads, decrypts and verifies one blob.
@@ -255,7 +285,9 @@ impl Repository {
             .backend
             .read_range(FileKind::Pack, &pack, loc.offset, u64::from(loc.length))
             .map_err(|e| match e {
-                Error::NotFound { .. } => Error::corrupt(format!("blob {id}"), format!("pack {pack} is missing")),
+                Error::NotFound { .. } => {
+                    Error::corrupt(format!("blob {id}"), format!("pack {pack} is missing"))
+                }
                 other => other,
             })?;
         blob::decode(&self.keys, kind, id, loc.flags, loc.raw_length, &data).map_err(|e| match e {
@@ -273,9 +305,14 @@ impl Repository {
     /// Reads and authenticates a pack's trailer.
     pub fn read_pack_trailer(&self, pack: &str, size: u64) -> Result<Vec<PackEntry>> {
         if size < FOOTER_LEN {
-            return Err(Error::corrupt(format!("pack {pack}"), "too short to be a pack"));
+            return Err(Error::corrupt(
+                format!("pack {pack}"),
+                "too short to be a pack",
+            ));
         }
-        let footer = self.backend.read_range(FileKind::Pack, pack, size - FOOTER_LEN, FOOTER_LEN)?;
+        let footer =
+            self.backend
+                .read_range(FileKind::Pack, pack, size - FOOTER_LEN, FOOTER_LEN)?;
         let tlen = pack::trailer_len(pack, &footer, size)?;
         let start = size - FOOTER_LEN - tlen;
         let trailer = self.backend.read_range(FileKind::Pack, pack, start, tlen)?;
@@ -289,7 +326,9 @@ impl Repository {
         let known: std::collections::HashSet<[u8; 32]> = self.index.packs()?.into_iter().collect();
         let mut found = Vec::new();
         for (name, size) in self.backend.list(FileKind::Pack)? {
-            let Some(id) = Id::from_hex(&name) else { continue };
+            let Some(id) = Id::from_hex(&name) else {
+                continue;
+            };
             if known.contains(&id.0) {
                 continue;
             }
@@ -299,7 +338,10 @@ impl Repository {
             }
         }
         if !found.is_empty() {
-            info!(packs = found.len(), "indexing packs left by an interrupted backup");
+            info!(
+                packs = found.len(),
+                "indexing packs left by an interrupted backup"
+            );
             self.write_index(&found)?;
         }
         Ok(found.len())
@@ -308,11 +350,18 @@ impl Repository {
     /// Rebuilds all index files from pack trailers (`repair index`).
     /// New index files are written before old ones are removed.
     pub fn repair_index(&self) -> Result<RepairIndexReport> {
-        let old: Vec<String> = self.backend.list(FileKind::Index)?.into_iter().map(|(n, _)| n).collect();
+        let old: Vec<String> = self
+            .backend
+            .list(FileKind::Index)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         let mut packs = Vec::new();
         let mut report = RepairIndexReport::default();
         for (name, size) in self.backend.list(FileKind::Pack)? {
-            let Some(id) = Id::from_hex(&name) else { continue };
+            let Some(id) = Id::from_hex(&name) else {
+                continue;
+            };
             match self.read_pack_trailer(&name, size) {
                 Ok(entries) => {
                     report.blobs += entries.len() as u64;
@@ -346,12 +395,19 @@ impl Repository {
             let id = self.keys.content_id(data);
             ids.push(id);
             if !self.index.contains_blob(&id.0)? {
-                builder.add(blob::encode(&self.keys, *kind, id, data, self.config.compression_level)?)?;
+                builder.add(blob::encode(
+                    &self.keys,
+                    *kind,
+                    id,
+                    data,
+                    self.config.compression_level,
+                )?)?;
             }
         }
         if !builder.is_empty() {
             let sealed = builder.seal(&self.keys)?;
-            self.backend.write(FileKind::Pack, &sealed.id.to_hex(), &sealed.bytes)?;
+            self.backend
+                .write(FileKind::Pack, &sealed.id.to_hex(), &sealed.bytes)?;
             self.write_index(&[(sealed.id, sealed.entries)])?;
         }
         Ok(ids)
@@ -359,7 +415,9 @@ impl Repository {
 
     pub fn save_tree_blob(&self, tree: &Tree) -> Result<Id> {
         let ids = self.save_blobs(&[(BlobType::Tree, tree.encode()?)])?;
-        ids.first().copied().ok_or_else(|| Error::corrupt("tree", "not stored"))
+        ids.first()
+            .copied()
+            .ok_or_else(|| Error::corrupt("tree", "not stored"))
     }
 
     pub fn load_tree(&self, id: &Id) -> Result<Tree> {
@@ -416,23 +474,27 @@ impl Repository {
     }
 
     pub fn save_snapshot(&self, snap: &Snapshot) -> Result<Id> {
-        let json = serde_json::to_vec(snap).map_err(|e| Error::corrupt("snapshot", e.to_string()))?;
+        let json =
+            serde_json::to_vec(snap).map_err(|e| Error::corrupt("snapshot", e.to_string()))?;
         let name = self.save_file(FileKind::Snapshot, "snapshot", &json)?;
         Id::from_hex(&name).ok_or_else(|| Error::corrupt("snapshot", "bad name"))
     }
 
     pub fn load_snapshot(&self, id: &Id) -> Result<Snapshot> {
         let plain = self.load_file(FileKind::Snapshot, &id.to_hex())?;
-        serde_json::from_slice(&plain).map_err(|e| Error::corrupt(format!("snapshot {id}"), e.to_string()))
+        serde_json::from_slice(&plain)
+            .map_err(|e| Error::corrupt(format!("snapshot {id}"), e.to_string()))
     }
 
     /// Every readable snapshot, oldest first. Unreadable ones are returned
     /// separately so callers can report them.
-    pub fn snapshots(&self) -> Result<(Vec<(Id, Snapshot)>, Vec<(String, Error)>)> {
+    pub fn snapshots(&self) -> Result<SnapshotList> {
         let mut ok = Vec::new();
         let mut bad = Vec::new();
         for (name, _) in self.backend.list(FileKind::Snapshot)? {
-            let Some(id) = Id::from_hex(&name) else { continue };
+            let Some(id) = Id::from_hex(&name) else {
+                continue;
+            };
             match self.load_snapshot(&id) {
                 Ok(s) => ok.push((id, s)),
                 Err(e) => bad.push((name, e)),
@@ -446,7 +508,10 @@ impl Repository {
     pub fn resolve_snapshot(&self, spec: &str) -> Result<(Id, Snapshot)> {
         if spec == "latest" {
             let (snaps, _) = self.snapshots()?;
-            return snaps.into_iter().last().ok_or_else(|| Error::SnapshotNotFound(spec.into()));
+            return snaps
+                .into_iter()
+                .last()
+                .ok_or_else(|| Error::SnapshotNotFound(spec.into()));
         }
         let names: Vec<String> = self
             .backend
@@ -471,8 +536,8 @@ impl Repository {
         let mut out = Vec::new();
         for (name, _) in self.backend.list(FileKind::Key)? {
             let raw = self.backend.read(FileKind::Key, &name)?;
-            let kf: KeyFile =
-                serde_json::from_slice(&raw).map_err(|e| Error::corrupt(format!("key {name}"), e.to_string()))?;
+            let kf: KeyFile = serde_json::from_slice(&raw)
+                .map_err(|e| Error::corrupt(format!("key {name}"), e.to_string()))?;
             out.push(KeyInfo {
                 current: name == self.key_name,
                 id: name,
@@ -481,7 +546,7 @@ impl Repository {
                 username: kf.username,
             });
         }
-        out.sort_by(|a, b| a.created.cmp(&b.created));
+        out.sort_by_key(|k| k.created);
         Ok(out)
     }
 

@@ -65,14 +65,21 @@ struct Filter {
 fn globset(patterns: &[String]) -> Result<GlobSet> {
     let mut b = GlobSetBuilder::new();
     for p in patterns {
-        b.add(Glob::new(p.trim_start_matches('/')).map_err(|e| Error::InvalidArgument(format!("pattern {p:?}: {e}")))?);
+        b.add(
+            Glob::new(p.trim_start_matches('/'))
+                .map_err(|e| Error::InvalidArgument(format!("pattern {p:?}: {e}")))?,
+        );
     }
     b.build().map_err(|e| Error::InvalidArgument(e.to_string()))
 }
 
 impl Filter {
     fn excluded(&self, rel: &str) -> bool {
-        self.excludes.is_match(rel) || rel.rsplit('/').next().is_some_and(|n| self.excludes.is_match(n))
+        self.excludes.is_match(rel)
+            || rel
+                .rsplit('/')
+                .next()
+                .is_some_and(|n| self.excludes.is_match(n))
     }
 }
 
@@ -105,7 +112,7 @@ impl Shared<'_> {
     fn error(&self, path: &Path, msg: impl Into<String>) {
         let msg = msg.into();
         warn!(path = %path.display(), error = %msg, "not restored");
-        self.errors.lock().unwrap_or_else(|p| p.into_inner()).push(SourceError {
+        crate::util::lock(&self.errors).push(SourceError {
             path: path.display().to_string(),
             error: msg,
         });
@@ -181,7 +188,10 @@ pub fn restore(
         }
     }
     summary.bytes = shared.bytes.load(Ordering::Relaxed);
-    summary.errors = shared.errors.into_inner().unwrap_or_else(|p| p.into_inner());
+    summary.errors = shared
+        .errors
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
     summary.duration_secs = start.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -191,7 +201,10 @@ fn create_real_dir(path: &Path) -> Result<()> {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(Error::io(
             path,
-            std::io::Error::new(std::io::ErrorKind::AlreadyExists, "exists and is not a directory"),
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a directory",
+            ),
         )),
         Err(_) => fs::create_dir_all(path).map_err(|e| Error::io(path, e)),
     }
@@ -213,13 +226,17 @@ impl Walker<'_, '_> {
             let tree = match self.shared.repo.load_tree(part) {
                 Ok(t) => t,
                 Err(e) => {
-                    self.shared.error(path, format!("directory listing unreadable: {e}"));
+                    self.shared
+                        .error(path, format!("directory listing unreadable: {e}"));
                     continue;
                 }
             };
             for node in tree.nodes {
                 if prev.as_ref() == Some(&node.name) {
-                    self.shared.error(&path.join(node.name_lossy()), "duplicate name in tree refused");
+                    self.shared.error(
+                        &path.join(node.name_lossy()),
+                        "duplicate name in tree refused",
+                    );
                     continue;
                 }
                 prev = Some(node.name.clone());
@@ -239,7 +256,10 @@ impl Walker<'_, '_> {
             return Err(Error::Aborted("restore aborted".into()));
         }
         if !node.has_safe_name() {
-            self.shared.error(&parent.join(node.name_lossy()), "unsafe file name refused (path traversal)");
+            self.shared.error(
+                &parent.join(node.name_lossy()),
+                "unsafe file name refused (path traversal)",
+            );
             return Ok(());
         }
         if self.filter.excluded(rel) {
@@ -297,8 +317,13 @@ impl Walker<'_, '_> {
                 } else {
                     nix::sys::stat::SFlag::S_IFBLK
                 };
-                nix::sys::stat::mknod(path, kind, nix::sys::stat::Mode::from_bits_truncate(node.mode), node.rdev)
-                    .map_err(std::io::Error::from)?;
+                nix::sys::stat::mknod(
+                    path,
+                    kind,
+                    nix::sys::stat::Mode::from_bits_truncate(node.mode),
+                    node.rdev,
+                )
+                .map_err(std::io::Error::from)?;
                 self.summary.special += 1;
             }
             // Sockets belong to a running process; there is nothing to restore.
@@ -394,10 +419,10 @@ fn remove_existing(path: &Path) -> std::io::Result<()> {
 
 fn worker(shared: &Shared, rx: Receiver<Task>) {
     for task in rx {
-        let already_failed = task.file.failed.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        let already_failed = crate::util::lock(&task.file.failed).is_some();
         if !already_failed {
             if let Err(e) = write_chunk(shared, &task) {
-                let mut f = task.file.failed.lock().unwrap_or_else(|p| p.into_inner());
+                let mut f = crate::util::lock(&task.file.failed);
                 if f.is_none() {
                     *f = Some(e);
                 }
@@ -414,21 +439,42 @@ fn write_chunk(shared: &Shared, task: &Task) -> std::result::Result<(), String> 
         .repo
         .load_blob_at(&task.id, &task.loc)
         .map_err(|e| e.to_string())?;
-    // Holes stay holes: set_len already made these bytes zero.
-    if !data.iter().all(|&b| b == 0) {
-        task.file
-            .file
-            .write_all_at(&data, task.offset)
-            .map_err(|e| format!("write: {e}"))?;
+    // Holes stay holes: set_len already made the file zero, so zero runs
+    // (in 64 KiB blocks) are skipped and sparse files stay sparse.
+    const BLOCK: usize = 64 << 10;
+    let mut pos = 0;
+    while pos < data.len() {
+        let end = (pos + BLOCK).min(data.len());
+        // Extend over consecutive non-zero blocks to keep writes large.
+        let mut stop = pos;
+        while stop < data.len() {
+            let e = (stop + BLOCK).min(data.len());
+            if data[stop..e].iter().all(|&b| b == 0) {
+                break;
+            }
+            stop = e;
+        }
+        if stop > pos {
+            task.file
+                .file
+                .write_all_at(&data[pos..stop], task.offset + pos as u64)
+                .map_err(|e| format!("write: {e}"))?;
+            pos = stop;
+        } else {
+            pos = end;
+        }
     }
     shared.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-    shared.progress.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
+    shared
+        .progress
+        .bytes_written
+        .fetch_add(data.len() as u64, Ordering::Relaxed);
     Ok(())
 }
 
 fn finish_file(shared: &Shared, state: &FileState) {
     shared.progress.files_done.fetch_add(1, Ordering::Relaxed);
-    let failed = state.failed.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let failed = crate::util::lock(&state.failed).take();
     if let Some(msg) = failed {
         // Never leave a silently wrong file behind.
         let _ = fs::remove_file(&state.path);
@@ -469,6 +515,8 @@ fn apply_meta(path: &Path, node: &Node, is_root: bool) -> std::io::Result<()> {
     if is_root {
         std::os::unix::fs::lchown(path, Some(node.uid), Some(node.gid))?;
     }
+    // utimensat(AT_SYMLINK_NOFOLLOW): never opens the path, which would
+    // block on a fifo or follow a link.
     let t = filetime::FileTime::from_system_time(mtime(node));
     if node.kind == NodeKind::Symlink {
         return filetime::set_symlink_file_times(path, t, t);
@@ -479,5 +527,5 @@ fn apply_meta(path: &Path, node: &Node, is_root: bool) -> std::io::Result<()> {
         }
     }
     fs::set_permissions(path, fs::Permissions::from_mode(node.mode))?;
-    filetime::set_file_times(path, t, t)
+    filetime::set_symlink_file_times(path, t, t)
 }

@@ -135,8 +135,11 @@ pub fn encode_chunk_list(ids: &[Id]) -> Vec<u8> {
 }
 
 pub fn decode_chunk_list(id: &Id, b: &[u8]) -> Result<Vec<Id>> {
-    if b.len() % 32 != 0 {
-        return Err(Error::corrupt(format!("chunk list {id}"), "length is not a multiple of 32"));
+    if !b.len().is_multiple_of(32) {
+        return Err(Error::corrupt(
+            format!("chunk list {id}"),
+            "length is not a multiple of 32",
+        ));
     }
     Ok(b.chunks_exact(32)
         .map(|c| {
@@ -155,7 +158,10 @@ mod tests {
     fn tree_round_trips_with_binary_names() -> Result<()> {
         let mut n = Node::new(vec![0xff, b'\n', b'x'], NodeKind::File);
         n.content = vec![Id([1; 32])];
-        n.xattrs.push(Xattr { name: b"user.a".to_vec(), value: vec![0, 1] });
+        n.xattrs.push(Xattr {
+            name: b"user.a".to_vec(),
+            value: vec![0, 1],
+        });
         let mut l = Node::new(b"l".to_vec(), NodeKind::Symlink);
         l.link_target = Some(b"../t".to_vec());
         let t = Tree { nodes: vec![n, l] };

@@ -29,7 +29,12 @@ impl Env {
         let cache = dir.path().join("cache");
         let pwfile = dir.path().join("pw");
         fs::write(&pwfile, PASSWORD).expect("pw");
-        Env { dir, repo, cache, pwfile }
+        Env {
+            dir,
+            repo,
+            cache,
+            pwfile,
+        }
     }
 
     pub fn path(&self, p: &str) -> PathBuf {
@@ -73,7 +78,9 @@ impl Env {
         Repository::open(
             Arc::new(FsBackend::new(&self.repo)),
             PASSWORD.as_bytes(),
-            &OpenOptions { cache_root: Some(self.cache.clone()) },
+            &OpenOptions {
+                cache_root: Some(self.cache.clone()),
+            },
         )
         .expect("open repository")
     }
@@ -83,7 +90,9 @@ impl Env {
             Arc::new(FsBackend::new(&self.repo)),
             PASSWORD.as_bytes(),
             Config::new(),
-            &OpenOptions { cache_root: Some(self.cache.clone()) },
+            &OpenOptions {
+                cache_root: Some(self.cache.clone()),
+            },
         )
         .expect("init repository")
     }
@@ -127,7 +136,15 @@ pub fn random_bytes(rng: &mut StdRng, n: usize) -> Vec<u8> {
 
 /// Text-like compressible bytes.
 pub fn text_bytes(rng: &mut StdRng, n: usize) -> Vec<u8> {
-    const WORDS: &[&str] = &["alpha ", "beta ", "gamma ", "delta\n", "log line ", "level=info ", "42 "];
+    const WORDS: &[&str] = &[
+        "alpha ",
+        "beta ",
+        "gamma ",
+        "delta\n",
+        "log line ",
+        "level=info ",
+        "42 ",
+    ];
     let mut v = Vec::with_capacity(n + 16);
     while v.len() < n {
         v.extend_from_slice(WORDS[rng.gen_range(0..WORDS.len())].as_bytes());
@@ -151,7 +168,10 @@ pub fn random_tree(root: &Path, seed: u64, files: usize) {
                 dirs.push(d);
             }
             1 => {
-                let _ = std::os::unix::fs::symlink(format!("../target-{i}"), parent.join(format!("link{i}")));
+                let _ = std::os::unix::fs::symlink(
+                    format!("../target-{i}"),
+                    parent.join(format!("link{i}")),
+                );
             }
             2 => fs::write(parent.join(format!("empty{i}")), b"").expect("file"),
             3 => {
@@ -160,7 +180,8 @@ pub fn random_tree(root: &Path, seed: u64, files: usize) {
             }
             4 => {
                 let n = r.gen_range(0..3_000_000);
-                fs::write(parent.join(format!("big{i}.bin")), random_bytes(&mut r, n)).expect("file");
+                fs::write(parent.join(format!("big{i}.bin")), random_bytes(&mut r, n))
+                    .expect("file");
             }
             _ => {
                 let n = r.gen_range(1..20_000);
@@ -173,7 +194,10 @@ pub fn random_tree(root: &Path, seed: u64, files: usize) {
     }
     // Varied modes and times.
     for (i, d) in dirs.iter().enumerate().skip(1) {
-        let _ = fs::set_permissions(d, fs::Permissions::from_mode(if i % 2 == 0 { 0o750 } else { 0o755 }));
+        let _ = fs::set_permissions(
+            d,
+            fs::Permissions::from_mode(if i % 2 == 0 { 0o750 } else { 0o755 }),
+        );
     }
 }
 
@@ -184,7 +208,13 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
     let mut names_b = list(b);
     names_a.sort();
     names_b.sort();
-    assert_eq!(names_a, names_b, "entries of {} and {} differ", a.display(), b.display());
+    assert_eq!(
+        names_a,
+        names_b,
+        "entries of {} and {} differ",
+        a.display(),
+        b.display()
+    );
     for name in names_a {
         let pa = a.join(&name);
         let pb = b.join(&name);
@@ -192,25 +222,50 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
         let mb = fs::symlink_metadata(&pb).expect("meta b");
         assert_eq!(ma.file_type(), mb.file_type(), "type of {}", pb.display());
         if !ma.file_type().is_symlink() {
-            assert_eq!(ma.mode() & 0o7777, mb.mode() & 0o7777, "mode of {}", pb.display());
+            assert_eq!(
+                ma.mode() & 0o7777,
+                mb.mode() & 0o7777,
+                "mode of {}",
+                pb.display()
+            );
         }
-        assert_eq!((ma.uid(), ma.gid()), (mb.uid(), mb.gid()), "owner of {}", pb.display());
+        assert_eq!(
+            (ma.uid(), ma.gid()),
+            (mb.uid(), mb.gid()),
+            "owner of {}",
+            pb.display()
+        );
         if ma.is_dir() {
             assert_same_tree(&pa, &pb);
         } else if ma.file_type().is_symlink() {
-            assert_eq!(fs::read_link(&pa).expect("link"), fs::read_link(&pb).expect("link"));
+            assert_eq!(
+                fs::read_link(&pa).expect("link"),
+                fs::read_link(&pb).expect("link")
+            );
         } else if ma.is_file() {
             assert_eq!(ma.len(), mb.len(), "size of {}", pb.display());
-            assert!(fs::read(&pa).expect("read a") == fs::read(&pb).expect("read b"), "content of {}", pb.display());
+            assert!(
+                fs::read(&pa).expect("read a") == fs::read(&pb).expect("read b"),
+                "content of {}",
+                pb.display()
+            );
         }
         if !ma.file_type().is_symlink() {
-            assert_eq!((ma.mtime(), ma.mtime_nsec()), (mb.mtime(), mb.mtime_nsec()), "mtime of {}", pb.display());
+            assert_eq!(
+                (ma.mtime(), ma.mtime_nsec()),
+                (mb.mtime(), mb.mtime_nsec()),
+                "mtime of {}",
+                pb.display()
+            );
         }
     }
 }
 
 fn list(p: &Path) -> Vec<std::ffi::OsString> {
-    fs::read_dir(p).expect("read_dir").map(|e| e.expect("entry").file_name()).collect()
+    fs::read_dir(p)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect()
 }
 
 pub fn total_bytes_in(p: &Path) -> u64 {
@@ -218,7 +273,11 @@ pub fn total_bytes_in(p: &Path) -> u64 {
     for e in fs::read_dir(p).expect("read_dir") {
         let e = e.expect("entry");
         let m = e.metadata().expect("meta");
-        n += if m.is_dir() { total_bytes_in(&e.path()) } else { m.len() };
+        n += if m.is_dir() {
+            total_bytes_in(&e.path())
+        } else {
+            m.len()
+        };
     }
     n
 }
@@ -229,9 +288,18 @@ pub fn without_dac_override(mut c: Command) -> Command {
     if nix::unistd::geteuid().is_root() {
         let prog = c.get_program().to_owned();
         let args: Vec<_> = c.get_args().map(|a| a.to_owned()).collect();
-        let envs: Vec<_> = c.get_envs().map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned()))).collect();
+        let envs: Vec<_> = c
+            .get_envs()
+            .map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned())))
+            .collect();
         let mut w = Command::new("setpriv");
-        w.args(["--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--"]).arg(prog).args(args);
+        w.args([
+            "--inh-caps=-all",
+            "--bounding-set=-dac_override,-dac_read_search",
+            "--",
+        ])
+        .arg(prog)
+        .args(args);
         for (k, v) in envs {
             match v {
                 Some(v) => w.env(k, v),

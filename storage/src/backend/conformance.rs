@@ -33,7 +33,10 @@ fn write_read_round_trip(b: &dyn Backend) -> Result<()> {
         let name = format!("{:0>64}", format!("{kind}1"));
         let data = format!("payload of {kind}").into_bytes();
         b.write(kind, &name, &data)?;
-        check(b.read(kind, &name)? == data, "read returns what was written")?;
+        check(
+            b.read(kind, &name)? == data,
+            "read returns what was written",
+        )?;
         check(b.size(kind, &name)? == data.len() as u64, "size matches")?;
         b.remove(kind, &name)?;
     }
@@ -44,10 +47,22 @@ fn ranges(b: &dyn Backend) -> Result<()> {
     let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
     let name = "ab".repeat(32);
     b.write(FileKind::Pack, &name, &data)?;
-    check(b.read_range(FileKind::Pack, &name, 0, 10)? == data[..10], "range at start")?;
-    check(b.read_range(FileKind::Pack, &name, 5000, 1234)? == data[5000..6234], "range in middle")?;
-    check(b.read_range(FileKind::Pack, &name, 9990, 10)? == data[9990..], "range at end")?;
-    check(b.read_range(FileKind::Pack, &name, 9990, 11).is_err(), "range beyond end is an error")?;
+    check(
+        b.read_range(FileKind::Pack, &name, 0, 10)? == data[..10],
+        "range at start",
+    )?;
+    check(
+        b.read_range(FileKind::Pack, &name, 5000, 1234)? == data[5000..6234],
+        "range in middle",
+    )?;
+    check(
+        b.read_range(FileKind::Pack, &name, 9990, 10)? == data[9990..],
+        "range at end",
+    )?;
+    check(
+        b.read_range(FileKind::Pack, &name, 9990, 11).is_err(),
+        "range beyond end is an error",
+    )?;
     b.remove(FileKind::Pack, &name)?;
     Ok(())
 }
@@ -58,17 +73,33 @@ fn listing(b: &dyn Backend) -> Result<()> {
         b.write(FileKind::Pack, n, n.as_bytes())?;
         b.write(FileKind::Snapshot, n, b"s")?;
     }
-    let mut packs: Vec<String> = b.list(FileKind::Pack)?.into_iter().map(|(n, _)| n).collect();
+    let mut packs: Vec<String> = b
+        .list(FileKind::Pack)?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     packs.sort();
-    check(packs == names, "list returns every pack name, without folders")?;
+    check(
+        packs == names,
+        "list returns every pack name, without folders",
+    )?;
     let snaps = b.list(FileKind::Snapshot)?;
-    check(snaps.len() == 20 && snaps.iter().all(|(_, s)| *s == 1), "list reports sizes")?;
-    check(b.list(FileKind::Index)?.is_empty(), "other kinds stay empty")?;
+    check(
+        snaps.len() == 20 && snaps.iter().all(|(_, s)| *s == 1),
+        "list reports sizes",
+    )?;
+    check(
+        b.list(FileKind::Index)?.is_empty(),
+        "other kinds stay empty",
+    )?;
     for n in &names {
         b.remove(FileKind::Pack, n)?;
         b.remove(FileKind::Snapshot, n)?;
     }
-    check(b.list(FileKind::Pack)?.is_empty(), "removed objects are not listed")?;
+    check(
+        b.list(FileKind::Pack)?.is_empty(),
+        "removed objects are not listed",
+    )?;
     Ok(())
 }
 
@@ -90,18 +121,29 @@ fn overwrite_and_delete(b: &dyn Backend) -> Result<()> {
     let name = "ef".repeat(32);
     b.write(FileKind::Lock, &name, b"first")?;
     b.write(FileKind::Lock, &name, b"second version")?;
-    check(b.read(FileKind::Lock, &name)? == b"second version", "overwrite replaces")?;
+    check(
+        b.read(FileKind::Lock, &name)? == b"second version",
+        "overwrite replaces",
+    )?;
     b.remove(FileKind::Lock, &name)?;
-    check(b.read(FileKind::Lock, &name).is_err(), "deleted object is gone")?;
+    check(
+        b.read(FileKind::Lock, &name).is_err(),
+        "deleted object is gone",
+    )?;
     Ok(())
 }
 
 fn large_object(b: &dyn Backend) -> Result<()> {
     // Larger than typical multipart thresholds so chunked uploads are covered.
-    let data: Vec<u8> = (0..(20usize << 20)).map(|i| (i.wrapping_mul(31) >> 3) as u8).collect();
+    let data: Vec<u8> = (0..(20usize << 20))
+        .map(|i| (i.wrapping_mul(31) >> 3) as u8)
+        .collect();
     let name = "12".repeat(32);
     b.write(FileKind::Pack, &name, &data)?;
-    check(b.size(FileKind::Pack, &name)? == data.len() as u64, "large object size")?;
+    check(
+        b.size(FileKind::Pack, &name)? == data.len() as u64,
+        "large object size",
+    )?;
     let got = b.read(FileKind::Pack, &name)?;
     check(got == data, "large object round trip")?;
     let mid = b.read_range(FileKind::Pack, &name, 15 << 20, 1 << 20)?;

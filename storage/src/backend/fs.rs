@@ -64,9 +64,8 @@ impl ReadBackend for FsBackend {
         let e = |err| Self::err("read", kind, name, err);
         let mut f = File::open(self.path(kind, name)).map_err(e)?;
         f.seek(SeekFrom::Start(offset)).map_err(e)?;
-        let len = usize::try_from(length).map_err(|_| {
-            Error::InvalidArgument(format!("range of {length} bytes is too large"))
-        })?;
+        let len = usize::try_from(length)
+            .map_err(|_| Error::InvalidArgument(format!("range of {length} bytes is too large")))?;
         let mut buf = vec![0u8; len];
         f.read_exact(&mut buf).map_err(|err| {
             if err.kind() == std::io::ErrorKind::UnexpectedEof {
