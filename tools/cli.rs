@@ -55,6 +55,14 @@ pub enum Command {
     Cat(CatArgs),
     /// Repository statistics (and one snapshot's with --snapshot).
     Stats(StatsArgs),
+    /// Remove snapshots according to a retention policy (data goes at the next `maintain --full`).
+    Forget(ForgetArgs),
+    /// Compact the index (quick) or collect garbage (--full); safe while backups run.
+    Maintain(MaintainArgs),
+    /// Check the repository's structure, and with --read-data every blob.
+    Check(CheckArgs),
+    /// Fail when the latest snapshot of a source is too old; optionally test-restore it.
+    Verify(VerifyArgs),
     /// Manage keys (passwords) of the repository.
     Key {
         #[command(subcommand)]
@@ -168,4 +176,91 @@ pub struct NewPassword {
 pub enum RepairCommand {
     /// Rebuild the index files from the pack trailers.
     Index,
+    /// Rewrite snapshots without their unreadable parts (tagged `repaired`).
+    Snapshots {
+        /// Only report what would be changed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ForgetArgs {
+    #[arg(long)]
+    pub keep_last: Option<u32>,
+    #[arg(long)]
+    pub keep_hourly: Option<u32>,
+    #[arg(long)]
+    pub keep_daily: Option<u32>,
+    #[arg(long)]
+    pub keep_weekly: Option<u32>,
+    #[arg(long)]
+    pub keep_monthly: Option<u32>,
+    #[arg(long)]
+    pub keep_yearly: Option<u32>,
+    /// Keep snapshots within this span of the group's newest (e.g. 7d).
+    #[arg(long)]
+    pub keep_within: Option<String>,
+    /// Keep snapshots younger than this, from now (e.g. 168h), like Velero's TTL.
+    #[arg(long)]
+    pub ttl: Option<String>,
+    /// Keep snapshots with this tag (repeatable).
+    #[arg(long = "keep-tag")]
+    pub keep_tags: Vec<String>,
+    /// Only consider snapshots of this source (repeatable).
+    #[arg(long = "source")]
+    pub sources: Vec<String>,
+    /// Only consider snapshots with this tag (repeatable; all must match).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Group by: source, tags, or source,tags.
+    #[arg(long, default_value = "source")]
+    pub group_by: String,
+    /// Compute buckets (days, weeks) in UTC instead of local time.
+    #[arg(long)]
+    pub utc: bool,
+    /// Print what would be kept and removed, and why; change nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct MaintainArgs {
+    /// Mark and sweep: plan deletion of unreferenced data, rewrite sparse packs.
+    #[arg(long)]
+    pub full: bool,
+    /// Minimum age of a plan before its packs are deleted (e.g. 1h, 0s in tests).
+    #[arg(long, default_value = "1h")]
+    pub safety_margin: String,
+    /// Rewrite packs whose unused fraction exceeds this.
+    #[arg(long, default_value_t = 0.3)]
+    pub max_unused: f64,
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Read and authenticate every blob of every pack.
+    #[arg(long)]
+    pub read_data: bool,
+    /// Read a subset of packs: `10%` (random) or `n/m` (rotation).
+    #[arg(long)]
+    pub read_data_subset: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Fail when the latest snapshot is older than this.
+    #[arg(long, default_value = "48h")]
+    pub max_age: String,
+    /// Restore the latest snapshot to a temporary directory and check every byte.
+    #[arg(long)]
+    pub restore_test: bool,
+    /// Sources to verify (repeatable); default all.
+    #[arg(long = "source")]
+    pub sources: Vec<String>,
+    /// Directory for the temporary restore.
+    #[arg(long)]
+    pub temp_dir: Option<PathBuf>,
 }

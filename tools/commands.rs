@@ -24,9 +24,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Restore(a) => restore(g, a),
         Command::Cat(a) => cat(g, a),
         Command::Stats(a) => stats(g, a),
+        Command::Forget(a) => forget(g, a),
+        Command::Maintain(a) => maintain(g, a),
+        Command::Check(a) => check(g, a),
+        Command::Verify(a) => verify(g, a),
         Command::Key { command } => key(g, command),
         Command::Repair { command } => match command {
             RepairCommand::Index => repair_index(g),
+            RepairCommand::Snapshots { dry_run } => repair_snapshots(g, dry_run),
         },
     }
 }
@@ -577,4 +582,254 @@ fn repair_index(g: &Global) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn forget(g: &Global, a: ForgetArgs) -> Result<ExitCode> {
+    let repo = open(g)?;
+    let dur = |s: &Option<String>| -> Result<Option<chrono::Duration>> {
+        Ok(match s {
+            Some(s) => Some(marmoset_storage::parse_duration(s)?),
+            None => None,
+        })
+    };
+    let policy = marmoset_storage::RetentionPolicy {
+        keep_last: a.keep_last,
+        keep_hourly: a.keep_hourly,
+        keep_daily: a.keep_daily,
+        keep_weekly: a.keep_weekly,
+        keep_monthly: a.keep_monthly,
+        keep_yearly: a.keep_yearly,
+        keep_within: dur(&a.keep_within)?,
+        ttl: dur(&a.ttl)?,
+        keep_tags: a.keep_tags,
+    };
+    let group_by = match a.group_by.as_str() {
+        "source" => marmoset_storage::GroupBy::Source,
+        "tags" => marmoset_storage::GroupBy::Tags,
+        "source,tags" | "tags,source" => marmoset_storage::GroupBy::SourceAndTags,
+        other => bail!("--group-by {other:?}: use source, tags or source,tags"),
+    };
+    let filter = marmoset_storage::SnapshotFilter {
+        sources: a.sources,
+        tags: a.tags,
+    };
+    let report = if a.utc {
+        marmoset_storage::forget(&repo, &policy, &filter, group_by, a.dry_run, &chrono::Utc)?
+    } else {
+        marmoset_storage::forget(&repo, &policy, &filter, group_by, a.dry_run, &chrono::Local)?
+    };
+    if g.json {
+        print_json(&serde_json::to_value(&report)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    for (group, decisions) in &report.groups {
+        println!("group {group}:");
+        for d in decisions {
+            println!(
+                "  {} {} {:<8} {}",
+                if d.keep { "keep  " } else { "remove" },
+                d.id.short(),
+                d.time
+                    .with_timezone(&chrono::Local)
+                    .format("%Y-%m-%d %H:%M"),
+                if d.keep {
+                    d.reasons.join(", ")
+                } else {
+                    "no policy keeps it".into()
+                }
+            );
+        }
+    }
+    println!(
+        "{} kept, {} {}",
+        report.kept,
+        report.removed,
+        if a.dry_run {
+            "would be removed (dry run)"
+        } else {
+            "removed"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn maintain(g: &Global, a: MaintainArgs) -> Result<ExitCode> {
+    let repo = open(g)?;
+    let margin = match a.safety_margin.as_str() {
+        "0" | "0s" => std::time::Duration::ZERO,
+        s => marmoset_storage::parse_duration(s)?.to_std()?,
+    };
+    let opts = marmoset_storage::MaintainOptions {
+        full: a.full,
+        safety_margin: margin,
+        max_unused: a.max_unused,
+        dry_run: a.dry_run,
+    };
+    let ticker = Ticker::start(!g.quiet && !g.json, || "maintaining".to_string());
+    let r = marmoset_storage::maintain(&repo, &opts)?;
+    drop(ticker);
+    if g.json {
+        print_json(&serde_json::to_value(&r)?)?;
+    } else {
+        println!(
+            "{} maintenance{} in {:.2}s (peak memory {})",
+            if r.full { "full" } else { "quick" },
+            if r.dry_run { " (dry run)" } else { "" },
+            r.duration_secs,
+            bytes(r.peak_rss_kib * 1024)
+        );
+        println!(
+            "  index files: {} -> {}",
+            r.index_files_before, r.index_files_after
+        );
+        if r.full {
+            println!(
+                "  snapshots: {}, trees walked: {}, blobs marked: {}",
+                r.snapshots, r.trees_walked, r.blobs_marked
+            );
+            println!(
+                "  packs: {} total, {} rewritten ({} new), {} planned for deletion ({})",
+                r.packs_total,
+                r.packs_rewritten,
+                r.packs_written,
+                r.packs_planned,
+                bytes(r.bytes_planned)
+            );
+            println!(
+                "  earlier plans: {} packs deleted ({} reclaimed), {} rescued, {} plans deferred",
+                r.packs_deleted,
+                bytes(r.bytes_reclaimed),
+                r.packs_rescued,
+                r.plans_deferred
+            );
+        }
+        if r.leases_removed > 0 {
+            println!("  removed {} stale leases", r.leases_removed);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(g: &Global, a: CheckArgs) -> Result<ExitCode> {
+    let repo = open(g)?;
+    let read = match (&a.read_data_subset, a.read_data) {
+        (Some(s), _) => marmoset_storage::ReadData::parse_subset(s)?,
+        (None, true) => marmoset_storage::ReadData::All,
+        (None, false) => marmoset_storage::ReadData::None,
+    };
+    let ticker = Ticker::start(!g.quiet && !g.json, || "checking".to_string());
+    let r = marmoset_storage::check(&repo, read)?;
+    drop(ticker);
+    if g.json {
+        print_json(&serde_json::to_value(&r)?)?;
+    } else {
+        println!(
+            "checked {} keys, {} index files, {} packs, {} snapshots, {} trees, {} data blobs",
+            r.keys, r.index_files, r.packs, r.snapshots, r.trees, r.data_blobs_referenced
+        );
+        if r.packs_read > 0 {
+            println!(
+                "read {} packs ({}), {} blobs authenticated",
+                r.packs_read,
+                bytes(r.bytes_read),
+                r.blobs_read
+            );
+        }
+        for w in &r.warnings {
+            println!("warning: {w}");
+        }
+        for e in &r.errors {
+            println!("error: {e}");
+        }
+        println!(
+            "{}",
+            if r.ok() {
+                "no errors found"
+            } else {
+                "repository has errors"
+            }
+        );
+    }
+    Ok(if r.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn verify(g: &Global, a: VerifyArgs) -> Result<ExitCode> {
+    let repo = open(g)?;
+    let opts = marmoset_storage::VerifyOptions {
+        max_age: marmoset_storage::parse_duration(&a.max_age)?,
+        restore_test: a.restore_test,
+        sources: a.sources,
+        temp_dir: a.temp_dir,
+    };
+    let r = marmoset_storage::verify(&repo, &opts)?;
+    if g.json {
+        print_json(&serde_json::to_value(&r)?)?;
+    } else {
+        for s in &r.sources {
+            println!(
+                "{} {}: snapshot {} age {}{}",
+                if s.pass { "PASS" } else { "FAIL" },
+                s.source,
+                s.snapshot.as_deref().map(|x| &x[..8]).unwrap_or("-"),
+                s.age_hours
+                    .map(|h| format!("{h:.1}h"))
+                    .unwrap_or_else(|| "-".into()),
+                if opts.restore_test {
+                    format!(
+                        ", restored {} files ({}), {} chunks verified",
+                        s.restored_files,
+                        bytes(s.restored_bytes),
+                        s.verified_chunks
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            for e in &s.errors {
+                println!("    {e}");
+            }
+        }
+        println!(
+            "{}",
+            if r.pass {
+                "verify passed"
+            } else {
+                "verify FAILED"
+            }
+        );
+    }
+    Ok(if r.pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn repair_snapshots(g: &Global, dry_run: bool) -> Result<ExitCode> {
+    let repo = open(g)?;
+    let r = marmoset_storage::repair_snapshots(&repo, dry_run)?;
+    if g.json {
+        print_json(&serde_json::to_value(&r)?)?;
+    } else {
+        for e in &r.removed_entries {
+            println!("dropped {e}");
+        }
+        for (old, new) in &r.repaired {
+            if new.is_empty() {
+                println!("would repair snapshot {}", &old[..8]);
+            } else {
+                println!("snapshot {} replaced by {}", &old[..8], &new[..8]);
+            }
+        }
+        println!(
+            "{} snapshots checked, {} repaired",
+            r.snapshots_checked,
+            r.repaired.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -137,6 +137,8 @@ const CF_BLOBS: &str = "blobs";
 const CF_FILES: &str = "files";
 const CF_LOADED: &str = "loaded_index_files";
 const CF_PACKS: &str = "packs";
+const CF_UNCOMMITTED: &str = "uncommitted_packs";
+const ALL_CFS: [&str; 5] = [CF_BLOBS, CF_FILES, CF_LOADED, CF_PACKS, CF_UNCOMMITTED];
 
 /// The RocksDB-backed cache for one repository.
 pub struct IndexCache {
@@ -159,7 +161,7 @@ impl IndexCache {
         opts.set_write_buffer_size(16 << 20);
         opts.set_max_background_jobs(2);
         opts.set_keep_log_file_num(2);
-        let cfs = [CF_BLOBS, CF_FILES, CF_LOADED, CF_PACKS]
+        let cfs = ALL_CFS
             .into_iter()
             .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| {
@@ -226,11 +228,15 @@ impl IndexCache {
     pub fn insert_blobs(&self, blobs: &[(RawId, BlobLocation)], committed: bool) -> Result<()> {
         let cf_b = self.cf(CF_BLOBS)?;
         let cf_p = self.cf(CF_PACKS)?;
+        let cf_u = self.cf(CF_UNCOMMITTED)?;
         let mut batch = WriteBatch::default();
         for (id, loc) in blobs {
             batch.put_cf(cf_b, id, loc.encode());
             if committed {
                 batch.put_cf(cf_p, loc.pack, []);
+                batch.delete_cf(cf_u, loc.pack);
+            } else {
+                batch.put_cf(cf_u, loc.pack, []);
             }
         }
         self.db.write(batch).map_err(|e| self.err(e))
@@ -239,6 +245,20 @@ impl IndexCache {
     /// Every pack listed by a loaded repository index file.
     pub fn packs(&self) -> Result<Vec<RawId>> {
         let cf = self.cf(CF_PACKS)?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| self.err(e))?;
+            if let Ok(id) = <RawId>::try_from(&k[..]) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Packs whose blobs are cached but that no loaded index file lists yet
+    /// (written by a backup on this machine that has not indexed them).
+    pub fn uncommitted_packs(&self) -> Result<Vec<RawId>> {
+        let cf = self.cf(CF_UNCOMMITTED)?;
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
             let (k, _) = item.map_err(|e| self.err(e))?;
@@ -284,7 +304,7 @@ impl IndexCache {
     /// Drops every blob, pack and loaded-file record, keeping the file cache
     /// (whose entries are validated against the blob index before use).
     pub fn clear_blobs(&self) -> Result<()> {
-        for name in [CF_BLOBS, CF_PACKS, CF_LOADED] {
+        for name in [CF_BLOBS, CF_PACKS, CF_LOADED, CF_UNCOMMITTED] {
             let cf = self.cf(name)?;
             let mut batch = WriteBatch::default();
             for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
@@ -314,7 +334,7 @@ impl IndexCache {
 
     /// Flushes memtables so a crash after this call keeps the cache warm.
     pub fn flush(&self) -> Result<()> {
-        for name in [CF_BLOBS, CF_FILES, CF_LOADED, CF_PACKS] {
+        for name in ALL_CFS {
             let cf = self.cf(name)?;
             self.db.flush_cf(cf).map_err(|e| self.err(e))?;
         }
@@ -359,6 +379,12 @@ mod tests {
             "uncommitted pack 4 not listed"
         );
         assert_eq!(c.get_blob(&[4; 32])?, Some(loc(4)));
+        assert_eq!(c.uncommitted_packs()?, vec![[4; 32]]);
+        c.insert_blobs(&[([4; 32], loc(4))], true)?;
+        assert!(
+            c.uncommitted_packs()?.is_empty(),
+            "committing clears the mark"
+        );
         assert_eq!(c.loaded_index_files()?, vec!["abc".to_string()]);
         c.clear_blobs()?;
         assert_eq!(c.get_blob(&[2; 32])?, None);

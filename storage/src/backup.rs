@@ -31,6 +31,7 @@ use crate::backend::FileKind;
 use crate::blob::{self, BlobType, EncodedBlob};
 use crate::error::{Error, Result};
 use crate::id::Id;
+use crate::lease::{Lease, LeaseKind};
 use crate::pack::{PackBuilder, PackEntry};
 use crate::repo::Repository;
 use crate::snapshot::{BackupSummary, Snapshot, SourceError};
@@ -272,6 +273,14 @@ pub fn backup(
         format!("{hostname}:{}", joined.join(","))
     });
     let excludes = build_excludes(&opts.excludes)?;
+    // The session lease comes before the index is read: maintenance waits
+    // for every session that may have seen blobs it is about to delete.
+    let session = Lease::acquire(
+        repo.backend().clone(),
+        LeaseKind::Session,
+        &format!("backup {}", abs[0].display()),
+    )?;
+    repo.sync_index()?;
     let recovered = repo.recover_unindexed_packs()?;
     if recovered > 0 {
         debug!(recovered, "reusing packs of an interrupted backup");
@@ -394,6 +403,19 @@ pub fn backup(
     let tree = *root_parts
         .first()
         .ok_or_else(|| Error::Aborted("no root tree".into()))?;
+    // A maintenance hid packs while we ran: make sure every blob we
+    // referenced (possibly by dedup against now-hidden packs) is indexed.
+    if let Some(plan_time) = crate::maintain::newest_plan(&**repo.backend())? {
+        if plan_time + crate::maintain::CLOCK_SKEW > session.info.created {
+            let rescued = crate::maintain::rescue_referenced(repo, &root_parts)?;
+            if rescued > 0 {
+                warn!(
+                    rescued,
+                    "re-indexed packs that maintenance had planned to delete"
+                );
+            }
+        }
+    }
     let snap = Snapshot {
         version: 1,
         time,
@@ -414,6 +436,7 @@ pub fn backup(
         summary,
     };
     let id = repo.save_snapshot(&snap)?;
+    drop(session);
     Ok((id, snap))
 }
 

@@ -61,6 +61,8 @@ pub enum Error {
     LastKey,
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("another maintenance is running: {owner}")]
+    MaintenanceRunning { owner: String },
     #[error("operation aborted: {0}")]
     Aborted(String),
 }

@@ -15,25 +15,38 @@
 pub mod backend;
 mod backup;
 pub mod blob;
+mod check;
 mod crypto;
 mod error;
+mod forget;
 mod format;
 mod id;
+mod lease;
+mod maintain;
 pub mod pack;
 mod repo;
 mod restore;
 mod snapshot;
 mod tree;
 mod util;
+mod verify;
 
 pub use backup::{backup, BackupOptions, Progress};
 pub use blob::BlobType;
+pub use check::{check, repair_snapshots, CheckReport, ReadData, RepairSnapshotsReport};
 pub use crypto::{KeyFile, Keys};
 pub use error::{Error, Result};
+pub use forget::{
+    apply_policy, forget, parse_duration, Decision, ForgetReport, GroupBy, RetentionPolicy,
+    SnapshotFilter,
+};
 pub use format::{ChunkerParams, Config, FORMAT_VERSION};
 pub use id::Id;
+pub use lease::{LeaseInfo, LeaseKind};
+pub use maintain::{maintain, peak_rss_kib, MaintainOptions, MaintainReport, Plan};
 pub use pack::PackEntry;
 pub use repo::{KeyInfo, OpenOptions, RepairIndexReport, Repository};
 pub use restore::{restore, RestoreOptions, RestoreProgress, RestoreSummary};
 pub use snapshot::{BackupSummary, Snapshot, SourceError};
 pub use tree::{Node, NodeKind, Tree, Xattr};
+pub use verify::{verify, SourceVerdict, VerifyOptions, VerifyReport};

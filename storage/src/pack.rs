@@ -53,6 +53,9 @@ impl PackEntry {
     }
 }
 
+/// Packs with their entries, as listed by index files.
+pub type PackList = Vec<(Id, Vec<PackEntry>)>;
+
 /// Accumulates encoded blobs until the pack is sealed.
 #[derive(Default)]
 pub struct PackBuilder {

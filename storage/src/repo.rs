@@ -320,16 +320,20 @@ impl Repository {
     }
 
     /// Indexes packs that no index file mentions (left by an interrupted
-    /// backup), so their blobs are reused rather than uploaded again.
+    /// backup), so their blobs are reused rather than uploaded again. Packs
+    /// planned for deletion by maintenance are never re-indexed, and if this
+    /// machine's cache knows blobs of packs that stay unindexed, the blob
+    /// cache is rebuilt so no backup dedups against them.
     /// Returns how many packs were recovered.
     pub fn recover_unindexed_packs(&self) -> Result<usize> {
         let known: std::collections::HashSet<[u8; 32]> = self.index.packs()?.into_iter().collect();
+        let planned = crate::maintain::planned_packs(&*self.backend)?;
         let mut found = Vec::new();
         for (name, size) in self.backend.list(FileKind::Pack)? {
             let Some(id) = Id::from_hex(&name) else {
                 continue;
             };
-            if known.contains(&id.0) {
+            if known.contains(&id.0) || planned.contains(&name) {
                 continue;
             }
             match self.read_pack_trailer(&name, size) {
@@ -343,6 +347,11 @@ impl Repository {
                 "indexing packs left by an interrupted backup"
             );
             self.write_index(&found)?;
+        }
+        if !self.index.uncommitted_packs()?.is_empty() {
+            debug!("cache knows blobs of unindexed packs; rebuilding it");
+            self.index.clear_blobs()?;
+            self.sync_index()?;
         }
         Ok(found.len())
     }

@@ -22,16 +22,19 @@ pub enum FileKind {
     Index,
     Snapshot,
     Lock,
+    /// Deferred deletions of maintenance (two-phase garbage collection).
+    Plan,
 }
 
 impl FileKind {
-    pub const ALL: [FileKind; 6] = [
+    pub const ALL: [FileKind; 7] = [
         FileKind::Config,
         FileKind::Key,
         FileKind::Pack,
         FileKind::Index,
         FileKind::Snapshot,
         FileKind::Lock,
+        FileKind::Plan,
     ];
 
     /// Folder of this kind under the repository root (`None` for the config).
@@ -43,6 +46,7 @@ impl FileKind {
             FileKind::Index => Some("index"),
             FileKind::Snapshot => Some("snapshots"),
             FileKind::Lock => Some("locks"),
+            FileKind::Plan => Some("plans"),
         }
     }
 }
@@ -56,6 +60,7 @@ impl fmt::Display for FileKind {
             FileKind::Index => "index",
             FileKind::Snapshot => "snapshot",
             FileKind::Lock => "lock",
+            FileKind::Plan => "plan",
         })
     }
 }

@@ -1,0 +1,482 @@
+//! `check`: structural and (optionally) full data verification, and
+//! `repair snapshots`: rewrite snapshots without their unreadable parts.
+//!
+//! Check works from the repository alone (index files, packs, snapshots),
+//! never from the local cache, so a stale cache cannot hide damage.
+
+use std::collections::{HashMap, HashSet};
+
+use rand::seq::SliceRandom;
+use serde::Serialize;
+use tracing::warn;
+
+use crate::backend::{FileKind, CONFIG_NAME};
+use crate::blob::{self, BlobType};
+use crate::crypto::KeyFile;
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::pack::{self, PackEntry, FOOTER_LEN};
+use crate::repo::Repository;
+use crate::snapshot::Snapshot;
+use crate::tree::{self, Node, NodeKind, Tree};
+
+/// Which packs `--read-data` reads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ReadData {
+    None,
+    All,
+    /// A random fraction (0..=1] of the packs.
+    Fraction(f64),
+    /// Part `n` of `m` (1-based): packs whose first id byte mod m == n-1,
+    /// so m weekly runs cover everything.
+    Part(u32, u32),
+}
+
+impl ReadData {
+    /// Parses `10%` or `n/m`.
+    pub fn parse_subset(s: &str) -> Result<Self> {
+        let bad = || Error::InvalidArgument(format!("invalid subset {s:?} (use e.g. 10% or 2/5)"));
+        if let Some(p) = s.strip_suffix('%') {
+            let f: f64 = p.trim().parse().map_err(|_| bad())?;
+            if !(f > 0.0 && f <= 100.0) {
+                return Err(bad());
+            }
+            return Ok(ReadData::Fraction(f / 100.0));
+        }
+        let (n, m) = s.split_once('/').ok_or_else(bad)?;
+        let (n, m): (u32, u32) = (
+            n.trim().parse().map_err(|_| bad())?,
+            m.trim().parse().map_err(|_| bad())?,
+        );
+        if m == 0 || n == 0 || n > m {
+            return Err(bad());
+        }
+        Ok(ReadData::Part(n, m))
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CheckReport {
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+    pub keys: u64,
+    pub index_files: u64,
+    pub packs: u64,
+    pub snapshots: u64,
+    pub trees: u64,
+    pub data_blobs_referenced: u64,
+    pub packs_read: u64,
+    pub blobs_read: u64,
+    pub bytes_read: u64,
+}
+
+impl CheckReport {
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+pub fn check(repo: &Repository, read_data: ReadData) -> Result<CheckReport> {
+    let mut r = CheckReport::default();
+    let backend = repo.backend();
+    // Config was verified (MAC) when the repository was opened.
+    if backend.size(FileKind::Config, CONFIG_NAME).is_err() {
+        r.errors
+            .push("config marmoset.repository is missing".into());
+    }
+    for (name, _) in backend.list(FileKind::Key)? {
+        r.keys += 1;
+        match backend
+            .read(FileKind::Key, &name)
+            .map(|raw| serde_json::from_slice::<KeyFile>(&raw))
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => r.errors.push(format!("key {name}: malformed: {e}")),
+            Err(e) => r.errors.push(format!("key {name}: {e}")),
+        }
+    }
+
+    let pack_sizes: HashMap<String, u64> = backend.list(FileKind::Pack)?.into_iter().collect();
+    r.packs = pack_sizes.len() as u64;
+    // Index: every entry must point inside an existing pack.
+    let mut index: HashMap<Id, (Id, PackEntry)> = HashMap::new();
+    let mut indexed_packs: HashMap<Id, Vec<PackEntry>> = HashMap::new();
+    for (name, _) in backend.list(FileKind::Index)? {
+        r.index_files += 1;
+        let packs = match repo.load_index_file(&name) {
+            Ok(p) => p,
+            Err(e) => {
+                r.errors.push(format!("index {name}: {e}"));
+                continue;
+            }
+        };
+        for (pack, entries) in packs {
+            let pname = pack.to_hex();
+            match pack_sizes.get(&pname) {
+                None => r.errors.push(format!(
+                    "index {name}: pack {pname} is missing ({} blobs)",
+                    entries.len()
+                )),
+                Some(&size) => {
+                    if let Some(e) = entries
+                        .iter()
+                        .find(|e| e.offset + u64::from(e.length) + FOOTER_LEN > size)
+                    {
+                        r.errors.push(format!(
+                            "index {name}: blob {} points beyond the end of pack {pname}",
+                            e.id
+                        ));
+                    }
+                }
+            }
+            for e in &entries {
+                index.entry(e.id).or_insert((pack, *e));
+            }
+            indexed_packs.entry(pack).or_insert(entries);
+        }
+    }
+    let planned = crate::maintain::planned_packs(&**backend)?;
+    for name in pack_sizes.keys() {
+        let indexed = Id::from_hex(name).is_some_and(|id| indexed_packs.contains_key(&id));
+        if !indexed && !planned.contains(name) {
+            r.warnings.push(format!(
+                "pack {name} is in no index (left by an interrupted backup, or being written); the next backup indexes it"
+            ));
+        }
+    }
+
+    // Snapshots: every tree readable, every blob indexed.
+    let (snaps, bad) = repo.snapshots()?;
+    for (name, e) in bad {
+        r.errors.push(format!("snapshot {name}: {e}"));
+    }
+    r.snapshots = snaps.len() as u64;
+    let mut seen_trees = HashSet::new();
+    let mut seen_data: HashSet<Id> = HashSet::new();
+    for (id, snap) in &snaps {
+        check_snapshot(
+            repo,
+            id,
+            snap,
+            &index,
+            &mut seen_trees,
+            &mut seen_data,
+            &mut r,
+        );
+    }
+    r.data_blobs_referenced = seen_data.len() as u64;
+
+    if read_data != ReadData::None {
+        let mut selected: Vec<(&String, &u64)> = pack_sizes
+            .iter()
+            .filter(|(name, _)| match read_data {
+                ReadData::Part(n, m) => {
+                    Id::from_hex(name).is_some_and(|id| u32::from(id.0[0]) % m == n - 1)
+                }
+                _ => true,
+            })
+            .collect();
+        if let ReadData::Fraction(f) = read_data {
+            selected.shuffle(&mut rand::thread_rng());
+            let n = ((selected.len() as f64 * f).ceil() as usize).min(selected.len());
+            selected.truncate(n);
+        }
+        selected.sort();
+        for (name, _) in selected {
+            read_pack(repo, name, &indexed_packs, &mut r);
+        }
+    }
+    Ok(r)
+}
+
+fn check_snapshot(
+    repo: &Repository,
+    id: &Id,
+    snap: &Snapshot,
+    index: &HashMap<Id, (Id, PackEntry)>,
+    seen_trees: &mut HashSet<Id>,
+    seen_data: &mut HashSet<Id>,
+    r: &mut CheckReport,
+) {
+    let short = id.short();
+    let mut stack: Vec<(Id, String)> = snap
+        .root_parts()
+        .into_iter()
+        .map(|t| (t, "/".to_string()))
+        .collect();
+    while let Some((tid, path)) = stack.pop() {
+        if !seen_trees.insert(tid) {
+            continue;
+        }
+        r.trees += 1;
+        if !index.contains_key(&tid) {
+            r.errors.push(format!(
+                "snapshot {short}: directory {path}: tree {tid} is missing (in no index)"
+            ));
+            continue;
+        }
+        let t = match repo.load_blob(&tid).and_then(|b| Tree::decode(&tid, &b)) {
+            Ok(t) => t,
+            Err(e) => {
+                r.errors
+                    .push(format!("snapshot {short}: directory {path}: {e}"));
+                continue;
+            }
+        };
+        for node in t.nodes {
+            let child = format!(
+                "{}{}",
+                if path == "/" { "/" } else { "" },
+                child_path(&path, &node)
+            );
+            if !node.has_safe_name() {
+                r.errors.push(format!(
+                    "snapshot {short}: {path}: unsafe entry name {:?}",
+                    node.name_lossy()
+                ));
+            }
+            match node.kind {
+                NodeKind::Dir => stack.extend(node.subtree.iter().map(|s| (*s, child.clone()))),
+                NodeKind::File => {
+                    let mut chunks = node.content.clone();
+                    if node.indirect {
+                        chunks = Vec::new();
+                        for list in &node.content {
+                            match repo
+                                .load_blob(list)
+                                .and_then(|b| tree::decode_chunk_list(list, &b))
+                            {
+                                Ok(c) => chunks.extend(c),
+                                Err(e) => r.errors.push(format!(
+                                    "snapshot {short}: file {child}: chunk list: {e}"
+                                )),
+                            }
+                        }
+                    }
+                    let mut size = 0u64;
+                    for c in chunks {
+                        match index.get(&c) {
+                            Some((_, e)) => size += u64::from(e.raw_length),
+                            None => {
+                                r.errors.push(format!(
+                                    "snapshot {short}: file {child}: blob {c} is missing"
+                                ));
+                                size = node.size;
+                                break;
+                            }
+                        }
+                        seen_data.insert(c);
+                    }
+                    if size != node.size {
+                        r.errors.push(format!(
+                            "snapshot {short}: file {child}: chunks add up to {size} bytes, not {}",
+                            node.size
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn child_path(parent: &str, node: &Node) -> String {
+    let p = parent.trim_end_matches('/');
+    format!("{p}/{}", node.name_lossy())
+        .trim_start_matches("//")
+        .to_string()
+}
+
+/// Reads a whole pack: hash, trailer, every blob authenticated and matched
+/// to its content id, and the trailer compared with the index.
+fn read_pack(
+    repo: &Repository,
+    name: &str,
+    indexed: &HashMap<Id, Vec<PackEntry>>,
+    r: &mut CheckReport,
+) {
+    r.packs_read += 1;
+    let bytes = match repo.backend().read(FileKind::Pack, name) {
+        Ok(b) => b,
+        Err(e) => {
+            r.errors.push(format!("pack {name}: {e}"));
+            return;
+        }
+    };
+    r.bytes_read += bytes.len() as u64;
+    if Id::of_bytes(&bytes).to_hex() != name {
+        r.errors.push(format!(
+            "pack {name}: content does not match its name (corrupted)"
+        ));
+    }
+    let size = bytes.len() as u64;
+    let entries = (|| -> Result<Vec<PackEntry>> {
+        if size < FOOTER_LEN {
+            return Err(Error::corrupt(format!("pack {name}"), "too short"));
+        }
+        let tlen = pack::trailer_len(name, &bytes[(size - FOOTER_LEN) as usize..], size)?;
+        let start = size - FOOTER_LEN - tlen;
+        pack::decode_trailer(
+            repo.keys(),
+            name,
+            &bytes[start as usize..(size - FOOTER_LEN) as usize],
+            start,
+        )
+    })();
+    let entries = match entries {
+        Ok(e) => e,
+        Err(e) => {
+            r.errors.push(e.to_string());
+            // Fall back to the index's view to still check each blob.
+            match Id::from_hex(name).and_then(|id| indexed.get(&id)) {
+                Some(e) => e.clone(),
+                None => return,
+            }
+        }
+    };
+    for e in &entries {
+        r.blobs_read += 1;
+        let end = (e.offset + u64::from(e.length)) as usize;
+        let Some(raw) = bytes.get(e.offset as usize..end) else {
+            r.errors
+                .push(format!("pack {name}: blob {} lies outside the pack", e.id));
+            continue;
+        };
+        if let Err(err) = blob::decode(repo.keys(), e.kind, &e.id, e.flags, e.raw_length, raw) {
+            r.errors.push(format!("pack {name}: {err}"));
+        }
+    }
+    if let Some(listed) = Id::from_hex(name).and_then(|id| indexed.get(&id)) {
+        let in_pack: HashSet<Id> = entries.iter().map(|e| e.id).collect();
+        if let Some(e) = listed.iter().find(|e| !in_pack.contains(&e.id)) {
+            r.errors.push(format!(
+                "pack {name}: index lists blob {} that the pack does not hold",
+                e.id
+            ));
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RepairSnapshotsReport {
+    pub dry_run: bool,
+    pub snapshots_checked: u64,
+    /// (old id, new id) of rewritten snapshots; new id empty in dry runs.
+    pub repaired: Vec<(String, String)>,
+    pub removed_entries: Vec<String>,
+}
+
+/// Rewrites every snapshot that references unreadable trees or missing
+/// blobs: damaged directories parts and files are dropped, everything else
+/// is kept; the new snapshot is tagged `repaired` and marked incomplete,
+/// the old manifest is removed.
+pub fn repair_snapshots(repo: &Repository, dry_run: bool) -> Result<RepairSnapshotsReport> {
+    let mut report = RepairSnapshotsReport {
+        dry_run,
+        ..Default::default()
+    };
+    let (snaps, bad) = repo.snapshots()?;
+    for (name, e) in bad {
+        warn!(snapshot = %name, error = %e, "unreadable snapshot manifest cannot be repaired");
+        report
+            .removed_entries
+            .push(format!("snapshot {name}: unreadable manifest ({e})"));
+    }
+    for (id, snap) in snaps {
+        report.snapshots_checked += 1;
+        let mut new_trees = Vec::new();
+        let mut removed = Vec::new();
+        let (parts, changed) =
+            repair_dir(repo, &snap.root_parts(), "", &mut new_trees, &mut removed)?;
+        if !changed {
+            continue;
+        }
+        report.removed_entries.extend(
+            removed
+                .into_iter()
+                .map(|p| format!("snapshot {}: {p}", id.short())),
+        );
+        if dry_run {
+            report.repaired.push((id.to_hex(), String::new()));
+            continue;
+        }
+        repo.save_blobs(&new_trees)?;
+        let mut new = snap.clone();
+        new.tree = parts.first().copied().unwrap_or_default();
+        new.tree_parts = if parts.len() > 1 { parts } else { Vec::new() };
+        new.incomplete = true;
+        if !new.tags.iter().any(|t| t == "repaired") {
+            new.tags.push("repaired".into());
+        }
+        let new_id = repo.save_snapshot(&new)?;
+        repo.backend().remove(FileKind::Snapshot, &id.to_hex())?;
+        report.repaired.push((id.to_hex(), new_id.to_hex()));
+    }
+    Ok(report)
+}
+
+fn repair_dir(
+    repo: &Repository,
+    parts: &[Id],
+    path: &str,
+    new_trees: &mut Vec<(BlobType, Vec<u8>)>,
+    removed: &mut Vec<String>,
+) -> Result<(Vec<Id>, bool)> {
+    let mut changed = false;
+    let mut out = Vec::new();
+    for part in parts {
+        let t = match repo.load_tree(part) {
+            Ok(t) => t,
+            Err(e) => {
+                removed.push(format!("{path}/: part of the listing unreadable ({e})"));
+                changed = true;
+                continue;
+            }
+        };
+        let mut nodes = Vec::with_capacity(t.nodes.len());
+        let mut part_changed = false;
+        for mut node in t.nodes {
+            let p = format!("{path}/{}", node.name_lossy());
+            match node.kind {
+                NodeKind::Dir => {
+                    let (sub, c) = repair_dir(repo, &node.subtree, &p, new_trees, removed)?;
+                    if c {
+                        part_changed = true;
+                        node.subtree = sub;
+                    }
+                    nodes.push(node);
+                }
+                NodeKind::File => match file_intact(repo, &node) {
+                    Ok(()) => nodes.push(node),
+                    Err(e) => {
+                        removed.push(format!("{p}: {e}"));
+                        part_changed = true;
+                    }
+                },
+                _ => nodes.push(node),
+            }
+        }
+        if part_changed {
+            changed = true;
+            let plain = Tree { nodes }.encode()?;
+            out.push(repo.keys().content_id(&plain));
+            new_trees.push((BlobType::Tree, plain));
+        } else {
+            out.push(*part);
+        }
+    }
+    if out.is_empty() {
+        // Keep the directory itself, empty.
+        let plain = Tree::default().encode()?;
+        out.push(repo.keys().content_id(&plain));
+        new_trees.push((BlobType::Tree, plain));
+    }
+    Ok((out, changed))
+}
+
+fn file_intact(repo: &Repository, node: &Node) -> Result<()> {
+    for c in repo.file_chunks(node)? {
+        repo.blob_location(&c)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,628 @@
+//! Maintenance: index compaction (quick) and garbage collection (full),
+//! safe while backups run.
+//!
+//! Garbage collection is two-phase, with no exclusive lock:
+//!
+//! 1. *Hide.* Mark every blob reachable from every snapshot. Packs with no
+//!    live blob, and packs with few live blobs once their live blobs are
+//!    copied into new packs, are written into a *plan* (`plans/<id>`) and
+//!    left out of a fresh set of index files; the old index files are then
+//!    removed. From now on no new backup sees their blobs (and backups never
+//!    re-index planned packs), so nothing new can come to depend on them.
+//! 2. *Delete*, in a later run, once the plan is older than the safety
+//!    margin and every backup session that started before the packs were
+//!    hidden has ended: a planned pack is deleted unless an index file lists
+//!    it again or it holds a blob that a snapshot needs and no index lists
+//!    (then it is re-indexed: "rescued"). A backup that overlapped phase 1
+//!    rescues the blobs it referenced itself before writing its snapshot.
+//!
+//! Only one maintenance runs at a time: each takes a maintenance lease and
+//! the oldest live lease wins; the others stop with an error.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::backend::{Backend, FileKind};
+use crate::blob::{self, EncodedBlob};
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::lease::{self, Lease, LeaseKind};
+use crate::pack::{PackBuilder, PackEntry, PackList};
+use crate::repo::Repository;
+use crate::tree::{self, NodeKind};
+
+/// Clock skew tolerated between hosts when comparing lease and plan times.
+pub(crate) const CLOCK_SKEW: chrono::Duration = chrono::Duration::minutes(5);
+/// Entries per merged index file.
+const INDEX_FILE_ENTRIES: usize = 200_000;
+
+#[derive(Debug, Clone)]
+pub struct MaintainOptions {
+    pub full: bool,
+    /// Planned deletions wait at least this long (default 1 h).
+    pub safety_margin: Duration,
+    /// Rewrite packs whose unused fraction is above this (default 0.3).
+    pub max_unused: f64,
+    /// Report what would be done without changing the repository.
+    pub dry_run: bool,
+}
+
+impl Default for MaintainOptions {
+    fn default() -> Self {
+        Self {
+            full: false,
+            safety_margin: Duration::from_secs(3600),
+            max_unused: 0.3,
+            dry_run: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MaintainReport {
+    pub full: bool,
+    pub dry_run: bool,
+    pub snapshots: u64,
+    pub blobs_marked: u64,
+    pub trees_walked: u64,
+    pub packs_total: u64,
+    pub index_files_before: u64,
+    pub index_files_after: u64,
+    /// Packs whose deletion was planned in this run (phase 1).
+    pub packs_planned: u64,
+    /// Packs rewritten (live blobs copied) in this run.
+    pub packs_rewritten: u64,
+    pub packs_written: u64,
+    /// Packs deleted by executing earlier plans (phase 2).
+    pub packs_deleted: u64,
+    pub packs_rescued: u64,
+    /// Plans not yet executable (too young or sessions still live).
+    pub plans_deferred: u64,
+    pub bytes_planned: u64,
+    pub bytes_reclaimed: u64,
+    pub leases_removed: u64,
+    pub duration_secs: f64,
+    pub peak_rss_kib: u64,
+}
+
+/// A deferred deletion (phase 1 output, phase 2 input): `plans/<id>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    pub created: DateTime<Utc>,
+    /// When the packs' index entries were gone; `None` if the run that
+    /// wrote the plan died before (the plan is then discarded).
+    pub hidden_at: Option<DateTime<Utc>>,
+    pub packs: Vec<String>,
+}
+
+/// Names of all packs in any plan: backups must never re-index them.
+pub(crate) fn planned_packs(backend: &dyn Backend) -> Result<HashSet<String>> {
+    let mut out = HashSet::new();
+    for (_, plan) in list_plans(backend)? {
+        out.extend(plan.packs);
+    }
+    Ok(out)
+}
+
+fn list_plans(backend: &dyn Backend) -> Result<Vec<(String, Plan)>> {
+    let mut out = Vec::new();
+    for (name, _) in backend.list(FileKind::Plan)? {
+        match backend.read(FileKind::Plan, &name) {
+            Ok(raw) => match serde_json::from_slice::<Plan>(&raw) {
+                Ok(p) => out.push((name, p)),
+                Err(e) => warn!(plan = %name, error = %e, "unparsable plan ignored"),
+            },
+            Err(Error::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Newest plan creation time, to let backups detect an overlapping phase 1.
+pub(crate) fn newest_plan(backend: &dyn Backend) -> Result<Option<DateTime<Utc>>> {
+    Ok(list_plans(backend)?
+        .into_iter()
+        .map(|(_, p)| p.created)
+        .max())
+}
+
+fn write_plan(backend: &dyn Backend, name: &str, plan: &Plan) -> Result<()> {
+    let bytes =
+        serde_json::to_vec_pretty(plan).map_err(|e| Error::corrupt("plan", e.to_string()))?;
+    backend.write(FileKind::Plan, name, &bytes)
+}
+
+/// Peak resident memory of this process (VmHWM), in KiB.
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Takes the maintenance lease, or fails when another maintenance is live.
+fn take_maintenance_lease(repo: &Repository) -> Result<Lease> {
+    let lease = Lease::acquire(repo.backend().clone(), LeaseKind::Maintenance, "maintain")?;
+    let now = Utc::now();
+    let winner = lease::list(&**repo.backend(), LeaseKind::Maintenance)?
+        .into_iter()
+        .filter(|(_, l)| !l.stale(now))
+        .min_by(|a, b| a.1.created.cmp(&b.1.created).then(a.0.cmp(&b.0)));
+    match winner {
+        Some((name, info)) if name != lease.name => Err(Error::MaintenanceRunning {
+            owner: format!(
+                "{} (pid {}, since {})",
+                info.hostname, info.pid, info.created
+            ),
+        }),
+        _ => Ok(lease),
+    }
+}
+
+pub fn maintain(repo: &Repository, opts: &MaintainOptions) -> Result<MaintainReport> {
+    let start = Instant::now();
+    let _lease = take_maintenance_lease(repo)?;
+    let mut report = MaintainReport {
+        full: opts.full,
+        dry_run: opts.dry_run,
+        ..Default::default()
+    };
+    if !opts.dry_run {
+        report.leases_removed = lease::remove_expired(&**repo.backend())? as u64;
+    }
+    repo.sync_index()?;
+    if opts.full {
+        full(repo, opts, &mut report)?;
+    } else {
+        quick(repo, opts, &mut report)?;
+    }
+    report.duration_secs = start.elapsed().as_secs_f64();
+    report.peak_rss_kib = peak_rss_kib();
+    Ok(report)
+}
+
+/// Loads every index file; returns names and their packs.
+fn load_all_index(repo: &Repository) -> Result<(Vec<String>, PackList)> {
+    let mut names = Vec::new();
+    let mut packs = Vec::new();
+    for (name, _) in repo.backend().list(FileKind::Index)? {
+        // An unreadable index file stops maintenance: its packs would look
+        // like orphans. `repair index` rebuilds it from pack trailers.
+        packs.extend(repo.load_index_file(&name)?);
+        names.push(name);
+    }
+    Ok((names, packs))
+}
+
+/// Writes `packs` as index files of bounded size; returns their names.
+fn write_index_files(repo: &Repository, packs: &[(Id, Vec<PackEntry>)]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut batch: Vec<(Id, Vec<PackEntry>)> = Vec::new();
+    let mut n = 0;
+    for (id, entries) in packs {
+        batch.push((*id, entries.clone()));
+        n += entries.len();
+        if n >= INDEX_FILE_ENTRIES {
+            out.push(repo.write_index(&batch)?);
+            batch.clear();
+            n = 0;
+        }
+    }
+    if !batch.is_empty() {
+        out.push(repo.write_index(&batch)?);
+    }
+    Ok(out)
+}
+
+/// Quick: merge index files into few large ones; drop superseded ones.
+fn quick(repo: &Repository, opts: &MaintainOptions, report: &mut MaintainReport) -> Result<()> {
+    let (names, packs) = load_all_index(repo)?;
+    report.index_files_before = names.len() as u64;
+    report.packs_total = packs.len() as u64;
+    let entries: usize = packs.iter().map(|(_, e)| e.len()).sum();
+    let target = entries.div_ceil(INDEX_FILE_ENTRIES).max(1);
+    if names.len() <= target || opts.dry_run {
+        report.index_files_after = if opts.dry_run {
+            target as u64
+        } else {
+            names.len() as u64
+        };
+        return Ok(());
+    }
+    // Merge per pack: the same pack listed twice (recovery) is kept once.
+    let mut seen = HashSet::new();
+    let merged: Vec<(Id, Vec<PackEntry>)> =
+        packs.into_iter().filter(|(p, _)| seen.insert(*p)).collect();
+    let new = write_index_files(repo, &merged)?;
+    for name in &names {
+        if !new.contains(name) {
+            repo.backend().remove(FileKind::Index, name)?;
+        }
+    }
+    report.index_files_after = new.len() as u64;
+    info!(
+        before = names.len(),
+        after = new.len(),
+        "index files merged"
+    );
+    Ok(())
+}
+
+/// The set of reachable blobs. Data blobs are kept as 64-bit prefixes (a
+/// collision only keeps garbage, never deletes live data); trees and chunk
+/// lists are kept whole because they also decide what to walk.
+#[derive(Default)]
+pub(crate) struct Marks {
+    data: HashSet<u64>,
+    trees: HashSet<Id>,
+}
+
+fn prefix(id: &Id) -> u64 {
+    u64::from_le_bytes([
+        id.0[0], id.0[1], id.0[2], id.0[3], id.0[4], id.0[5], id.0[6], id.0[7],
+    ])
+}
+
+impl Marks {
+    pub(crate) fn contains(&self, id: &Id) -> bool {
+        self.trees.contains(id) || self.data.contains(&prefix(id))
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.data.len() + self.trees.len()
+    }
+}
+
+/// Marks everything reachable from every snapshot. Any unreadable snapshot
+/// or tree aborts: deleting on incomplete knowledge could destroy data.
+pub(crate) fn mark(repo: &Repository, report: &mut MaintainReport) -> Result<Marks> {
+    let mut marks = Marks::default();
+    let (snaps, bad) = repo.snapshots()?;
+    if let Some((name, e)) = bad.into_iter().next() {
+        return Err(Error::corrupt(
+            format!("snapshot {name}"),
+            format!("unreadable ({e}); run `marmoset check` and `marmoset repair snapshots` first"),
+        ));
+    }
+    report.snapshots = snaps.len() as u64;
+    // Index files are written before their snapshot: syncing after listing
+    // snapshots guarantees every listed snapshot's blobs are visible.
+    repo.sync_index()?;
+    for (_, snap) in &snaps {
+        let mut stack = snap.root_parts();
+        while let Some(tree_id) = stack.pop() {
+            if !marks.trees.insert(tree_id) {
+                continue;
+            }
+            report.trees_walked += 1;
+            let tree = repo.load_tree(&tree_id)?;
+            for node in tree.nodes {
+                match node.kind {
+                    NodeKind::Dir => stack.extend(node.subtree),
+                    NodeKind::File if node.indirect => {
+                        for list in &node.content {
+                            if marks.trees.insert(*list) {
+                                for c in tree::decode_chunk_list(list, &repo.load_blob(list)?)? {
+                                    marks.data.insert(prefix(&c));
+                                }
+                            }
+                        }
+                    }
+                    NodeKind::File => {
+                        for c in &node.content {
+                            marks.data.insert(prefix(c));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    report.blobs_marked = marks.len() as u64;
+    Ok(marks)
+}
+
+fn full(repo: &Repository, opts: &MaintainOptions, report: &mut MaintainReport) -> Result<()> {
+    let marks = mark(repo, report)?;
+    debug!(blobs = marks.len(), "mark phase done");
+    execute_plans(repo, opts, &marks, report)?;
+    repo.sync_index()?;
+
+    let (index_names, packs) = load_all_index(repo)?;
+    report.index_files_before = index_names.len() as u64;
+    let planned = planned_packs(&**repo.backend())?;
+    let existing: HashMap<String, u64> = repo.backend().list(FileKind::Pack)?.into_iter().collect();
+    report.packs_total = existing.len() as u64;
+
+    // Live fraction per indexed pack (a pack listed twice counts once).
+    let mut keep: Vec<(Id, Vec<PackEntry>)> = Vec::new();
+    let mut garbage: Vec<String> = Vec::new();
+    let mut rewrite: Vec<(Id, Vec<PackEntry>)> = Vec::new();
+    let mut seen = HashSet::new();
+    for (pack, entries) in packs {
+        let name = pack.to_hex();
+        if !seen.insert(pack) || planned.contains(&name) {
+            continue;
+        }
+        if !existing.contains_key(&name) {
+            warn!(pack = %name, "indexed pack is missing from the repository; run `marmoset check`");
+            keep.push((pack, entries));
+            continue;
+        }
+        let total: u64 = entries.iter().map(|e| u64::from(e.length)).sum();
+        let live: u64 = entries
+            .iter()
+            .filter(|e| marks.contains(&e.id))
+            .map(|e| u64::from(e.length))
+            .sum();
+        if live == 0 {
+            garbage.push(name);
+        } else if total > 0 && (total - live) as f64 / total as f64 > opts.max_unused {
+            rewrite.push((pack, entries));
+        } else {
+            keep.push((pack, entries));
+        }
+    }
+    // Orphans: packs no index lists and no plan holds (left by crashed
+    // backups, or being written right now). Planning them is safe: phase 2
+    // rescues any that a snapshot turns out to need.
+    let indexed: HashSet<String> = seen.iter().map(Id::to_hex).collect();
+    let orphans: Vec<String> = existing
+        .keys()
+        .filter(|n| !indexed.contains(*n) && !planned.contains(*n))
+        .cloned()
+        .collect();
+
+    let mut to_plan: Vec<String> = garbage;
+    to_plan.extend(orphans);
+    if opts.dry_run {
+        report.packs_rewritten = rewrite.len() as u64;
+        report.packs_planned = (to_plan.len() + rewrite.len()) as u64;
+        report.bytes_planned = to_plan
+            .iter()
+            .chain(
+                rewrite
+                    .iter()
+                    .map(|(p, _)| p.to_hex())
+                    .collect::<Vec<_>>()
+                    .iter(),
+            )
+            .filter_map(|n| existing.get(n))
+            .sum();
+        return Ok(());
+    }
+    // Copy live blobs out of sparse packs; their new packs join `keep`.
+    for (pack, entries) in &rewrite {
+        let new = copy_live(repo, pack, entries, &marks)?;
+        report.packs_written += new.len() as u64;
+        keep.extend(new);
+        to_plan.push(pack.to_hex());
+        report.packs_rewritten += 1;
+    }
+    report.packs_planned = to_plan.len() as u64;
+    report.bytes_planned = to_plan.iter().filter_map(|n| existing.get(n)).sum();
+    if to_plan.is_empty() {
+        // Nothing to hide; still compact index files.
+        report.index_files_after = index_names.len() as u64;
+        return quick(repo, opts, report);
+    }
+
+    // Phase 1: fresh index without the planned packs, then the plan, then
+    // the old index files go, then the plan records when that happened.
+    let new_index = write_index_files(repo, &keep)?;
+    let plan_name = Id::random().to_hex();
+    let mut plan = Plan {
+        created: Utc::now(),
+        hidden_at: None,
+        packs: to_plan,
+    };
+    write_plan(&**repo.backend(), &plan_name, &plan)?;
+    for name in &index_names {
+        if !new_index.contains(name) {
+            repo.backend().remove(FileKind::Index, name)?;
+        }
+    }
+    plan.hidden_at = Some(Utc::now());
+    write_plan(&**repo.backend(), &plan_name, &plan)?;
+    report.index_files_after = new_index.len() as u64;
+    repo.sync_index()?;
+    info!(packs = plan.packs.len(), "packs hidden; deletion planned");
+    Ok(())
+}
+
+/// Copies the live blobs of one pack into new packs (verifying each blob on
+/// the way, so corruption is never propagated) and indexes them.
+fn copy_live(
+    repo: &Repository,
+    pack: &Id,
+    entries: &[PackEntry],
+    marks: &Marks,
+) -> Result<Vec<(Id, Vec<PackEntry>)>> {
+    let name = pack.to_hex();
+    let mut out = Vec::new();
+    let mut builder = PackBuilder::default();
+    let pack_size = repo.config().pack_size as usize;
+    for e in entries.iter().filter(|e| marks.contains(&e.id)) {
+        let raw =
+            repo.backend()
+                .read_range(FileKind::Pack, &name, e.offset, u64::from(e.length))?;
+        blob::decode(repo.keys(), e.kind, &e.id, e.flags, e.raw_length, &raw)?;
+        builder.add(EncodedBlob {
+            kind: e.kind,
+            id: e.id,
+            flags: e.flags,
+            raw_length: e.raw_length,
+            ciphertext: raw,
+        })?;
+        if builder.len() >= pack_size {
+            out.push(store_pack(repo, std::mem::take(&mut builder))?);
+        }
+    }
+    if !builder.is_empty() {
+        out.push(store_pack(repo, builder)?);
+    }
+    Ok(out)
+}
+
+fn store_pack(repo: &Repository, builder: PackBuilder) -> Result<(Id, Vec<PackEntry>)> {
+    let sealed = builder.seal(repo.keys())?;
+    repo.backend()
+        .write(FileKind::Pack, &sealed.id.to_hex(), &sealed.bytes)?;
+    // Indexed right away: the blobs must never be unindexed in between.
+    repo.write_index(&[(sealed.id, sealed.entries.clone())])?;
+    Ok((sealed.id, sealed.entries))
+}
+
+/// Phase 2: deletes planned packs whose time has come.
+fn execute_plans(
+    repo: &Repository,
+    opts: &MaintainOptions,
+    marks: &Marks,
+    report: &mut MaintainReport,
+) -> Result<()> {
+    let now = Utc::now();
+    let margin =
+        chrono::Duration::from_std(opts.safety_margin).unwrap_or(chrono::Duration::hours(1));
+    let sessions = lease::list(&**repo.backend(), LeaseKind::Session)?;
+    let plans = list_plans(&**repo.backend())?;
+    if plans.is_empty() {
+        return Ok(());
+    }
+    // Packs some index file lists right now must stay.
+    let (_, indexed_packs) = load_all_index(repo)?;
+    let indexed: HashSet<String> = indexed_packs.iter().map(|(p, _)| p.to_hex()).collect();
+    let existing: HashMap<String, u64> = repo.backend().list(FileKind::Pack)?.into_iter().collect();
+    for (plan_name, plan) in plans {
+        let Some(hidden_at) = plan.hidden_at else {
+            // Its run died mid-way: drop the plan; its packs are
+            // re-evaluated (as orphans or garbage) by this run.
+            if !opts.dry_run && plan.created + margin < now {
+                repo.backend().remove(FileKind::Plan, &plan_name)?;
+            }
+            continue;
+        };
+        let blocking = sessions
+            .iter()
+            .any(|(_, s)| !s.stale(now) && s.created < hidden_at + CLOCK_SKEW);
+        if hidden_at + margin > now || blocking {
+            debug!(plan = %plan_name, blocking, "plan deferred");
+            report.plans_deferred += 1;
+            continue;
+        }
+        for pack in &plan.packs {
+            let Some(&size) = existing.get(pack) else {
+                continue;
+            };
+            if indexed.contains(pack) {
+                continue;
+            }
+            let entries = match repo.read_pack_trailer(pack, size) {
+                Ok(e) => e,
+                Err(e) => {
+                    warn!(pack = %pack, error = %e, "planned pack unreadable; deleting it");
+                    Vec::new()
+                }
+            };
+            let needed = entries.iter().any(|e| {
+                marks.contains(&e.id) && !repo.index().contains_blob(&e.id.0).unwrap_or(false)
+            });
+            if opts.dry_run {
+                continue;
+            }
+            if needed {
+                let id = Id::from_hex(pack)
+                    .ok_or_else(|| Error::corrupt(format!("pack {pack}"), "bad name"))?;
+                repo.write_index(&[(id, entries)])?;
+                report.packs_rescued += 1;
+                warn!(pack = %pack, "planned pack holds needed blobs; re-indexed");
+                continue;
+            }
+            repo.backend().remove(FileKind::Pack, pack)?;
+            report.packs_deleted += 1;
+            report.bytes_reclaimed += size;
+        }
+        if !opts.dry_run {
+            repo.backend().remove(FileKind::Plan, &plan_name)?;
+        }
+    }
+    Ok(())
+}
+
+/// Called by a backup before it writes its snapshot, when a maintenance
+/// planned deletions while it ran: every blob the new trees reference must
+/// be indexed; blobs found only in planned packs get those packs re-indexed.
+pub(crate) fn rescue_referenced(repo: &Repository, root_parts: &[Id]) -> Result<usize> {
+    repo.sync_index()?;
+    let mut missing = HashSet::new();
+    let mut visited = HashSet::new();
+    let mut stack: Vec<Id> = root_parts.to_vec();
+    while let Some(t) = stack.pop() {
+        if !visited.insert(t) {
+            continue;
+        }
+        if !repo.index().contains_blob(&t.0)? {
+            missing.insert(t);
+            // Cannot descend yet; rescue first, then walk again.
+            continue;
+        }
+        for node in repo.load_tree(&t)?.nodes {
+            match node.kind {
+                NodeKind::Dir => stack.extend(node.subtree),
+                NodeKind::File => {
+                    for c in &node.content {
+                        if !repo.index().contains_blob(&c.0)? {
+                            missing.insert(*c);
+                        }
+                    }
+                    if node.indirect && node.content.iter().all(|c| !missing.contains(c)) {
+                        for c in repo.file_chunks(&node)? {
+                            if !repo.index().contains_blob(&c.0)? {
+                                missing.insert(c);
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if missing.is_empty() {
+        return Ok(0);
+    }
+    let mut rescued = 0;
+    let sizes: HashMap<String, u64> = repo.backend().list(FileKind::Pack)?.into_iter().collect();
+    for pack in planned_packs(&**repo.backend())? {
+        let Some(&size) = sizes.get(&pack) else {
+            continue;
+        };
+        let Ok(entries) = repo.read_pack_trailer(&pack, size) else {
+            continue;
+        };
+        if entries.iter().any(|e| missing.contains(&e.id)) {
+            let id = Id::from_hex(&pack)
+                .ok_or_else(|| Error::corrupt(format!("pack {pack}"), "bad name"))?;
+            repo.write_index(&[(id, entries)])?;
+            rescued += 1;
+        }
+    }
+    if rescued > 0 {
+        // Rescued trees may reference more missing blobs: walk again.
+        return Ok(rescued + rescue_referenced(repo, root_parts)?);
+    }
+    Err(Error::corrupt(
+        "backup",
+        format!(
+            "{} referenced blobs are in no index and no planned pack",
+            missing.len()
+        ),
+    ))
+}
