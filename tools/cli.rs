@@ -42,7 +42,7 @@ pub struct Global {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Create a new repository.
-    Init,
+    Init(InitArgs),
     /// Back up files and directories into a new snapshot.
     Backup(BackupArgs),
     /// List snapshots.
@@ -73,6 +73,19 @@ pub enum Command {
         #[command(subcommand)]
         command: RepairCommand,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Average chunk size in bytes (min = avg/4, max = avg*4); default 1 MiB.
+    #[arg(long)]
+    pub chunk_size: Option<u32>,
+    /// Target pack size in MiB (default 16).
+    #[arg(long)]
+    pub pack_size_mib: Option<u32>,
+    /// zstd level for new data, 0 = off (default 3).
+    #[arg(long)]
+    pub compression: Option<i32>,
 }
 
 #[derive(Args, Debug)]

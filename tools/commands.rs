@@ -17,7 +17,7 @@ use crate::progress::{bytes, Ticker};
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let g = &cli.global;
     match cli.command {
-        Command::Init => init(g),
+        Command::Init(a) => init(g, a),
         Command::Backup(a) => backup(g, a),
         Command::Snapshots(a) => snapshots(g, a),
         Command::Ls(a) => ls(g, a),
@@ -105,10 +105,25 @@ fn print_json(v: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-fn init(g: &Global) -> Result<ExitCode> {
+fn init(g: &Global, a: InitArgs) -> Result<ExitCode> {
     let backend = open_backend(g)?;
+    let mut config = Config::new();
+    if let Some(avg) = a.chunk_size {
+        if !(256..=(4 << 20)).contains(&avg) || !avg.is_multiple_of(4) {
+            bail!("--chunk-size must be a multiple of 4 between 256 and 4194304");
+        }
+        config.chunker.avg_size = avg;
+        config.chunker.min_size = (avg / 4).max(64);
+        config.chunker.max_size = avg * 4;
+    }
+    if let Some(p) = a.pack_size_mib {
+        config.pack_size = p.clamp(1, 1024) << 20;
+    }
+    if let Some(c) = a.compression {
+        config.compression_level = c.clamp(0, 22);
+    }
     let pw = password(g, true)?;
-    let repo = Repository::init(backend.clone(), &pw, Config::new(), &open_opts(g))?;
+    let repo = Repository::init(backend.clone(), &pw, config, &open_opts(g))?;
     if g.json {
         print_json(
             &json!({"repository_id": repo.config().repository_id, "location": backend.location()}),
