@@ -63,6 +63,12 @@ pub enum Command {
     Check(CheckArgs),
     /// Fail when the latest snapshot of a source is too old; optionally test-restore it.
     Verify(VerifyArgs),
+    /// Mount every snapshot read-only with FUSE (foreground; Ctrl-C unmounts).
+    Mount(MountArgs),
+    /// Show added, removed and changed paths between two snapshots.
+    Diff(DiffArgs),
+    /// Find files by name (or path) glob across snapshots.
+    Find(FindArgs),
     /// Manage keys (passwords) of the repository.
     Key {
         #[command(subcommand)]
@@ -276,4 +282,37 @@ pub struct VerifyArgs {
     /// Directory for the temporary restore.
     #[arg(long)]
     pub temp_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// Empty directory to mount on.
+    pub mountpoint: PathBuf,
+    /// Let other users access the mount (needs user_allow_other in /etc/fuse.conf for non-root).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Memory for decrypted chunks, in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub cache_mib: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct DiffArgs {
+    pub from: String,
+    pub to: String,
+    /// Also list metadata-only changes.
+    #[arg(long)]
+    pub metadata: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct FindArgs {
+    /// Glob; matched against names, or against paths when it contains `/`.
+    pub pattern: String,
+    /// Only these snapshots (repeatable; id prefix or latest).
+    #[arg(long = "snapshot")]
+    pub snapshots: Vec<String>,
+    /// Only snapshots of this source.
+    #[arg(long)]
+    pub source: Option<String>,
 }

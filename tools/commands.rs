@@ -28,6 +28,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Maintain(a) => maintain(g, a),
         Command::Check(a) => check(g, a),
         Command::Verify(a) => verify(g, a),
+        Command::Mount(a) => mount(g, a),
+        Command::Diff(a) => diff(g, a),
+        Command::Find(a) => find(g, a),
         Command::Key { command } => key(g, command),
         Command::Repair { command } => match command {
             RepairCommand::Index => repair_index(g),
@@ -847,4 +850,105 @@ fn repair_snapshots(g: &Global, dry_run: bool) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn mount(g: &Global, a: MountArgs) -> Result<ExitCode> {
+    // Fail fast on a missing FUSE before asking for a password.
+    marmoset_fuse::preflight(&a.mountpoint)?;
+    let repo = Arc::new(open(g)?);
+    let opts = marmoset_fuse::MountOptions {
+        allow_other: a.allow_other,
+        cache_bytes: a.cache_mib << 20,
+        ..Default::default()
+    };
+    if !g.json {
+        eprintln!(
+            "mounted at {}; press Ctrl-C to unmount",
+            a.mountpoint.display()
+        );
+    }
+    marmoset_fuse::run_foreground(repo, &a.mountpoint, &opts)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn diff(g: &Global, a: DiffArgs) -> Result<ExitCode> {
+    let repo = open(g)?;
+    let (_, from) = repo.resolve_snapshot(&a.from)?;
+    let (_, to) = repo.resolve_snapshot(&a.to)?;
+    let entries: Vec<_> = marmoset_storage::diff(&repo, &from, &to)?
+        .into_iter()
+        .filter(|e| a.metadata || e.change != marmoset_storage::Change::Metadata)
+        .collect();
+    if g.json {
+        print_json(&serde_json::to_value(&entries)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut out = std::io::stdout().lock();
+    let (mut added, mut removed, mut modified) = (0, 0, 0);
+    for e in &entries {
+        let sign = match e.change {
+            marmoset_storage::Change::Added => {
+                added += 1;
+                "+"
+            }
+            marmoset_storage::Change::Removed => {
+                removed += 1;
+                "-"
+            }
+            marmoset_storage::Change::Modified => {
+                modified += 1;
+                "M"
+            }
+            marmoset_storage::Change::Metadata => "U",
+        };
+        let slash = if e.kind == NodeKind::Dir { "/" } else { "" };
+        writeln!(out, "{sign}    {}{slash}", e.path)?;
+    }
+    writeln!(out, "{added} added, {removed} removed, {modified} modified")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn find(g: &Global, a: FindArgs) -> Result<ExitCode> {
+    let repo = open(g)?;
+    let snaps = if a.snapshots.is_empty() {
+        repo.snapshots()?
+            .0
+            .into_iter()
+            .filter(|(_, s)| a.source.as_ref().is_none_or(|src| &s.source == src))
+            .collect::<Vec<_>>()
+    } else {
+        a.snapshots
+            .iter()
+            .map(|s| repo.resolve_snapshot(s))
+            .collect::<marmoset_storage::Result<Vec<_>>>()?
+    };
+    let matches = marmoset_storage::find(&repo, &a.pattern, &snaps)?;
+    if g.json {
+        print_json(&serde_json::to_value(&matches)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut out = std::io::stdout().lock();
+    for m in &matches {
+        writeln!(
+            out,
+            "{} {} {:>12} {}",
+            m.snapshot.short(),
+            m.time
+                .with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M:%S"),
+            m.size,
+            m.path
+        )?;
+    }
+    writeln!(
+        out,
+        "{} matches in {} snapshots",
+        matches.len(),
+        snaps.len()
+    )?;
+    Ok(if matches.is_empty() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -304,14 +304,14 @@ impl IndexCache {
     /// Drops every blob, pack and loaded-file record, keeping the file cache
     /// (whose entries are validated against the blob index before use).
     pub fn clear_blobs(&self) -> Result<()> {
+        // Range deletion: constant memory however many blobs are cached.
+        // Every key is shorter than 4 KiB, so [empty, 0xff * 4096) is all.
+        let end = vec![0xffu8; 4096];
         for name in [CF_BLOBS, CF_PACKS, CF_LOADED, CF_UNCOMMITTED] {
             let cf = self.cf(name)?;
-            let mut batch = WriteBatch::default();
-            for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
-                let (k, _) = item.map_err(|e| self.err(e))?;
-                batch.delete_cf(cf, k);
-            }
-            self.db.write(batch).map_err(|e| self.err(e))?;
+            self.db
+                .delete_range_cf(cf, &[][..], &end[..])
+                .map_err(|e| self.err(e))?;
         }
         Ok(())
     }

@@ -15,6 +15,7 @@
 pub mod backend;
 mod backup;
 pub mod blob;
+mod browse;
 mod check;
 mod crypto;
 mod error;
@@ -33,6 +34,7 @@ mod verify;
 
 pub use backup::{backup, BackupOptions, Progress};
 pub use blob::BlobType;
+pub use browse::{diff, find, Change, DiffEntry, FindMatch};
 pub use check::{check, repair_snapshots, CheckReport, ReadData, RepairSnapshotsReport};
 pub use crypto::{KeyFile, Keys};
 pub use error::{Error, Result};

@@ -434,7 +434,6 @@ fn full(repo: &Repository, opts: &MaintainOptions, report: &mut MaintainReport) 
     plan.hidden_at = Some(Utc::now());
     write_plan(&**repo.backend(), &plan_name, &plan)?;
     report.index_files_after = new_index.len() as u64;
-    repo.sync_index()?;
     info!(packs = plan.packs.len(), "packs hidden; deletion planned");
     Ok(())
 }
