@@ -95,7 +95,7 @@ impl ChunkCache {
         }
         g.loading.insert(*id);
         drop(g);
-        let result = self.repo.load_blob(id);
+        let result = self.repo.load_blob_authenticated(id);
         let mut g = lock(&self.inner);
         g.loading.remove(id);
         let out = match result {

@@ -31,7 +31,7 @@ const VIRTUAL_TTL: Duration = Duration::from_secs(1);
 /// The snapshot list is re-read at most this often.
 const REFRESH_TTL: Duration = Duration::from_secs(2);
 /// Chunks fetched ahead of a sequential reader.
-const PREFETCH_CHUNKS: usize = 4;
+const PREFETCH_CHUNKS: usize = 8;
 
 #[derive(Clone)]
 enum Kind {
@@ -116,7 +116,7 @@ fn snap_time_name(s: &Snapshot) -> String {
 
 impl MarmosetFs {
     pub fn new(repo: Arc<Repository>, cache_bytes: usize) -> Self {
-        let cache = ChunkCache::new(repo.clone(), cache_bytes, 2);
+        let cache = ChunkCache::new(repo.clone(), cache_bytes, 3);
         let now = SystemTime::now();
         let root = Inode {
             parent: 1,
@@ -480,6 +480,18 @@ fn nix_gid() -> u32 {
 }
 
 impl Filesystem for MarmosetFs {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        // Larger kernel readahead and more background requests let the
+        // kernel keep several reads in flight, which our prefetch serves.
+        if let Err(max) = config.set_max_readahead(4 << 20) {
+            let _ = config.set_max_readahead(max);
+        }
+        if let Err(max) = config.set_max_background(64) {
+            let _ = config.set_max_background(max);
+        }
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let children = match self.children(parent.0) {
             Ok(c) => c,

@@ -278,6 +278,22 @@ impl Repository {
     }
 
     pub fn load_blob_at(&self, id: &Id, loc: &BlobLocation) -> Result<Vec<u8>> {
+        self.load_blob_with(id, loc, blob::decode)
+    }
+
+    /// Like [`Repository::load_blob`] but trusts the AEAD tag instead of
+    /// re-hashing the plaintext (see `blob::decode_authenticated`).
+    pub fn load_blob_authenticated(&self, id: &Id) -> Result<Vec<u8>> {
+        let loc = self.blob_location(id)?;
+        self.load_blob_with(id, &loc, blob::decode_authenticated)
+    }
+
+    fn load_blob_with(
+        &self,
+        id: &Id,
+        loc: &BlobLocation,
+        decode: fn(&Keys, BlobType, &Id, u8, u32, &[u8]) -> Result<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
         let pack = Id(loc.pack).to_hex();
         let kind = BlobType::from_u8(loc.kind)
             .ok_or_else(|| Error::corrupt(format!("blob {id}"), "unknown blob type in index"))?;
@@ -290,7 +306,7 @@ impl Repository {
                 }
                 other => other,
             })?;
-        blob::decode(&self.keys, kind, id, loc.flags, loc.raw_length, &data).map_err(|e| match e {
+        decode(&self.keys, kind, id, loc.flags, loc.raw_length, &data).map_err(|e| match e {
             Error::Decrypt { what } => Error::Decrypt {
                 what: format!("{what} in pack {pack}"),
             },
