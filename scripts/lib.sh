@@ -28,3 +28,10 @@ apt_need() {
 build_deps() {
     apt_need clang libclang-dev pkg-config fuse3 libfuse3-dev attr
 }
+
+# pip_need MODULE SPEC: installs a Python package when its module is missing.
+pip_need() {
+    python3 -c "import $1" 2>/dev/null && return 0
+    log "installing $2 (pip)"
+    python3 -m pip install -q --disable-pip-version-check "$2" >/dev/null 2>&1
+}

@@ -25,6 +25,39 @@ pub struct Global {
     /// Read the repository password from this file (first line).
     #[arg(long, env = "MARMOSET_PASSWORD_FILE", global = true)]
     pub password_file: Option<PathBuf>,
+    /// S3: parallel uploads.
+    #[arg(
+        long,
+        env = "MARMOSET_S3_CONNECTIONS",
+        global = true,
+        default_value_t = 8
+    )]
+    pub s3_connections: usize,
+    /// S3: region (default: from the endpoint host, AWS_REGION, or us-east-1).
+    #[arg(long, env = "MARMOSET_S3_REGION", global = true)]
+    pub s3_region: Option<String>,
+    /// S3: path-style addressing (host/bucket/key), needed by most S3-compatibles.
+    #[arg(long, env = "MARMOSET_S3_PATH_STYLE", global = true, default_value_t = true, action = clap::ArgAction::Set)]
+    pub s3_path_style: bool,
+    /// S3: checksum headers: when_required (compatible) or when_supported (AWS default).
+    #[arg(
+        long,
+        env = "MARMOSET_S3_CHECKSUMS",
+        global = true,
+        default_value = "when_required"
+    )]
+    pub s3_checksums: String,
+    /// S3: objects above this many MiB are uploaded in parallel parts.
+    #[arg(
+        long,
+        env = "MARMOSET_S3_MULTIPART_MIB",
+        global = true,
+        default_value_t = 64
+    )]
+    pub s3_multipart_mib: usize,
+    /// Limit upload bandwidth, in KiB/s.
+    #[arg(long, env = "MARMOSET_LIMIT_UPLOAD", global = true)]
+    pub limit_upload: Option<u64>,
     /// Machine-readable JSON on stdout instead of tables.
     #[arg(long, global = true)]
     pub json: bool,

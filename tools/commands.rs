@@ -43,11 +43,56 @@ fn open_backend(g: &Global) -> Result<Arc<dyn Backend>> {
     let Some(repo) = g.repo.as_deref() else {
         bail!("no repository given: use --repo or MARMOSET_REPOSITORY");
     };
-    if let Some(rest) = repo.strip_prefix("s3:") {
-        bail!("S3 repositories ({rest}) are not supported by this build yet");
+    if repo.starts_with("s3:") {
+        let mut o = marmoset_storage::backend::s3::S3Options::from_url(repo)?;
+        if let Some(r) = g
+            .s3_region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok())
+        {
+            o.region = r;
+        }
+        o.path_style = g.s3_path_style;
+        o.checksums_when_required = match g.s3_checksums.as_str() {
+            "when_required" => true,
+            "when_supported" => false,
+            other => bail!("--s3-checksums {other:?}: use when_required or when_supported"),
+        };
+        o.connections = g.s3_connections.max(1);
+        o.multipart_threshold = g.s3_multipart_mib.max(5) << 20;
+        o.part_size = o.multipart_threshold.clamp(5 << 20, 16 << 20);
+        o.limit_upload = g.limit_upload.map(|k| k * 1024);
+        let s3: Arc<dyn Backend> = Arc::new(marmoset_storage::backend::s3::S3Backend::new(o)?);
+        // Index files and snapshots are immutable: keep local copies.
+        let root = g.cache_dir.clone().unwrap_or_else(default_cache_root);
+        let dir = root
+            .join("objects")
+            .join(Id::of_bytes(s3.location().as_bytes()).short());
+        return Ok(Arc::new(
+            marmoset_storage::backend::cache::CachedBackend::new(s3, dir),
+        ));
     }
     let path = repo.strip_prefix("local:").unwrap_or(repo);
     Ok(Arc::new(FsBackend::new(path)))
+}
+
+fn default_cache_root() -> std::path::PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
+        return std::path::PathBuf::from(x).join("marmoset");
+    }
+    std::env::var_os("HOME")
+        .map(|h| std::path::PathBuf::from(h).join(".cache").join("marmoset"))
+        .unwrap_or_else(|| std::env::temp_dir().join("marmoset-cache"))
+}
+
+fn print_backend_stats(repo: &Repository) {
+    if let Some(s) = repo.backend().stats() {
+        println!(
+            "requests: {} put, {} get, {} head, {} list, {} delete, {} multipart, {} retries; {} up, {} down (B2 class A {}, B {}, C {})",
+            s.put, s.get, s.head, s.list, s.delete, s.multipart, s.retries,
+            bytes(s.bytes_up), bytes(s.bytes_down), s.b2_class_a, s.b2_class_b, s.b2_class_c
+        );
+    }
 }
 
 fn read_password_file(path: &std::path::Path) -> Result<Vec<u8>> {
@@ -170,7 +215,7 @@ fn backup(g: &Global, a: BackupArgs) -> Result<ExitCode> {
     let s = &snap.summary;
     if g.json {
         print_json(
-            &json!({"snapshot": id, "source": snap.source, "incomplete": snap.incomplete, "summary": s}),
+            &json!({"snapshot": id, "source": snap.source, "incomplete": snap.incomplete, "summary": s, "backend": repo.backend().stats()}),
         )?;
     } else {
         for e in &s.errors {
@@ -190,6 +235,7 @@ fn backup(g: &Global, a: BackupArgs) -> Result<ExitCode> {
             s.tree_blobs_added
         );
         println!("snapshot {} saved in {:.2}s", id.short(), s.duration_secs);
+        print_backend_stats(&repo);
         if snap.incomplete {
             eprintln!(
                 "warning: {} files or folders could not be read; the snapshot is incomplete",
@@ -357,7 +403,9 @@ fn restore(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
     let summary = marmoset_storage::restore(&repo, &snap, path, &a.target, &opts, &progress)?;
     drop(ticker);
     if g.json {
-        print_json(&json!({"snapshot": id, "summary": summary}))?;
+        print_json(
+            &json!({"snapshot": id, "summary": summary, "backend": repo.backend().stats()}),
+        )?;
     } else {
         for e in &summary.errors {
             eprintln!("error: {}: {}", e.path, e.error);

@@ -297,7 +297,10 @@ pub fn backup(
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
         .max(1);
-    let uploaders = opts.uploaders.unwrap_or(2).max(1);
+    let uploaders = opts
+        .uploaders
+        .unwrap_or_else(|| repo.backend().write_parallelism())
+        .max(1);
     let (upload_tx, upload_rx) = bounded::<PackBuilder>(PACK_QUEUE);
     let saver = Saver {
         repo,

@@ -28,6 +28,9 @@ impl BlobType {
     }
 }
 
+/// A blob decoder: `decode` or `decode_authenticated`.
+pub type Decoder = fn(&Keys, BlobType, &Id, u8, u32, &[u8]) -> Result<Vec<u8>>;
+
 /// Flag bit: the plaintext was zstd-compressed before encryption.
 pub const FLAG_ZSTD: u8 = 1;
 

@@ -292,7 +292,7 @@ impl Repository {
         &self,
         id: &Id,
         loc: &BlobLocation,
-        decode: fn(&Keys, BlobType, &Id, u8, u32, &[u8]) -> Result<Vec<u8>>,
+        decode: blob::Decoder,
     ) -> Result<Vec<u8>> {
         let pack = Id(loc.pack).to_hex();
         let kind = BlobType::from_u8(loc.kind)

@@ -310,3 +310,134 @@ pub fn without_dac_override(mut c: Command) -> Command {
     }
     c
 }
+
+/// A real S3-compatible server (moto) on a free loopback port, with one
+/// bucket; killed on drop. `None` (test skipped with a message) when moto
+/// is not installed — `./scripts/test` installs it.
+pub struct S3Server {
+    child: std::process::Child,
+    pub port: u16,
+    pub bucket: String,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(30) {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
+
+impl S3Server {
+    pub fn start() -> Option<S3Server> {
+        let port = free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let Ok(child) = child else {
+            eprintln!("skipping: moto_server not installed (pip install 'moto[server]')");
+            return None;
+        };
+        let mut s = S3Server {
+            child,
+            port,
+            bucket: "marmoset".into(),
+        };
+        assert!(wait_port(port), "moto did not start");
+        // Create the bucket with a plain HTTP PUT (moto accepts it unsigned).
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(c, "PUT /{} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", s.bucket).unwrap();
+        let mut resp = String::new();
+        let _ = c.read_to_string(&mut resp);
+        assert!(resp.starts_with("HTTP/1.1 200"), "bucket creation: {resp}");
+        s.bucket = s.bucket.clone();
+        Some(s)
+    }
+
+    pub fn url(&self, prefix: &str) -> String {
+        format!("s3:http://127.0.0.1:{}/{}/{prefix}", self.port, self.bucket)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The fault-injecting proxy in front of a port; killed on drop.
+pub struct FaultProxy {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: u16, probability: f64, seed: u64, delay_ms: u64) -> FaultProxy {
+        let port = free_port();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fault_proxy.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .args([
+                port.to_string(),
+                upstream.to_string(),
+                probability.to_string(),
+                seed.to_string(),
+                delay_ms.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(wait_port(port), "proxy did not start");
+        FaultProxy { child, port }
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Env {
+    /// A command against an S3 repository URL with test credentials.
+    pub fn s3_cmd(&self, url: &str) -> Command {
+        let mut c = self.cmd();
+        c.env("MARMOSET_REPOSITORY", url)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env_remove("AWS_PROFILE");
+        c
+    }
+
+    pub fn s3_ok(&self, url: &str, args: &[&str]) -> Output {
+        let out = self
+            .s3_cmd(url)
+            .args(args)
+            .output()
+            .expect("spawn marmoset");
+        assert!(
+            out.status.success(),
+            "marmoset {args:?} on {url} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+}

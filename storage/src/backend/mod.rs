@@ -6,8 +6,10 @@
 //! The repository layout (which kind lives in which folder) is defined once,
 //! in [`object_path`]. Every backend must pass [`conformance::run_all`].
 
+pub mod cache;
 pub mod conformance;
 pub mod fs;
+pub mod s3;
 
 use std::fmt;
 
@@ -91,6 +93,14 @@ pub trait ReadBackend: Send + Sync {
     fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>>;
     /// Size of one object, `NotFound` when it does not exist.
     fn size(&self, kind: FileKind, name: &str) -> Result<u64>;
+    /// Request and byte counters, for backends that bill by request.
+    fn stats(&self) -> Option<s3::BackendStats> {
+        None
+    }
+    /// How many objects callers should write in parallel.
+    fn write_parallelism(&self) -> usize {
+        2
+    }
 }
 
 /// Lists the names (not paths) and sizes of all objects of a kind.

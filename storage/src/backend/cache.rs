@@ -1,0 +1,111 @@
+//! A local cache of immutable metadata objects (index files, snapshots) in
+//! front of a remote backend, so listing snapshots or opening a repository
+//! does not download them again. Both kinds are named by the hash of their
+//! bytes, so a cached copy is verified on every read and can never be stale;
+//! a damaged copy is simply fetched again.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::{Backend, DeleteBackend, FileKind, ListBackend, ReadBackend, WriteBackend};
+use crate::error::Result;
+use crate::id::Id;
+
+pub struct CachedBackend {
+    inner: Arc<dyn Backend>,
+    dir: PathBuf,
+}
+
+impl CachedBackend {
+    pub fn new(inner: Arc<dyn Backend>, dir: PathBuf) -> Self {
+        Self { inner, dir }
+    }
+
+    fn cached(kind: FileKind) -> bool {
+        matches!(kind, FileKind::Index | FileKind::Snapshot)
+    }
+
+    fn path(&self, kind: FileKind, name: &str) -> PathBuf {
+        self.dir.join(kind.folder().unwrap_or("")).join(name)
+    }
+
+    fn store(&self, kind: FileKind, name: &str, data: &[u8]) {
+        let p = self.path(kind, name);
+        if let Some(parent) = p.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        // Best effort: the cache is an optimisation.
+        let tmp = p.with_extension("tmp");
+        if std::fs::write(&tmp, data).is_ok() {
+            let _ = std::fs::rename(&tmp, &p);
+        }
+    }
+}
+
+impl ReadBackend for CachedBackend {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+
+    fn read(&self, kind: FileKind, name: &str) -> Result<Vec<u8>> {
+        if Self::cached(kind) {
+            if let Ok(data) = std::fs::read(self.path(kind, name)) {
+                if Id::of_bytes(&data).to_hex() == name {
+                    return Ok(data);
+                }
+            }
+            let data = self.inner.read(kind, name)?;
+            if Id::of_bytes(&data).to_hex() == name {
+                self.store(kind, name, &data);
+            }
+            return Ok(data);
+        }
+        self.inner.read(kind, name)
+    }
+
+    fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
+        self.inner.read_range(kind, name, offset, length)
+    }
+
+    fn size(&self, kind: FileKind, name: &str) -> Result<u64> {
+        self.inner.size(kind, name)
+    }
+
+    fn stats(&self) -> Option<super::s3::BackendStats> {
+        self.inner.stats()
+    }
+
+    fn write_parallelism(&self) -> usize {
+        self.inner.write_parallelism()
+    }
+}
+
+impl ListBackend for CachedBackend {
+    fn list(&self, kind: FileKind) -> Result<Vec<(String, u64)>> {
+        self.inner.list(kind)
+    }
+}
+
+impl WriteBackend for CachedBackend {
+    fn create(&self) -> Result<()> {
+        self.inner.create()
+    }
+
+    fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
+        self.inner.write(kind, name, data)?;
+        if Self::cached(kind) {
+            self.store(kind, name, data);
+        }
+        Ok(())
+    }
+}
+
+impl DeleteBackend for CachedBackend {
+    fn remove(&self, kind: FileKind, name: &str) -> Result<()> {
+        self.inner.remove(kind, name)?;
+        if Self::cached(kind) {
+            let _ = std::fs::remove_file(self.path(kind, name));
+        }
+        Ok(())
+    }
+}
