@@ -22,13 +22,13 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use fastcdc::v2020::{Normalization, StreamCDC};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use marmoset_index::FileCacheEntry;
 use tracing::{debug, warn};
 
 use crate::backend::FileKind;
 use crate::blob::{self, BlobType, EncodedBlob};
+use crate::chunker::Chunker;
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::lease::{Lease, LeaseKind};
@@ -705,12 +705,14 @@ fn read_xattrs(path: &Path) -> Vec<Xattr> {
 }
 
 fn file_worker(saver: &Saver, jobs: Receiver<FileJob>, chunks: Sender<Chunk>) {
+    // Reused for every file this worker reads.
+    let mut buf = Vec::new();
     for job in jobs {
         if saver.aborted() {
             let _ = job.reply.send(Err("backup aborted".into()));
             continue;
         }
-        let result = read_file(saver, &job.path, &chunks);
+        let result = read_file(saver, &job.path, &chunks, &mut buf);
         let reply = match result {
             Ok(c) => Ok(c),
             Err(FileError::Source(msg)) => Err(msg),
@@ -735,46 +737,32 @@ fn read_file(
     saver: &Saver,
     path: &Path,
     chunks: &Sender<Chunk>,
+    buf: &mut Vec<u8>,
 ) -> std::result::Result<FileContent, FileError> {
     if let Ok(mut cur) = saver.progress.current.try_lock() {
         cur.clear();
         cur.push_str(&path.to_string_lossy());
     }
     let f = File::open(path).map_err(|e| FileError::Source(e.to_string()))?;
-    let cfg = &saver.repo.config().chunker;
     let keys = saver.repo.keys();
-    let chunker = StreamCDC::with_level_and_seed(
-        f,
-        cfg.min_size as usize,
-        cfg.avg_size as usize,
-        cfg.max_size as usize,
-        Normalization::Level1,
-        keys.chunker_seed(),
-    );
+    let chunker = Chunker::new(f, buf, &saver.repo.config().chunker, keys.chunker_seed());
     let mut ids = Vec::new();
     let mut size = 0u64;
     for chunk in chunker {
         if saver.aborted() {
             return Err(FileError::Fatal(Error::Aborted("backup aborted".into())));
         }
-        let chunk =
+        let data =
             chunk.map_err(|e| FileError::Source(format!("read failed at byte {size}: {e}")))?;
-        size += chunk.length as u64;
-        saver
-            .progress
-            .bytes_read
-            .fetch_add(chunk.length as u64, Ordering::Relaxed);
-        let id = keys.content_id(&chunk.data);
+        let len = data.len() as u64;
+        size += len;
+        saver.progress.bytes_read.fetch_add(len, Ordering::Relaxed);
+        let id = keys.content_id(&data);
         ids.push(id);
         if saver.claim(&id).map_err(FileError::Fatal)? {
-            chunks
-                .send(Chunk {
-                    id,
-                    data: chunk.data,
-                })
-                .map_err(|_| {
-                    FileError::Fatal(Error::Aborted("compression workers stopped".into()))
-                })?;
+            chunks.send(Chunk { id, data }).map_err(|_| {
+                FileError::Fatal(Error::Aborted("compression workers stopped".into()))
+            })?;
         }
     }
     if ids.len() <= tree::MAX_DIRECT_CHUNKS {

@@ -85,6 +85,12 @@ impl ReadBackend for FsBackend {
             .map(|m| m.len())
             .map_err(|e| Self::err("stat", kind, name, e))
     }
+
+    /// A local write of a sealed pack takes milliseconds: one writer keeps
+    /// up, and every extra one would hold another pack in memory.
+    fn write_parallelism(&self) -> usize {
+        1
+    }
 }
 
 impl ListBackend for FsBackend {
