@@ -107,7 +107,7 @@ fn faults_are_retried_and_data_stays_bit_identical() {
     let direct = server.url("faulty");
     env.s3_ok(&direct, &["init"]);
     for seed in [1u64, 2] {
-        let proxy = FaultProxy::start(server.port, 0.25, seed, 0);
+        let proxy = FaultProxy::start(server.port, 0.15, seed, 0);
         let via = format!(
             "s3:http://127.0.0.1:{}/{}/faulty",
             proxy.port, server.bucket

@@ -158,7 +158,7 @@ impl IndexCache {
         opts.create_missing_column_families(true);
         // Bounded memory: a small memtable and few background jobs; the cache
         // is on the backup's hot path but never large per operation.
-        opts.set_write_buffer_size(16 << 20);
+        opts.set_write_buffer_size(8 << 20);
         opts.set_max_background_jobs(2);
         opts.set_keep_log_file_num(2);
         let cfs = ALL_CFS

@@ -78,6 +78,9 @@ struct Saver<'r> {
     repo: &'r Repository,
     level: i32,
     pack_size: usize,
+    /// Room for a full pack plus its largest possible last blob and the
+    /// trailer, so sealing never reallocates (which would double memory).
+    pack_capacity: usize,
     inflight: Mutex<HashSet<Id>>,
     packer: Mutex<PackBuilder>,
     /// Taken (and so closed) once all blobs are queued.
@@ -132,7 +135,7 @@ impl<'r> Saver<'r> {
             if p.len() >= self.pack_size {
                 Some(std::mem::replace(
                     &mut *p,
-                    PackBuilder::with_capacity(self.pack_size + (1 << 20)),
+                    PackBuilder::with_capacity(self.pack_capacity),
                 ))
             } else {
                 None
@@ -302,14 +305,15 @@ pub fn backup(
         .unwrap_or_else(|| repo.backend().write_parallelism())
         .max(1);
     let (upload_tx, upload_rx) = bounded::<PackBuilder>(PACK_QUEUE);
+    let pack_size = repo.config().pack_size as usize;
+    let pack_capacity = pack_size + repo.config().chunker.max_size as usize + (1 << 20);
     let saver = Saver {
         repo,
         level: repo.config().compression_level,
-        pack_size: repo.config().pack_size as usize,
+        pack_size,
+        pack_capacity,
         inflight: Mutex::new(HashSet::new()),
-        packer: Mutex::new(PackBuilder::with_capacity(
-            repo.config().pack_size as usize + (1 << 20),
-        )),
+        packer: Mutex::new(PackBuilder::with_capacity(pack_capacity)),
         upload_tx: Mutex::new(Some(upload_tx)),
         pending_index: Mutex::new(Vec::new()),
         stats: Stats::default(),
@@ -408,17 +412,8 @@ pub fn backup(
         .ok_or_else(|| Error::Aborted("no root tree".into()))?;
     // A maintenance hid packs while we ran: make sure every blob we
     // referenced (possibly by dedup against now-hidden packs) is indexed.
-    if let Some(plan_time) = crate::maintain::newest_plan(&**repo.backend())? {
-        if plan_time + crate::maintain::CLOCK_SKEW > session.info.created {
-            let rescued = crate::maintain::rescue_referenced(repo, &root_parts)?;
-            if rescued > 0 {
-                warn!(
-                    rescued,
-                    "re-indexed packs that maintenance had planned to delete"
-                );
-            }
-        }
-    }
+    let checked_at = chrono::Utc::now();
+    rescue_if_planned_since(repo, &root_parts, session.info.created)?;
     let snap = Snapshot {
         version: 1,
         time,
@@ -429,7 +424,7 @@ pub fn backup(
         tags: opts.tags.clone(),
         tree,
         tree_parts: if root_parts.len() > 1 {
-            root_parts
+            root_parts.clone()
         } else {
             Vec::new()
         },
@@ -439,8 +434,31 @@ pub fn backup(
         summary,
     };
     let id = repo.save_snapshot(&snap)?;
+    // A plan made between the check above and the snapshot write could
+    // not see the snapshot: check once more (maintenance also rescues
+    // referenced blobs it finds only in planned packs).
+    rescue_if_planned_since(repo, &root_parts, checked_at)?;
     drop(session);
     Ok((id, snap))
+}
+
+fn rescue_if_planned_since(
+    repo: &Repository,
+    root_parts: &[Id],
+    since: chrono::DateTime<chrono::Utc>,
+) -> Result<()> {
+    if let Some(plan_time) = crate::maintain::newest_plan(&**repo.backend())? {
+        if plan_time + crate::maintain::CLOCK_SKEW > since {
+            let rescued = crate::maintain::rescue_referenced(repo, root_parts)?;
+            if rescued > 0 {
+                warn!(
+                    rescued,
+                    "re-indexed packs that maintenance had planned to delete"
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 struct WalkCtx<'r> {

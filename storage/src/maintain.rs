@@ -304,7 +304,14 @@ pub(crate) fn mark(repo: &Repository, report: &mut MaintainReport) -> Result<Mar
                 continue;
             }
             report.trees_walked += 1;
-            let tree = repo.load_tree(&tree_id)?;
+            let tree = match repo.load_tree(&tree_id) {
+                // A backup that finished during an earlier phase 1 may
+                // reference a tree only a planned pack holds: rescue it.
+                Err(Error::BlobNotFound { id }) if rescue_blob(repo, &id)? => {
+                    repo.load_tree(&tree_id)?
+                }
+                other => other?,
+            };
             for node in tree.nodes {
                 match node.kind {
                     NodeKind::Dir => stack.extend(node.subtree),
@@ -624,4 +631,25 @@ pub(crate) fn rescue_referenced(repo: &Repository, root_parts: &[Id]) -> Result<
             missing.len()
         ),
     ))
+}
+
+/// Re-indexes the planned pack holding `id`, if any. Returns whether found.
+fn rescue_blob(repo: &Repository, id: &Id) -> Result<bool> {
+    let sizes: HashMap<String, u64> = repo.backend().list(FileKind::Pack)?.into_iter().collect();
+    for pack in planned_packs(&**repo.backend())? {
+        let Some(&size) = sizes.get(&pack) else {
+            continue;
+        };
+        let Ok(entries) = repo.read_pack_trailer(&pack, size) else {
+            continue;
+        };
+        if entries.iter().any(|e| e.id == *id) {
+            let pid = Id::from_hex(&pack)
+                .ok_or_else(|| Error::corrupt(format!("pack {pack}"), "bad name"))?;
+            repo.write_index(&[(pid, entries)])?;
+            warn!(pack = %pack, blob = %id, "re-indexed a planned pack that a snapshot needs");
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }

@@ -358,11 +358,20 @@ impl S3Server {
         };
         assert!(wait_port(port), "moto did not start");
         // Create the bucket with a plain HTTP PUT (moto accepts it unsigned).
+        // The port may accept connections before the app answers: retry.
         use std::io::{Read, Write};
-        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        write!(c, "PUT /{} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", s.bucket).unwrap();
         let mut resp = String::new();
-        let _ = c.read_to_string(&mut resp);
+        for _ in 0..100 {
+            resp.clear();
+            if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                let _ = write!(c, "PUT /{} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", s.bucket);
+                let _ = c.read_to_string(&mut resp);
+            }
+            if resp.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         assert!(resp.starts_with("HTTP/1.1 200"), "bucket creation: {resp}");
         s.bucket = s.bucket.clone();
         Some(s)

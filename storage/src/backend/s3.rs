@@ -66,7 +66,7 @@ impl Default for S3Options {
             connections: 8,
             multipart_threshold: 64 << 20,
             part_size: 16 << 20,
-            max_attempts: 8,
+            max_attempts: 10,
             limit_upload: None,
             timeout: Duration::from_secs(120),
             static_credentials: None,
