@@ -370,15 +370,7 @@ impl MarmosetFs {
                 VIRTUAL_TTL,
             ),
             Kind::Tree(n) => {
-                let kind = match n.kind {
-                    NodeKind::Dir => FileType::Directory,
-                    NodeKind::File => FileType::RegularFile,
-                    NodeKind::Symlink => FileType::Symlink,
-                    NodeKind::Fifo => FileType::NamedPipe,
-                    NodeKind::Socket => FileType::Socket,
-                    NodeKind::Chardev => FileType::CharDevice,
-                    NodeKind::Blockdev => FileType::BlockDevice,
-                };
+                let kind = file_type(n.kind);
                 let size = match n.kind {
                     NodeKind::File => n.size,
                     NodeKind::Symlink => n.link_target.as_ref().map_or(0, |t| t.len() as u64),
@@ -466,6 +458,18 @@ impl MarmosetFs {
             }
         }
         Ok(out)
+    }
+}
+
+fn file_type(kind: NodeKind) -> FileType {
+    match kind {
+        NodeKind::Dir => FileType::Directory,
+        NodeKind::File => FileType::RegularFile,
+        NodeKind::Symlink => FileType::Symlink,
+        NodeKind::Fifo => FileType::NamedPipe,
+        NodeKind::Socket => FileType::Socket,
+        NodeKind::Chardev => FileType::CharDevice,
+        NodeKind::Blockdev => FileType::BlockDevice,
     }
 }
 
@@ -647,15 +651,7 @@ impl Filesystem for MarmosetFs {
                 .map(
                     |(_, c)| match t.inodes.get(*c as usize - 1).map(|i| &i.kind) {
                         Some(Kind::VirtualLink(_)) => FileType::Symlink,
-                        Some(Kind::Tree(n)) => match n.kind {
-                            NodeKind::Dir => FileType::Directory,
-                            NodeKind::File => FileType::RegularFile,
-                            NodeKind::Symlink => FileType::Symlink,
-                            NodeKind::Fifo => FileType::NamedPipe,
-                            NodeKind::Socket => FileType::Socket,
-                            NodeKind::Chardev => FileType::CharDevice,
-                            NodeKind::Blockdev => FileType::BlockDevice,
-                        },
+                        Some(Kind::Tree(n)) => file_type(n.kind),
                         _ => FileType::Directory,
                     },
                 )

@@ -244,21 +244,18 @@ impl IndexCache {
 
     /// Every pack listed by a loaded repository index file.
     pub fn packs(&self) -> Result<Vec<RawId>> {
-        let cf = self.cf(CF_PACKS)?;
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
-            let (k, _) = item.map_err(|e| self.err(e))?;
-            if let Ok(id) = <RawId>::try_from(&k[..]) {
-                out.push(id);
-            }
-        }
-        Ok(out)
+        self.id_keys(CF_PACKS)
     }
 
     /// Packs whose blobs are cached but that no loaded index file lists yet
     /// (written by a backup on this machine that has not indexed them).
     pub fn uncommitted_packs(&self) -> Result<Vec<RawId>> {
-        let cf = self.cf(CF_UNCOMMITTED)?;
+        self.id_keys(CF_UNCOMMITTED)
+    }
+
+    /// All 32-byte keys of a column family.
+    fn id_keys(&self, name: &str) -> Result<Vec<RawId>> {
+        let cf = self.cf(name)?;
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
             let (k, _) = item.map_err(|e| self.err(e))?;

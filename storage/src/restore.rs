@@ -266,7 +266,7 @@ impl Walker<'_, '_> {
             return Ok(());
         }
         let selected = selected || !self.filter.has_includes || self.filter.includes.is_match(rel);
-        let path = parent.join(std::ffi::OsStr::from_bytes_compat(&node.name));
+        let path = parent.join(crate::util::os_str(&node.name));
         if node.kind == NodeKind::Dir {
             if selected {
                 if let Err(e) = create_real_dir(&path) {
@@ -303,7 +303,7 @@ impl Walker<'_, '_> {
         match node.kind {
             NodeKind::Symlink => {
                 let target = node.link_target.clone().unwrap_or_default();
-                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes_compat(&target), path)?;
+                std::os::unix::fs::symlink(crate::util::os_str(&target), path)?;
                 self.summary.links += 1;
             }
             NodeKind::Fifo => {
@@ -393,16 +393,6 @@ impl Walker<'_, '_> {
             offset += raw;
         }
         Ok(())
-    }
-}
-
-/// `OsStr` from raw bytes (Unix names are bytes).
-trait FromBytesCompat {
-    fn from_bytes_compat(b: &[u8]) -> &Self;
-}
-impl FromBytesCompat for std::ffi::OsStr {
-    fn from_bytes_compat(b: &[u8]) -> &Self {
-        std::os::unix::ffi::OsStrExt::from_bytes(b)
     }
 }
 
@@ -508,7 +498,7 @@ fn apply_file_meta(file: &File, node: &Node, is_root: bool) -> std::io::Result<(
 
 fn xattr_set_fd(file: &File, x: &crate::tree::Xattr) -> std::io::Result<()> {
     use xattr::FileExt as _;
-    file.set_xattr(std::ffi::OsStr::from_bytes_compat(&x.name), &x.value)
+    file.set_xattr(crate::util::os_str(&x.name), &x.value)
 }
 
 fn apply_meta(path: &Path, node: &Node, is_root: bool) -> std::io::Result<()> {
@@ -522,7 +512,7 @@ fn apply_meta(path: &Path, node: &Node, is_root: bool) -> std::io::Result<()> {
         return filetime::set_symlink_file_times(path, t, t);
     }
     for x in &node.xattrs {
-        if let Err(e) = xattr::set(path, std::ffi::OsStr::from_bytes_compat(&x.name), &x.value) {
+        if let Err(e) = xattr::set(path, crate::util::os_str(&x.name), &x.value) {
             warn!(path = %path.display(), error = %e, "xattr not restored");
         }
     }

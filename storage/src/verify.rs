@@ -139,7 +139,7 @@ fn verify_dir(repo: &Repository, dir: &Node, path: &Path, v: &mut SourceVerdict)
         if !node.has_safe_name() {
             continue;
         }
-        let p = path.join(std::ffi::OsStr::from_bytes_compat(&node.name));
+        let p = path.join(crate::util::os_str(&node.name));
         match node.kind {
             NodeKind::Dir => verify_dir(repo, &node, &p, v)?,
             NodeKind::File => {
@@ -176,13 +176,4 @@ fn verify_file(repo: &Repository, node: &Node, path: &Path, v: &mut SourceVerdic
         ));
     }
     Ok(())
-}
-
-trait FromBytesCompat {
-    fn from_bytes_compat(b: &[u8]) -> &Self;
-}
-impl FromBytesCompat for std::ffi::OsStr {
-    fn from_bytes_compat(b: &[u8]) -> &Self {
-        std::os::unix::ffi::OsStrExt::from_bytes(b)
-    }
 }
