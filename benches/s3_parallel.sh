@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
-pip_need moto.server 'moto[server]'
+need_moto
 cargo build --release --bin marmoset
 M="$CARGO_TARGET_DIR/release/marmoset"
 SIZE=${1:-1024}
