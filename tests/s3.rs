@@ -93,6 +93,19 @@ fn backup_restore_round_trip_on_s3() {
             .len(),
         1
     );
+    // Trees of a remote repository are cached locally (still encrypted).
+    env.s3_ok(&url, &["ls", "-R", "latest"]);
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&env.s3_ok(&url, &["--json", "cat", "config"]).stdout).unwrap();
+    let blobs = env
+        .cache
+        .join(format!("{}.blobs", cfg["repository_id"].as_str().unwrap()));
+    assert!(
+        fs::read_dir(&blobs).unwrap().count() >= 2,
+        "tree blobs cached in {}",
+        blobs.display()
+    );
+    env.s3_ok(&url, &["ls", "-R", "latest"]);
     env.s3_ok(&url, &["check", "--read-data"]);
     env.s3_ok(&url, &["forget", "--keep-last", "1"]);
     env.s3_ok(&url, &["maintain", "--full", "--safety-margin", "0s"]);

@@ -63,6 +63,20 @@ pub struct Repository {
     key_name: String,
 }
 
+/// Adds the pack to a blob's decryption or corruption error.
+fn in_pack(e: Error, pack: &str) -> Error {
+    match e {
+        Error::Decrypt { what } => Error::Decrypt {
+            what: format!("{what} in pack {pack}"),
+        },
+        Error::Corrupt { what, reason } => Error::Corrupt {
+            what: format!("{what} in pack {pack}"),
+            reason,
+        },
+        other => other,
+    }
+}
+
 /// Summary of one key file for `key list`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct KeyInfo {
@@ -274,7 +288,39 @@ impl Repository {
     /// Reads, decrypts and verifies one blob.
     pub fn load_blob(&self, id: &Id) -> Result<Vec<u8>> {
         let loc = self.blob_location(id)?;
+        if self.backend.is_remote() && loc.kind != BlobType::Data as u8 {
+            return self.load_metadata_blob(id, &loc);
+        }
         self.load_blob_at(id, &loc)
+    }
+
+    /// Trees and chunk lists of a remote repository are kept on local disk,
+    /// still encrypted, so browsing, `ls` and maintenance do not fetch them
+    /// again. A cached copy is authenticated on every use; a bad one is
+    /// dropped and fetched again.
+    fn load_metadata_blob(&self, id: &Id, loc: &BlobLocation) -> Result<Vec<u8>> {
+        let kind = BlobType::from_u8(loc.kind)
+            .ok_or_else(|| Error::corrupt(format!("blob {id}"), "unknown blob type in index"))?;
+        let path = self.index.path().with_extension("blobs").join(id.to_hex());
+        if let Ok(raw) = std::fs::read(&path) {
+            if let Ok(plain) = blob::decode(&self.keys, kind, id, loc.flags, loc.raw_length, &raw) {
+                return Ok(plain);
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        let pack = Id(loc.pack).to_hex();
+        let raw = self.read_blob_bytes(id, &pack, loc)?;
+        let plain = blob::decode(&self.keys, kind, id, loc.flags, loc.raw_length, &raw)
+            .map_err(|e| in_pack(e, &pack))?;
+        if let Some(dir) = path.parent() {
+            if std::fs::create_dir_all(dir).is_ok() {
+                let tmp = path.with_extension("tmp");
+                if std::fs::write(&tmp, &raw).is_ok() {
+                    let _ = std::fs::rename(&tmp, &path);
+                }
+            }
+        }
+        Ok(plain)
     }
 
     pub fn load_blob_at(&self, id: &Id, loc: &BlobLocation) -> Result<Vec<u8>> {
@@ -297,25 +343,20 @@ impl Repository {
         let pack = Id(loc.pack).to_hex();
         let kind = BlobType::from_u8(loc.kind)
             .ok_or_else(|| Error::corrupt(format!("blob {id}"), "unknown blob type in index"))?;
-        let data = self
-            .backend
-            .read_range(FileKind::Pack, &pack, loc.offset, u64::from(loc.length))
+        let data = self.read_blob_bytes(id, &pack, loc)?;
+        decode(&self.keys, kind, id, loc.flags, loc.raw_length, &data)
+            .map_err(|e| in_pack(e, &pack))
+    }
+
+    fn read_blob_bytes(&self, id: &Id, pack: &str, loc: &BlobLocation) -> Result<Vec<u8>> {
+        self.backend
+            .read_range(FileKind::Pack, pack, loc.offset, u64::from(loc.length))
             .map_err(|e| match e {
                 Error::NotFound { .. } => {
                     Error::corrupt(format!("blob {id}"), format!("pack {pack} is missing"))
                 }
                 other => other,
-            })?;
-        decode(&self.keys, kind, id, loc.flags, loc.raw_length, &data).map_err(|e| match e {
-            Error::Decrypt { what } => Error::Decrypt {
-                what: format!("{what} in pack {pack}"),
-            },
-            Error::Corrupt { what, reason } => Error::Corrupt {
-                what: format!("{what} in pack {pack}"),
-                reason,
-            },
-            other => other,
-        })
+            })
     }
 
     /// Reads and authenticates a pack's trailer.

@@ -78,6 +78,10 @@ impl ReadBackend for CachedBackend {
     fn write_parallelism(&self) -> usize {
         self.inner.write_parallelism()
     }
+
+    fn is_remote(&self) -> bool {
+        self.inner.is_remote()
+    }
 }
 
 impl ListBackend for CachedBackend {

@@ -101,6 +101,10 @@ pub trait ReadBackend: Send + Sync {
     fn write_parallelism(&self) -> usize {
         2
     }
+    /// Whether reads cross a network (metadata blobs are then cached).
+    fn is_remote(&self) -> bool {
+        false
+    }
 }
 
 /// Lists the names (not paths) and sizes of all objects of a kind.

@@ -663,6 +663,10 @@ impl ReadBackend for S3Backend {
     fn write_parallelism(&self) -> usize {
         self.opts.connections.max(1)
     }
+
+    fn is_remote(&self) -> bool {
+        true
+    }
 }
 
 impl ListBackend for S3Backend {
