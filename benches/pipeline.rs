@@ -139,5 +139,84 @@ fn whole_pipeline(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, chunker, hash, compress, encrypt, whole_pipeline);
+/// RocksDB index cache with 1M blobs: hits and misses, and batch inserts.
+fn index_lookups(c: &mut Criterion) {
+    use marmoset_index::{BlobLocation, IndexCache};
+    let dir = std::env::temp_dir().join(format!("mrm-bench-idx-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let idx = IndexCache::open(&dir).unwrap();
+    let id = |i: u64| *blake3::hash(&i.to_le_bytes()).as_bytes();
+    let loc = BlobLocation {
+        pack: [1; 32],
+        offset: 0,
+        length: 100,
+        raw_length: 100,
+        kind: 0,
+        flags: 0,
+    };
+    for chunk in (0..1_000_000u64).collect::<Vec<_>>().chunks(50_000) {
+        let batch: Vec<_> = chunk.iter().map(|&i| (id(i), loc)).collect();
+        idx.insert_blobs(&batch, true).unwrap();
+    }
+    let mut g = c.benchmark_group("index_1M");
+    let mut i = 0u64;
+    g.bench_function("lookup_hit", |b| {
+        b.iter(|| {
+            i = (i + 7919) % 1_000_000;
+            idx.get_blob(&id(i)).unwrap()
+        })
+    });
+    g.bench_function("lookup_miss", |b| {
+        b.iter(|| {
+            i += 1;
+            idx.get_blob(&id(2_000_000 + i)).unwrap()
+        })
+    });
+    let mut n = 10_000_000u64;
+    g.throughput(Throughput::Elements(1000));
+    g.bench_function("insert_batch_1000", |b| {
+        b.iter(|| {
+            let batch: Vec<_> = (0..1000).map(|k| (id(n + k), loc)).collect();
+            n += 1000;
+            idx.insert_blobs(&batch, false).unwrap()
+        })
+    });
+    g.finish();
+    drop(idx);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Tree encoding and decoding of a 10 000-entry directory part.
+fn tree_codec(c: &mut Criterion) {
+    use marmoset_storage::{Id, Node, NodeKind, Tree};
+    let nodes: Vec<Node> = (0..10_000u32)
+        .map(|i| {
+            let mut n = Node::new(format!("file-{i:06}.log").into_bytes(), NodeKind::File);
+            n.mode = 0o644;
+            n.size = u64::from(i) * 1000;
+            n.content = vec![Id([i as u8; 32]); 2];
+            n
+        })
+        .collect();
+    let tree = Tree { nodes };
+    let bytes = tree.encode().unwrap();
+    let mut g = c.benchmark_group("tree_10k_entries");
+    g.throughput(Throughput::Elements(10_000));
+    g.bench_function("encode", |b| b.iter(|| tree.encode().unwrap().len()));
+    g.bench_function("decode", |b| {
+        b.iter(|| Tree::decode(&Id::default(), &bytes).unwrap().nodes.len())
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    chunker,
+    hash,
+    compress,
+    encrypt,
+    whole_pipeline,
+    index_lookups,
+    tree_codec
+);
 criterion_main!(benches);
