@@ -10,8 +10,9 @@
 //! Design trade-off: file reads map offset → chunk with a binary search over
 //! chunk start offsets computed at `open`, and every chunk is authenticated
 //! before its bytes are returned, so a damaged blob yields EIO for the
-//! reads that touch it, never wrong bytes. Only this crate may use `unsafe`
-//! (none beyond `getuid`), as the workspace lints state.
+//! reads that touch it, never wrong bytes. The workspace denies `unsafe`;
+//! this crate allows it for `getuid`/`getgid` only (the CLI has one other
+//! documented exception, a `mallopt` call at start-up).
 
 mod cache;
 mod fs;
