@@ -604,22 +604,7 @@ pub(crate) fn rescue_referenced(repo: &Repository, root_parts: &[Id]) -> Result<
     if missing.is_empty() {
         return Ok(0);
     }
-    let mut rescued = 0;
-    let sizes: HashMap<String, u64> = repo.backend().list(FileKind::Pack)?.into_iter().collect();
-    for pack in planned_packs(&**repo.backend())? {
-        let Some(&size) = sizes.get(&pack) else {
-            continue;
-        };
-        let Ok(entries) = repo.read_pack_trailer(&pack, size) else {
-            continue;
-        };
-        if entries.iter().any(|e| missing.contains(&e.id)) {
-            let id = Id::from_hex(&pack)
-                .ok_or_else(|| Error::corrupt(format!("pack {pack}"), "bad name"))?;
-            repo.write_index(&[(id, entries)])?;
-            rescued += 1;
-        }
-    }
+    let rescued = rescue_from_plans(repo, &missing)?;
     if rescued > 0 {
         // Rescued trees may reference more missing blobs: walk again.
         return Ok(rescued + rescue_referenced(repo, root_parts)?);
@@ -635,7 +620,13 @@ pub(crate) fn rescue_referenced(repo: &Repository, root_parts: &[Id]) -> Result<
 
 /// Re-indexes the planned pack holding `id`, if any. Returns whether found.
 fn rescue_blob(repo: &Repository, id: &Id) -> Result<bool> {
+    Ok(rescue_from_plans(repo, &HashSet::from([*id]))? > 0)
+}
+
+/// Re-indexes every planned pack that holds one of `ids`; returns how many.
+fn rescue_from_plans(repo: &Repository, ids: &HashSet<Id>) -> Result<usize> {
     let sizes: HashMap<String, u64> = repo.backend().list(FileKind::Pack)?.into_iter().collect();
+    let mut rescued = 0;
     for pack in planned_packs(&**repo.backend())? {
         let Some(&size) = sizes.get(&pack) else {
             continue;
@@ -643,13 +634,13 @@ fn rescue_blob(repo: &Repository, id: &Id) -> Result<bool> {
         let Ok(entries) = repo.read_pack_trailer(&pack, size) else {
             continue;
         };
-        if entries.iter().any(|e| e.id == *id) {
+        if entries.iter().any(|e| ids.contains(&e.id)) {
             let pid = Id::from_hex(&pack)
                 .ok_or_else(|| Error::corrupt(format!("pack {pack}"), "bad name"))?;
             repo.write_index(&[(pid, entries)])?;
-            warn!(pack = %pack, blob = %id, "re-indexed a planned pack that a snapshot needs");
-            return Ok(true);
+            warn!(pack = %pack, "re-indexed a planned pack that a snapshot needs");
+            rescued += 1;
         }
     }
-    Ok(false)
+    Ok(rescued)
 }
