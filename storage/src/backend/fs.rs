@@ -105,6 +105,9 @@ impl ListBackend for FsBackend {
             }
             FileKind::Pack => {
                 let dir = self.root.join("packs");
+                if !dir.exists() {
+                    return Ok(out);
+                }
                 for sub in fs::read_dir(&dir).map_err(e)? {
                     let sub = sub.map_err(e)?;
                     if sub.file_type().map_err(e)?.is_dir() {
@@ -121,8 +124,15 @@ impl ListBackend for FsBackend {
     }
 }
 
+/// Lists one folder. A folder that does not exist yet holds no objects,
+/// like an S3 prefix (repositories made before a kind existed lack it).
 fn list_dir(dir: &Path, out: &mut Vec<(String, u64)>) -> std::io::Result<()> {
-    for entry in fs::read_dir(dir)? {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err),
+    };
+    for entry in entries {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with(TMP_PREFIX) {
@@ -197,6 +207,20 @@ mod tests {
         let b = FsBackend::new(&dir);
         b.create()?;
         super::super::conformance::run_all(&b)?;
+        let _ = fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_kind_folder_lists_empty_and_is_created_on_write() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("mrm-fs-old-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let b = FsBackend::new(&dir);
+        b.create()?;
+        fs::remove_dir_all(dir.join("plans")).map_err(|e| Error::io(&dir, e))?;
+        assert!(b.list(FileKind::Plan)?.is_empty());
+        b.write(FileKind::Plan, "p1", b"{}")?;
+        assert_eq!(b.list(FileKind::Plan)?.len(), 1);
         let _ = fs::remove_dir_all(&dir);
         Ok(())
     }
