@@ -98,6 +98,8 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Mount every snapshot read-only with FUSE (foreground; Ctrl-C unmounts).
     Mount(MountArgs),
+    /// Kubernetes node agent: back up this node's PersistentVolumes on schedule.
+    Agent(AgentArgs),
     /// Show added, removed and changed paths between two snapshots.
     Diff(DiffArgs),
     /// Find files by name (or path) glob across snapshots.
@@ -348,4 +350,24 @@ pub struct FindArgs {
     /// Only snapshots of this source.
     #[arg(long)]
     pub source: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// Agent configuration (YAML; usually a mounted ConfigMap).
+    #[arg(
+        long,
+        env = "MARMOSET_AGENT_CONFIG",
+        default_value = "/etc/marmoset/agent.yaml"
+    )]
+    pub config: PathBuf,
+    /// This node's name (from the downward API in the DaemonSet).
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+    /// Run this schedule once now and exit (exit code 1 when a volume failed).
+    #[arg(long, value_name = "SCHEDULE")]
+    pub once: Option<String>,
+    /// Print the volumes this node would back up, and why others are skipped.
+    #[arg(long)]
+    pub plan: bool,
 }

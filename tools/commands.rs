@@ -29,6 +29,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Check(a) => check(g, a),
         Command::Verify(a) => verify(g, a),
         Command::Mount(a) => mount(g, a),
+        Command::Agent(a) => crate::agent::run(g, a),
         Command::Diff(a) => diff(g, a),
         Command::Find(a) => find(g, a),
         Command::Key { command } => key(g, command),
@@ -140,13 +141,13 @@ fn open_opts(g: &Global) -> OpenOptions {
     }
 }
 
-fn open(g: &Global) -> Result<Repository> {
+pub(crate) fn open(g: &Global) -> Result<Repository> {
     let backend = open_backend(g)?;
     let pw = password(g, false)?;
     Ok(Repository::open(backend, &pw, &open_opts(g))?)
 }
 
-fn print_json(v: &serde_json::Value) -> Result<()> {
+pub(crate) fn print_json(v: &serde_json::Value) -> Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, v)?;
     writeln!(out)?;

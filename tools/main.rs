@@ -5,6 +5,7 @@
 //! source files unreadable) or restore with damaged files, 10 repository not
 //! found, 11 repository format too new, 12 wrong password.
 
+mod agent;
 mod cli;
 mod commands;
 mod progress;

@@ -1,0 +1,248 @@
+//! The agent's configuration: a YAML document, normally a ConfigMap mounted
+//! as a file. Field names follow Kubernetes conventions (camelCase).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::schedule::Schedule;
+
+/// Namespaces the seed cluster protects (backup-strategy.md).
+pub const SEED_NAMESPACES: &[&str] = &[
+    "default",
+    "monitoring",
+    "microservices",
+    "vertex-platform",
+    "argocd",
+    "cert-manager",
+    "gpu-operator",
+    "keel",
+];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Repository location (`/path`, `s3:https://host/bucket/prefix`). The
+    /// `MARMOSET_REPOSITORY` environment variable wins when set.
+    #[serde(default)]
+    pub repository: Option<String>,
+    pub schedules: Vec<ScheduleConfig>,
+    /// Namespaces to back up; empty means every namespace.
+    #[serde(default)]
+    pub included_namespaces: Vec<String>,
+    #[serde(default)]
+    pub excluded_namespaces: Vec<String>,
+    /// PVCs of these storage classes are skipped (e.g. an S3-backed model store).
+    #[serde(default)]
+    pub excluded_storage_classes: Vec<String>,
+    /// Back up every PVC volume unless opted out (Velero's
+    /// `defaultVolumesToFsBackup: true`). When false, only the volumes named
+    /// in a pod's `backup.velero.io/backup-volumes` annotation are backed up.
+    #[serde(default = "yes")]
+    pub default_volumes_to_backup: bool,
+    /// Where the host's kubelet directory is mounted in the agent container.
+    #[serde(default = "default_kubelet_dir")]
+    pub kubelet_dir: PathBuf,
+    /// Prefix under which hostPath PersistentVolumes (K3s local-path) are
+    /// visible in the container: `""` when mounted at the same path.
+    #[serde(default)]
+    pub host_path_prefix: PathBuf,
+    #[serde(default)]
+    pub hooks: HooksConfig,
+    #[serde(default)]
+    pub maintenance: MaintenanceConfig,
+    /// Address of the Prometheus endpoint (`/metrics`, `/healthz`).
+    #[serde(default = "default_metrics_addr")]
+    pub metrics_address: String,
+    /// Namespace of the agent: status ConfigMaps and the maintenance Lease
+    /// live here. Defaults to `POD_NAMESPACE`, then `marmoset`.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Backup worker threads per volume (default: all cores).
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// Local state (last completed runs), on a hostPath so restarts resume.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScheduleConfig {
+    pub name: String,
+    /// Five-field cron expression, evaluated in UTC.
+    pub cron: String,
+    /// Snapshots of this schedule are kept this long (`168h`, `30d`).
+    pub keep: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HooksConfig {
+    /// Run pre/post hooks from pod annotations (needs `pods/exec` RBAC).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Timeout when the annotation gives none (Velero's default is 30s).
+    #[serde(default = "default_hook_timeout", with = "humantime_secs")]
+    pub default_timeout: Duration,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            default_timeout: default_hook_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MaintenanceConfig {
+    /// Take part in the election of the one maintenance runner.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_lease_name")]
+    pub lease_name: String,
+    #[serde(default = "default_lease_duration", with = "humantime_secs")]
+    pub lease_duration: Duration,
+    #[serde(default = "default_quick_every", with = "humantime_secs")]
+    pub quick_every: Duration,
+    #[serde(default = "default_full_every", with = "humantime_secs")]
+    pub full_every: Duration,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            lease_name: default_lease_name(),
+            lease_duration: default_lease_duration(),
+            quick_every: default_quick_every(),
+            full_every: default_full_every(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_kubelet_dir() -> PathBuf {
+    PathBuf::from("/var/lib/kubelet")
+}
+fn default_metrics_addr() -> String {
+    "0.0.0.0:9469".into()
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/cache/marmoset")
+}
+fn default_hook_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_lease_name() -> String {
+    "marmoset-maintenance".into()
+}
+fn default_lease_duration() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_quick_every() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_full_every() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+/// Durations written like retention spans (`30s`, `1h`, `1d12h`).
+mod humantime_secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_span(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses `30s`, `5m`, `168h`, `30d`, `1d12h` (the repository's duration
+/// syntax, plus seconds).
+pub fn parse_span(s: &str) -> std::result::Result<Duration, String> {
+    let t = s.trim();
+    if let Some(secs) = t.strip_suffix('s') {
+        if let Ok(n) = secs.parse::<u64>() {
+            return Ok(Duration::from_secs(n));
+        }
+    }
+    let d = marmoset_storage::parse_duration(t).map_err(|e| e.to_string())?;
+    d.to_std()
+        .map_err(|_| format!("duration {s:?} must not be negative"))
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates; `origin` names the source in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        let cfg: AgentConfig = serde_yaml::from_str(text).map_err(|e| Error::Config {
+            path: origin.into(),
+            message: e.to_string(),
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, origin: &str) -> Result<()> {
+        let bad = |message: String| Error::Config {
+            path: origin.into(),
+            message,
+        };
+        if self.schedules.is_empty() {
+            return Err(bad("no schedules: nothing would ever be backed up".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for s in &self.schedules {
+            if !names.insert(&s.name) {
+                return Err(bad(format!("schedule {:?} is defined twice", s.name)));
+            }
+            Schedule::from_config(s)?;
+        }
+        if let Some(ns) = self
+            .included_namespaces
+            .iter()
+            .find(|n| self.excluded_namespaces.contains(n))
+        {
+            return Err(bad(format!(
+                "namespace {ns:?} is both included and excluded"
+            )));
+        }
+        if self.maintenance.lease_duration < Duration::from_secs(10) {
+            return Err(bad("maintenance.leaseDuration must be at least 10s".into()));
+        }
+        Ok(())
+    }
+
+    pub fn schedules(&self) -> Result<Vec<Schedule>> {
+        self.schedules.iter().map(Schedule::from_config).collect()
+    }
+
+    /// The agent's own namespace.
+    pub fn agent_namespace(&self) -> String {
+        self.namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "marmoset".into())
+    }
+
+    pub fn namespace_included(&self, ns: &str) -> bool {
+        (self.included_namespaces.is_empty() || self.included_namespaces.iter().any(|n| n == ns))
+            && !self.excluded_namespaces.iter().any(|n| n == ns)
+    }
+}

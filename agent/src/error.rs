@@ -1,0 +1,77 @@
+//! The agent's error type: every variant says which object or volume failed.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("agent configuration {path}: {message}")]
+    Config { path: String, message: String },
+
+    #[error("schedule {name:?}: invalid cron expression {cron:?}: {message}")]
+    Cron {
+        name: String,
+        cron: String,
+        message: String,
+    },
+
+    #[error("Kubernetes API, {what}: {source}")]
+    Kube {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+
+    #[error("volume {namespace}/{pvc}: {message}")]
+    Volume {
+        namespace: String,
+        pvc: String,
+        message: String,
+    },
+
+    #[error("hook {phase} in pod {namespace}/{pod} container {container}: {message}")]
+    Hook {
+        phase: String,
+        namespace: String,
+        pod: String,
+        container: String,
+        message: String,
+    },
+
+    #[error("repository: {0}")]
+    Repository(#[from] marmoset_storage::Error),
+
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("agent state file {path}: {message}")]
+    State { path: String, message: String },
+
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+impl Error {
+    pub(crate) fn kube(what: impl Into<String>, source: kube::Error) -> Self {
+        Error::Kube {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// True when the API server answered 404 Not Found.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Kube { source: kube::Error::Api(s), .. } if s.is_not_found())
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// True when `e` is the API server's 409 Conflict (a stale resourceVersion
+/// or an object that already exists).
+pub(crate) fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.is_conflict())
+}

@@ -1,0 +1,196 @@
+//! Election of the one maintenance runner with a `coordination.k8s.io/v1`
+//! Lease, the way client-go's leader election does it: the holder renews
+//! `renewTime`; anyone may take the lease once `renewTime +
+//! leaseDurationSeconds` has passed. Writes carry the `resourceVersion` read,
+//! so two agents racing for an expired lease cannot both win (409 Conflict).
+//!
+//! The last maintenance times are kept in the Lease's annotations, so a new
+//! holder continues the cadence instead of starting over.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, PostParams};
+use kube::Client;
+
+use crate::error::{is_conflict, Error, Result};
+
+pub const LAST_QUICK: &str = "marmoset.dev/last-quick-maintenance";
+pub const LAST_FULL: &str = "marmoset.dev/last-full-maintenance";
+
+pub struct LeaderLease {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    duration: Duration,
+}
+
+/// What one election round saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseState {
+    pub leader: bool,
+    pub holder: Option<String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl LeaseState {
+    pub fn time(&self, key: &str) -> Option<DateTime<Utc>> {
+        self.annotations
+            .get(key)
+            .and_then(|v| DateTime::parse_from_rfc3339(v).ok())
+            .map(|t| t.with_timezone(&Utc))
+    }
+}
+
+impl LeaderLease {
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        name: &str,
+        identity: &str,
+        duration: Duration,
+    ) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            name: name.into(),
+            identity: identity.into(),
+            duration,
+        }
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// Acquires or renews the lease; `leader` says whether we hold it now.
+    pub async fn try_acquire_or_renew(&self) -> Result<LeaseState> {
+        self.round(None).await
+    }
+
+    /// Renews the lease and records `key = at` in its annotations; fails
+    /// quietly (leader = false) when the lease was lost meanwhile.
+    pub async fn record(&self, key: &str, at: DateTime<Utc>) -> Result<LeaseState> {
+        self.round(Some((key, at))).await
+    }
+
+    /// Gives the lease up (on shutdown), so another agent need not wait for
+    /// it to expire.
+    pub async fn release(&self) -> Result<()> {
+        let Some(mut lease) = self.get().await? else {
+            return Ok(());
+        };
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        if spec.holder_identity.as_deref() != Some(&self.identity) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        spec.renew_time = None;
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_conflict(&e) => Ok(()),
+            Err(e) => Err(Error::kube(format!("release lease {}", self.name), e)),
+        }
+    }
+
+    async fn get(&self) -> Result<Option<Lease>> {
+        self.api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| Error::kube(format!("get lease {}", self.name), e))
+    }
+
+    async fn round(&self, note: Option<(&str, DateTime<Utc>)>) -> Result<LeaseState> {
+        let now = jiff::Timestamp::now();
+        let secs = i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX);
+        let Some(mut lease) = self.get().await? else {
+            let mut annotations = BTreeMap::new();
+            if let Some((k, at)) = note {
+                annotations.insert(k.to_string(), at.to_rfc3339());
+            }
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.name.clone()),
+                    annotations: Some(annotations.clone()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(self.identity.clone()),
+                    lease_duration_seconds: Some(secs),
+                    acquire_time: Some(MicroTime(now)),
+                    renew_time: Some(MicroTime(now)),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(LeaseState {
+                    leader: true,
+                    holder: Some(self.identity.clone()),
+                    annotations,
+                }),
+                // Someone created it first: they lead this round.
+                Err(e) if is_conflict(&e) => Ok(LeaseState {
+                    leader: false,
+                    holder: None,
+                    annotations,
+                }),
+                Err(e) => Err(Error::kube(format!("create lease {}", self.name), e)),
+            };
+        };
+        let annotations = lease.metadata.annotations.clone().unwrap_or_default();
+        let spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+        let ours = holder.as_deref() == Some(&self.identity);
+        let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
+            (Some(MicroTime(renewed)), Some(d)) => {
+                now.as_millisecond() > renewed.as_millisecond() + i64::from(d) * 1000
+            }
+            _ => true,
+        };
+        if !ours && holder.is_some() && !expired {
+            return Ok(LeaseState {
+                leader: false,
+                holder,
+                annotations,
+            });
+        }
+        let mut new_spec = spec.clone();
+        new_spec.holder_identity = Some(self.identity.clone());
+        new_spec.lease_duration_seconds = Some(secs);
+        new_spec.renew_time = Some(MicroTime(now));
+        if !ours {
+            new_spec.acquire_time = Some(MicroTime(now));
+            new_spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        }
+        lease.spec = Some(new_spec);
+        let mut annotations = annotations;
+        if let Some((k, at)) = note {
+            annotations.insert(k.to_string(), at.to_rfc3339());
+        }
+        lease.metadata.annotations = Some(annotations.clone());
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(LeaseState {
+                leader: true,
+                holder: Some(self.identity.clone()),
+                annotations,
+            }),
+            Err(e) if is_conflict(&e) => Ok(LeaseState {
+                leader: false,
+                holder,
+                annotations,
+            }),
+            Err(e) => Err(Error::kube(format!("update lease {}", self.name), e)),
+        }
+    }
+}

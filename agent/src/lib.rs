@@ -1,0 +1,29 @@
+//! marmoset-agent: the Kubernetes node agent.
+//!
+//! Owns everything Kubernetes: finding the PersistentVolumes mounted on
+//! this node (`discovery`, `cluster`), schedules and retention per schedule
+//! (`schedule`, `runner`), Velero-compatible pre/post hooks through
+//! `pods/exec` (`hooks`), Events, per-volume status objects and Prometheus
+//! metrics (`status`, `metrics`), and the Lease that elects the one
+//! maintenance runner (`lease`).
+//!
+//! It must not know the repository format: it drives
+//! `marmoset_storage`'s public operations (backup, forget, maintain) on a
+//! `Repository` the caller opened, and it never parses command lines.
+
+pub mod cluster;
+pub mod config;
+pub mod discovery;
+pub mod error;
+pub mod hooks;
+pub mod lease;
+pub mod metrics;
+pub mod runner;
+pub mod schedule;
+pub mod state;
+pub mod status;
+
+pub use cluster::Cluster;
+pub use config::AgentConfig;
+pub use error::{Error, Result};
+pub use runner::{Agent, RunReport, VolumeOutcome};

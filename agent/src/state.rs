@@ -1,0 +1,78 @@
+//! The agent's local memory of its runs, kept on the node (a hostPath) so a
+//! restarted agent knows whether a run was missed or interrupted.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ScheduleState {
+    pub last_started: Option<DateTime<Utc>>,
+    pub last_completed: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct State {
+    pub schedules: BTreeMap<String, ScheduleState>,
+}
+
+pub struct StateFile {
+    path: PathBuf,
+}
+
+impl StateFile {
+    pub fn new(dir: &Path, node: &str) -> Self {
+        Self {
+            path: dir.join(format!("agent-state-{node}.json")),
+        }
+    }
+
+    fn err(&self, message: impl ToString) -> Error {
+        Error::State {
+            path: self.path.display().to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    /// A missing file is an empty state (first start).
+    pub fn load(&self) -> Result<Option<State>> {
+        match std::fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| self.err(e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// Written to a temporary file and renamed, so a crash leaves the old
+    /// state or the new one.
+    pub fn save(&self, state: &State) -> Result<()> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| self.err(e))?;
+        }
+        let tmp = self.path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| self.err(e))?;
+        std::fs::write(&tmp, bytes).map_err(|e| self.err(e))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| self.err(e))
+    }
+}
+
+/// Whether a schedule must run now because its last run was interrupted
+/// or a fire time passed while the agent was down.
+pub fn catch_up_due(s: &ScheduleState, last_fire: Option<DateTime<Utc>>) -> bool {
+    let interrupted = match (s.last_started, s.last_completed) {
+        (Some(st), Some(done)) => st > done,
+        (Some(_), None) => true,
+        _ => false,
+    };
+    let missed = match (last_fire, s.last_started) {
+        (Some(fire), Some(st)) => fire > st,
+        _ => false,
+    };
+    interrupted || missed
+}
