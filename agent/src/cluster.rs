@@ -2,6 +2,7 @@
 //! volumes of this node, Events, per-volume status objects and hook execs.
 //! Rules about what to back up live in `discovery`, not here.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::api::core::v1::{
@@ -105,14 +106,15 @@ impl Cluster {
                     continue;
                 };
                 if let Some(pv_name) = pvc.spec.as_ref().and_then(|s| s.volume_name.clone()) {
-                    if !pvs.contains_key(&pv_name) {
+                    if let Entry::Vacant(slot) = pvs.entry(pv_name) {
                         let api = Api::<PersistentVolume>::all(self.client.clone());
+                        let name = slot.key().clone();
                         if let Some(pv) = api
-                            .get_opt(&pv_name)
+                            .get_opt(&name)
                             .await
-                            .map_err(|e| Error::kube(format!("get PV {pv_name}"), e))?
+                            .map_err(|e| Error::kube(format!("get PV {name}"), e))?
                         {
-                            pvs.insert(pv_name, pv);
+                            slot.insert(pv);
                         }
                     }
                 }

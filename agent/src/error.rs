@@ -70,8 +70,8 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// True when `e` is the API server's 409 Conflict (a stale resourceVersion
-/// or an object that already exists).
+/// True when `e` is the API server's 409: a stale resourceVersion
+/// (reason Conflict) or an object that already exists (AlreadyExists).
 pub(crate) fn is_conflict(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.is_conflict())
+    matches!(e, kube::Error::Api(s) if s.code == 409)
 }

@@ -33,6 +33,19 @@ struct VolumeMetrics {
     running: bool,
 }
 
+/// How one volume backup ended.
+#[derive(Debug, Clone, Default)]
+pub struct Finished {
+    /// A complete snapshot was written (partial snapshots count as
+    /// failures, so they alert).
+    pub ok: bool,
+    /// Unix time.
+    pub at: f64,
+    pub duration: f64,
+    pub bytes_read: u64,
+    pub bytes_added: u64,
+}
+
 /// Shared, cheap to update from the backup tasks.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -72,27 +85,15 @@ impl Metrics {
         self.with(ns, pvc, schedule, |v| v.in_progress_bytes = bytes);
     }
 
-    /// `ok`: a complete snapshot was written (partial snapshots count as
-    /// failures, so they alert).
-    pub fn finished(
-        &self,
-        ns: &str,
-        pvc: &str,
-        schedule: &str,
-        ok: bool,
-        at: f64,
-        duration: f64,
-        bytes_read: u64,
-        bytes_added: u64,
-    ) {
+    pub fn finished(&self, ns: &str, pvc: &str, schedule: &str, f: &Finished) {
         self.with(ns, pvc, schedule, |v| {
             v.running = false;
             v.in_progress_bytes = 0;
-            v.duration = duration;
-            v.bytes_read += bytes_read;
-            v.bytes_added += bytes_added;
-            if ok {
-                v.last_success = Some(at);
+            v.duration = f.duration;
+            v.bytes_read += f.bytes_read;
+            v.bytes_added += f.bytes_added;
+            if f.ok {
+                v.last_success = Some(f.at);
             } else {
                 v.failures += 1;
             }

@@ -20,7 +20,7 @@ use crate::discovery::{PodPlan, Skipped, VolumeTarget};
 use crate::error::{Error, Result};
 use crate::hooks::{Hook, OnError};
 use crate::lease::{LeaderLease, LAST_FULL, LAST_QUICK};
-use crate::metrics::Metrics;
+use crate::metrics::{Finished, Metrics};
 use crate::schedule::Schedule;
 use crate::state::{catch_up_due, ScheduleState, State, StateFile};
 use crate::status::{Phase, VolumeStatus};
@@ -300,8 +300,15 @@ impl Agent {
     async fn volume_failed(&self, t: &VolumeTarget, sched: &Schedule, msg: &str) -> VolumeOutcome {
         let now = Utc::now().timestamp() as f64;
         self.metrics.started(&t.namespace, &t.pvc, &sched.name, now);
-        self.metrics
-            .finished(&t.namespace, &t.pvc, &sched.name, false, now, 0.0, 0, 0);
+        self.metrics.finished(
+            &t.namespace,
+            &t.pvc,
+            &sched.name,
+            &Finished {
+                at: now,
+                ..Default::default()
+            },
+        );
         let mut status = self.base_status(t, sched, Phase::Failed);
         (status.last_success, status.last_snapshot) = self.previous_success(t).await;
         status.errors = vec![msg.to_string()];
@@ -422,11 +429,13 @@ impl Agent {
                     &t.namespace,
                     &t.pvc,
                     &sched.name,
-                    ok,
-                    now.timestamp() as f64,
-                    duration,
-                    s.bytes_read,
-                    s.bytes_added,
+                    &Finished {
+                        ok,
+                        at: now.timestamp() as f64,
+                        duration,
+                        bytes_read: s.bytes_read,
+                        bytes_added: s.bytes_added,
+                    },
                 );
                 status.phase = phase;
                 if ok {
@@ -480,11 +489,11 @@ impl Agent {
                     &t.namespace,
                     &t.pvc,
                     &sched.name,
-                    false,
-                    now.timestamp() as f64,
-                    duration,
-                    0,
-                    0,
+                    &Finished {
+                        at: now.timestamp() as f64,
+                        duration,
+                        ..Default::default()
+                    },
                 );
                 status.phase = Phase::Failed;
                 status.errors = vec![msg.clone()];

@@ -3,7 +3,7 @@
 //! and the `pods/exec` WebSocket channel protocol) for the agent's client
 //! code to run unchanged against it.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -137,26 +137,37 @@ fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Splits a request path into (prefix, namespace, resource, name, subresource).
-fn parse_path(path: &str) -> Option<(String, Option<String>, String, Option<String>, Option<String>)> {
+/// A request path, split: `/api/v1/namespaces/default/pods/x/exec`.
+struct Route {
+    prefix: String,
+    namespace: Option<String>,
+    resource: String,
+    name: Option<String>,
+    sub: Option<String>,
+}
+
+fn parse_path(path: &str) -> Option<Route> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (prefix, rest) = match segs.first()? {
-        &"api" => (format!("/api/{}", segs.get(1)?), &segs[2..]),
-        &"apis" => (format!("/apis/{}/{}", segs.get(1)?, segs.get(2)?), &segs[3..]),
+    let (prefix, rest) = match *segs.first()? {
+        "api" => (format!("/api/{}", segs.get(1)?), &segs[2..]),
+        "apis" => (
+            format!("/apis/{}/{}", segs.get(1)?, segs.get(2)?),
+            &segs[3..],
+        ),
         _ => return None,
     };
-    let (ns, rest) = if rest.first() == Some(&"namespaces") && rest.len() >= 3 {
+    let (namespace, rest) = if rest.first() == Some(&"namespaces") && rest.len() >= 3 {
         (Some(rest[1].to_string()), &rest[2..])
     } else {
         (None, rest)
     };
-    Some((
+    Some(Route {
         prefix,
-        ns,
-        rest.first()?.to_string(),
-        rest.get(1).map(|s| s.to_string()),
-        rest.get(2).map(|s| s.to_string()),
-    ))
+        namespace,
+        resource: rest.first()?.to_string(),
+        name: rest.get(1).map(|s| s.to_string()),
+        sub: rest.get(2).map(|s| s.to_string()),
+    })
 }
 
 fn key(prefix: &str, ns: Option<&str>, resource: &str, name: &str) -> String {
@@ -190,7 +201,13 @@ impl Store {
             .insert(key(&prefix, ns.as_deref(), &resource_of(&kind), &name), obj);
     }
 
-    pub fn get(&self, api_version: &str, kind: &str, ns: Option<&str>, name: &str) -> Option<Value> {
+    pub fn get(
+        &self,
+        api_version: &str,
+        kind: &str,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Option<Value> {
         self.objects
             .get(&key(&prefix_of(api_version), ns, &resource_of(kind), name))
             .cloned()
@@ -211,7 +228,13 @@ impl Store {
             .collect()
     }
 
-    fn list(&self, prefix: &str, ns: Option<&str>, resource: &str, query: &[(String, String)]) -> Value {
+    fn list(
+        &self,
+        prefix: &str,
+        ns: Option<&str>,
+        resource: &str,
+        query: &[(String, String)],
+    ) -> Value {
         let want = match ns {
             Some(ns) => format!("{prefix}/namespaces/{ns}/{resource}/"),
             None => format!("{prefix}/"),
@@ -220,7 +243,10 @@ impl Store {
             .iter()
             .filter(|(k, _)| k == "fieldSelector")
             .flat_map(|(_, v)| v.split(',').map(String::from).collect::<Vec<_>>())
-            .filter_map(|s| s.split_once('=').map(|(a, b)| (a.to_string(), b.to_string())))
+            .filter_map(|s| {
+                s.split_once('=')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
             .collect();
         let items: Vec<Value> = self
             .objects
@@ -248,7 +274,9 @@ impl FakeApi {
         let s = store.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((sock, _)) = listener.accept().await else { continue };
+                let Ok((sock, _)) = listener.accept().await else {
+                    continue;
+                };
                 let s = s.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| handle(s.clone(), req));
@@ -286,17 +314,38 @@ async fn handle(
         method.clone(),
         format!("{}?{}", path, req.uri().query().unwrap_or("")),
     ));
-    let Some((prefix, ns, resource, name, sub)) = parse_path(&path) else {
+    let Some(Route {
+        prefix,
+        namespace: ns,
+        resource,
+        name,
+        sub,
+    }) = parse_path(&path)
+    else {
         return Ok(status(404, "NotFound", &format!("no route {path}")));
     };
     if sub.as_deref() == Some("exec") {
-        return Ok(exec(store, req, ns.unwrap_or_default(), name.unwrap_or_default(), &query));
+        return Ok(exec(
+            store,
+            req,
+            ns.unwrap_or_default(),
+            name.unwrap_or_default(),
+            &query,
+        ));
     }
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let mut st = store.lock().unwrap();
     let resp = match (method.as_str(), name) {
         ("GET", None) => respond(200, &st.list(&prefix, ns.as_deref(), &resource, &query)),
-        ("GET", Some(name)) => match st.objects.get(&key(&prefix, ns.as_deref(), &resource, &name)) {
+        ("GET", Some(name)) => match st
+            .objects
+            .get(&key(&prefix, ns.as_deref(), &resource, &name))
+        {
             Some(o) => respond(200, o),
             None => status(404, "NotFound", &format!("{resource} \"{name}\" not found")),
         },
@@ -305,7 +354,11 @@ async fn handle(
             let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
             let k = key(&prefix, ns.as_deref(), &resource, &name);
             if st.objects.contains_key(&k) {
-                status(409, "AlreadyExists", &format!("{resource} \"{name}\" already exists"))
+                status(
+                    409,
+                    "AlreadyExists",
+                    &format!("{resource} \"{name}\" already exists"),
+                )
             } else {
                 st.rv += 1;
                 obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
@@ -319,11 +372,18 @@ async fn handle(
         ("PUT", Some(name)) => {
             let mut obj: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
             let k = key(&prefix, ns.as_deref(), &resource, &name);
-            match st.objects.get(&k) {
+            match st.objects.get(&k).cloned() {
                 None => status(404, "NotFound", &format!("{resource} \"{name}\" not found")),
                 Some(old) => {
-                    let sent = obj["metadata"]["resourceVersion"].as_str().map(String::from);
-                    if sent.is_some() && sent != old["metadata"]["resourceVersion"].as_str().map(String::from) {
+                    let sent = obj["metadata"]["resourceVersion"]
+                        .as_str()
+                        .map(String::from);
+                    if sent.is_some()
+                        && sent
+                            != old["metadata"]["resourceVersion"]
+                                .as_str()
+                                .map(String::from)
+                    {
                         status(409, "Conflict", "the object has been modified; please apply your changes to the latest version and try again")
                     } else {
                         st.rv += 1;
@@ -336,7 +396,11 @@ async fn handle(
                 }
             }
         }
-        _ => status(405, "MethodNotAllowed", &format!("{method} not supported here")),
+        _ => status(
+            405,
+            "MethodNotAllowed",
+            &format!("{method} not supported here"),
+        ),
     };
     Ok(resp)
 }
@@ -350,14 +414,27 @@ fn exec(
     pod: String,
     query: &[(String, String)],
 ) -> Response<Full<Bytes>> {
-    let command: Vec<String> = query.iter().filter(|(k, _)| k == "command").map(|(_, v)| v.clone()).collect();
-    let container = query.iter().find(|(k, _)| k == "container").map(|(_, v)| v.clone()).unwrap_or_default();
+    let command: Vec<String> = query
+        .iter()
+        .filter(|(k, _)| k == "command")
+        .map(|(_, v)| v.clone())
+        .collect();
+    let container = query
+        .iter()
+        .find(|(k, _)| k == "container")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
     let Some(ws_key) = req.headers().get("sec-websocket-key").cloned() else {
         return status(400, "BadRequest", "exec needs a WebSocket upgrade");
     };
     let result = {
         let mut st = store.lock().unwrap();
-        st.execs.push(ExecCall { namespace, pod, container, command: command.clone() });
+        st.execs.push(ExecCall {
+            namespace,
+            pod,
+            container,
+            command: command.clone(),
+        });
         let line = command.join(" ");
         st.exec_rules
             .iter()
@@ -368,7 +445,8 @@ fn exec(
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
-        let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
         let status = match result {
             ExecResult::Ok(out) => {
                 let mut m = vec![1u8];
