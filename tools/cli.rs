@@ -180,6 +180,12 @@ pub struct LsArgs {
 pub struct RestoreArgs {
     /// SNAP[:path]; SNAP is an id prefix or `latest`.
     pub snapshot: String,
+    /// With `latest`: the newest snapshot of this source (e.g. `default/redis-pvc`).
+    #[arg(long)]
+    pub source: Option<String>,
+    /// With `latest`: the newest snapshot carrying this tag (repeatable, e.g. `schedule=weekly`).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
     /// Directory to restore into (created if missing).
     #[arg(long, short = 't')]
     pub target: PathBuf,

@@ -384,7 +384,26 @@ fn emit(out: &mut impl Write, json: bool, n: &Node, path: &str, long: bool) -> R
 fn restore(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
     let repo = open(g)?;
     let (spec, path) = split_target(&a.snapshot);
-    let (id, snap) = repo.resolve_snapshot(spec)?;
+    let (id, snap) = if spec == "latest" && (a.source.is_some() || !a.tags.is_empty()) {
+        let filter = marmoset_storage::SnapshotFilter {
+            sources: a.source.iter().cloned().collect(),
+            tags: a.tags.clone(),
+        };
+        let (snaps, _) = repo.snapshots()?;
+        snaps
+            .into_iter()
+            .rev()
+            .find(|(_, s)| filter.matches(s) && !s.incomplete)
+            .with_context(|| {
+                format!(
+                    "no complete snapshot of source {:?} with tags {:?}",
+                    a.source.as_deref().unwrap_or("*"),
+                    a.tags
+                )
+            })?
+    } else {
+        repo.resolve_snapshot(spec)?
+    };
     let opts = marmoset_storage::RestoreOptions {
         includes: a.includes,
         excludes: a.excludes,

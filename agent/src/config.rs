@@ -212,7 +212,7 @@ impl AgentConfig {
             if !names.insert(&s.name) {
                 return Err(bad(format!("schedule {:?} is defined twice", s.name)));
             }
-            Schedule::from_config(s)?;
+            Schedule::from_config(s).map_err(|e| bad(e.to_string()))?;
         }
         if let Some(ns) = self
             .included_namespaces
@@ -244,5 +244,47 @@ impl AgentConfig {
     pub fn namespace_included(&self, ns: &str) -> bool {
         (self.included_namespaces.is_empty() || self.included_namespaces.iter().any(|n| n == ns))
             && !self.excluded_namespaces.iter().any(|n| n == ns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "schedules:\n  - {name: daily, cron: \"0 2 * * *\", keep: 168h}\n";
+
+    #[test]
+    fn defaults_fit_a_k3s_node() {
+        let c = AgentConfig::parse(MINIMAL, "t").unwrap();
+        assert_eq!(c.kubelet_dir, PathBuf::from("/var/lib/kubelet"));
+        assert!(c.default_volumes_to_backup && c.hooks.enabled && c.maintenance.enabled);
+        assert_eq!(c.hooks.default_timeout, Duration::from_secs(30));
+        assert_eq!(c.maintenance.quick_every, Duration::from_secs(3600));
+        assert!(c.namespace_included("anything"));
+    }
+
+    #[test]
+    fn mistakes_are_refused_with_a_reason() {
+        let cases = [
+            ("schedules: []", "no schedules"),
+            ("schedules:\n  - {name: d, cron: \"0 2 * * *\", keep: 1d}\n  - {name: d, cron: \"0 3 * * *\", keep: 1d}", "defined twice"),
+            ("schedules:\n  - {name: d, cron: \"0 25 * * *\", keep: 1d}", "invalid cron"),
+            ("schedules:\n  - {name: d, cron: \"0 2 * * *\", keep: 1d}\nincludedNamespace: [a]", "unknown field"),
+            ("schedules:\n  - {name: d, cron: \"0 2 * * *\", keep: 1d}\nincludedNamespaces: [a]\nexcludedNamespaces: [a]", "both included and excluded"),
+            ("schedules:\n  - {name: d, cron: \"0 2 * * *\", keep: 1d}\nhooks: {defaultTimeout: soon}", "soon"),
+        ];
+        for (text, want) in cases {
+            let e = AgentConfig::parse(text, "cm/agent.yaml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(want) && e.contains("cm/agent.yaml"),
+                "{text:?}: {e}"
+            );
+        }
+        let e = AgentConfig::load(Path::new("/nonexistent/agent.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/agent.yaml"), "{e}");
     }
 }

@@ -76,3 +76,58 @@ pub fn catch_up_due(s: &ScheduleState, last_fire: Option<DateTime<Utc>>) -> bool
     };
     interrupted || missed
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn t(h: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 28, h, 0, 0).unwrap()
+    }
+
+    #[test]
+    fn interrupted_and_missed_runs_are_caught_up() {
+        let done = ScheduleState {
+            last_started: Some(t(2)),
+            last_completed: Some(t(3)),
+        };
+        assert!(!catch_up_due(&done, Some(t(2))), "last fire already ran");
+        assert!(
+            catch_up_due(&done, Some(t(4))),
+            "a fire time passed while down"
+        );
+        let killed = ScheduleState {
+            last_started: Some(t(5)),
+            last_completed: Some(t(3)),
+        };
+        assert!(catch_up_due(&killed, Some(t(5))), "the run was interrupted");
+        let never = ScheduleState {
+            last_started: Some(t(5)),
+            last_completed: None,
+        };
+        assert!(catch_up_due(&never, None));
+        assert!(!catch_up_due(&ScheduleState::default(), Some(t(1))));
+    }
+
+    #[test]
+    fn state_survives_a_restart_and_a_corrupt_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StateFile::new(dir.path(), "node-a");
+        assert!(f.load().unwrap().is_none());
+        let mut st = State::default();
+        st.schedules.insert(
+            "daily".into(),
+            ScheduleState {
+                last_started: Some(t(2)),
+                last_completed: None,
+            },
+        );
+        f.save(&st).unwrap();
+        let back = f.load().unwrap().unwrap();
+        assert_eq!(back.schedules["daily"].last_started, Some(t(2)));
+        std::fs::write(dir.path().join("agent-state-node-a.json"), b"{not json").unwrap();
+        let e = f.load().unwrap_err().to_string();
+        assert!(e.contains("agent-state-node-a.json"), "{e}");
+    }
+}
