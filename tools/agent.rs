@@ -67,7 +67,11 @@ pub fn run(g: &Global, a: AgentArgs) -> Result<ExitCode> {
             })
         }
         None => {
-            rt.block_on(Arc::new(agent).run(shutdown_signal()))?;
+            let r = rt.block_on(Arc::new(agent).run(shutdown_signal()));
+            // A backup still running on a blocking thread is abandoned: the
+            // next start catches the run up and reuses its uploaded packs.
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
+            r?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -240,6 +240,22 @@ impl Cluster {
         Err(Error::Task(format!("status {name}: kept conflicting")))
     }
 
+    /// Every volume status object in the agent's namespace.
+    pub async fn statuses(&self) -> Result<Vec<VolumeStatus>> {
+        let api = Api::<ConfigMap>::namespaced(self.client.clone(), &self.namespace);
+        let list = api
+            .list(
+                &ListParams::default().labels(&format!("app.kubernetes.io/managed-by={COMPONENT}")),
+            )
+            .await
+            .map_err(|e| Error::kube(format!("list status objects in {}", self.namespace), e))?;
+        Ok(list
+            .items
+            .iter()
+            .filter_map(|cm| cm.data.as_ref().and_then(VolumeStatus::from_data))
+            .collect())
+    }
+
     /// Runs `hook` in the pod and waits for it, within its timeout.
     /// Returns the command's output (truncated) on success.
     pub async fn exec(

@@ -81,6 +81,16 @@ impl Metrics {
         });
     }
 
+    /// Seeds a volume's last success (from its status object) after a
+    /// restart, so the staleness alert keeps working across restarts.
+    pub fn remember_success(&self, ns: &str, pvc: &str, schedule: &str, at: f64) {
+        self.with(ns, pvc, schedule, |v| {
+            if v.last_success.is_none_or(|t| t < at) {
+                v.last_success = Some(at);
+            }
+        });
+    }
+
     pub fn progress(&self, ns: &str, pvc: &str, schedule: &str, bytes: u64) {
         self.with(ns, pvc, schedule, |v| v.in_progress_bytes = bytes);
     }

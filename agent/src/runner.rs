@@ -612,6 +612,28 @@ impl Agent {
         Ok(Some(report))
     }
 
+    /// Loads the last successes of this node's volumes from their status
+    /// objects into the metrics, so `time() - last_success` stays meaningful
+    /// after the agent restarts. Returns how many were found.
+    pub async fn restore_metrics(&self) -> Result<usize> {
+        let mut n = 0;
+        for s in self.cluster.statuses().await? {
+            if s.node != self.node() {
+                continue;
+            }
+            if let Some(t) = s.last_success {
+                self.metrics.remember_success(
+                    &s.namespace,
+                    &s.pvc,
+                    &s.schedule,
+                    t.timestamp() as f64,
+                );
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Runs until `shutdown` resolves: the metrics endpoint, the
     /// maintenance election and the schedules.
     pub async fn run(
@@ -621,6 +643,10 @@ impl Agent {
         let (addr, server) =
             crate::metrics::serve(&self.cfg.metrics_address, self.metrics()).await?;
         info!(%addr, node = %self.node(), "marmoset agent started");
+        match self.restore_metrics().await {
+            Ok(n) => info!(volumes = n, "last successes loaded from status objects"),
+            Err(e) => warn!(error = %e, "could not read status objects"),
+        }
         let maintenance = if self.cfg.maintenance.enabled {
             let lease = Arc::new(LeaderLease::new(
                 self.cluster.client().clone(),

@@ -491,6 +491,24 @@ async fn run_once_makes_one_snapshot_per_volume_and_reports_it() {
     assert_eq!(metric(&text, "marmoset_schedule_runs_total"), Some(1.0));
     server.abort();
 
+    // A restarted agent knows the last successes from the status objects.
+    let restarted = w.agent(NODE, "");
+    assert_eq!(restarted.restore_metrics().await.unwrap(), 3);
+    let text = restarted.metrics().render();
+    for v in &report.volumes {
+        let key = format!(
+            "marmoset_volume_last_success_timestamp_seconds{{namespace=\"{}\",pvc=\"{}\",schedule=\"daily\"}}",
+            v.target.namespace, v.target.pvc
+        );
+        let ts = metric(&text, &key).unwrap_or_else(|| panic!("{key} missing:\n{text}"));
+        assert!((now - ts).abs() < 120.0);
+    }
+    assert_eq!(
+        w.agent("node-b", "").restore_metrics().await.unwrap(),
+        0,
+        "other nodes' volumes are theirs"
+    );
+
     // A second run adds (almost) nothing: the volumes are unchanged.
     let again = agent.run_once("daily").await.unwrap();
     assert_eq!(again.failed(), 0);

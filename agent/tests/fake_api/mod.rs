@@ -248,6 +248,15 @@ impl Store {
                     .map(|(a, b)| (a.to_string(), b.to_string()))
             })
             .collect();
+        let labels: Vec<(String, String)> = query
+            .iter()
+            .filter(|(k, _)| k == "labelSelector")
+            .flat_map(|(_, v)| v.split(',').map(String::from).collect::<Vec<_>>())
+            .filter_map(|s| {
+                s.split_once('=')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
+            .collect();
         let items: Vec<Value> = self
             .objects
             .iter()
@@ -258,6 +267,11 @@ impl Store {
                 selectors
                     .iter()
                     .all(|(f, val)| field(v, f).as_deref() == Some(val.as_str()))
+            })
+            .filter(|v| {
+                labels
+                    .iter()
+                    .all(|(k, val)| v["metadata"]["labels"][k].as_str() == Some(val.as_str()))
             })
             .cloned()
             .collect();
