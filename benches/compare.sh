@@ -47,6 +47,7 @@ WORK="${BENCH_DIR:-/var/tmp/marmoset-compare}"
 for mp in "$WORK"/mnt/*; do fusermount3 -u -z "$mp" 2>/dev/null || umount -l "$mp" 2>/dev/null || true; done
 rm -rf "$WORK/repos" "$WORK/restore" "$WORK/cache" "$WORK/times" "$WORK/mnt" "$WORK/data"
 mkdir -p "$WORK/repos" "$WORK/restore" "$WORK/times" "$WORK/cache" "$WORK/mnt"
+chmod 755 "$WORK" # the PostgreSQL server runs as postgres
 BASE="$WORK/base-$QUICK"
 DATA="$WORK/data"
 PGPORT=54329
