@@ -199,83 +199,148 @@ fn check_snapshot(
     r: &mut CheckReport,
 ) {
     let short = id.short();
-    let mut stack: Vec<(Id, String)> = snap
+    // Breadth first, one level at a time: the trees of a level are loaded
+    // in parallel (decrypting and, on S3, waiting for the network), then
+    // checked in order.
+    let mut level: Vec<(Id, String)> = snap
         .root_parts()
         .into_iter()
         .map(|t| (t, "/".to_string()))
         .collect();
-    while let Some((tid, path)) = stack.pop() {
-        if !seen_trees.insert(tid) {
-            continue;
+    while !level.is_empty() {
+        level.retain(|(tid, _)| seen_trees.insert(*tid));
+        let loaded = load_trees_parallel(repo, &level, index);
+        let mut next = Vec::new();
+        for ((tid, path), tree) in level.iter().zip(loaded) {
+            r.trees += 1;
+            let t = match tree {
+                Ok(t) => t,
+                Err(msg) => {
+                    r.errors.push(format!(
+                        "snapshot {short}: directory {path}: {}",
+                        msg.replace("{tid}", &tid.to_string())
+                    ));
+                    continue;
+                }
+            };
+            let w = Walk {
+                repo,
+                short: &short,
+                index,
+            };
+            check_tree(&w, path, t, seen_data, &mut next, r);
         }
-        r.trees += 1;
-        if !index.contains_key(&tid) {
+        level = next;
+    }
+}
+
+/// Loads `trees` with one worker per core; an error is the message to
+/// report (`{tid}` stands for the tree's id).
+fn load_trees_parallel(
+    repo: &Repository,
+    trees: &[(Id, String)],
+    index: &HashMap<Id, (Id, PackEntry)>,
+) -> Vec<std::result::Result<Tree, String>> {
+    let load = |tid: &Id| -> std::result::Result<Tree, String> {
+        if !index.contains_key(tid) {
+            return Err("tree {tid} is missing (in no index)".into());
+        }
+        repo.load_blob(tid)
+            .and_then(|b| Tree::decode(tid, &b))
+            .map_err(|e| e.to_string())
+    };
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, 8);
+    if trees.len() < 8 || workers == 1 {
+        return trees.iter().map(|(t, _)| load(t)).collect();
+    }
+    let per = trees.len().div_ceil(workers);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = trees
+            .chunks(per)
+            .map(|part| s.spawn(move || part.iter().map(|(t, _)| load(t)).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| vec![Err("tree loader panicked".into()); per])
+            })
+            .collect()
+    })
+}
+
+/// What every directory of one snapshot is checked against.
+struct Walk<'a> {
+    repo: &'a Repository,
+    short: &'a str,
+    index: &'a HashMap<Id, (Id, PackEntry)>,
+}
+
+/// Checks one directory's entries; subdirectories go to `next`.
+fn check_tree(
+    w: &Walk<'_>,
+    path: &str,
+    t: Tree,
+    seen_data: &mut HashSet<Id>,
+    next: &mut Vec<(Id, String)>,
+    r: &mut CheckReport,
+) {
+    let (repo, short, index) = (w.repo, w.short, w.index);
+    for node in t.nodes {
+        let child = format!(
+            "{}{}",
+            if path == "/" { "/" } else { "" },
+            child_path(path, &node)
+        );
+        if !node.has_safe_name() {
             r.errors.push(format!(
-                "snapshot {short}: directory {path}: tree {tid} is missing (in no index)"
+                "snapshot {short}: {path}: unsafe entry name {:?}",
+                node.name_lossy()
             ));
-            continue;
         }
-        let t = match repo.load_blob(&tid).and_then(|b| Tree::decode(&tid, &b)) {
-            Ok(t) => t,
-            Err(e) => {
-                r.errors
-                    .push(format!("snapshot {short}: directory {path}: {e}"));
-                continue;
-            }
-        };
-        for node in t.nodes {
-            let child = format!(
-                "{}{}",
-                if path == "/" { "/" } else { "" },
-                child_path(&path, &node)
-            );
-            if !node.has_safe_name() {
-                r.errors.push(format!(
-                    "snapshot {short}: {path}: unsafe entry name {:?}",
-                    node.name_lossy()
-                ));
-            }
-            match node.kind {
-                NodeKind::Dir => stack.extend(node.subtree.iter().map(|s| (*s, child.clone()))),
-                NodeKind::File => {
-                    let mut chunks = node.content.clone();
-                    if node.indirect {
-                        chunks = Vec::new();
-                        for list in &node.content {
-                            match repo
-                                .load_blob(list)
-                                .and_then(|b| tree::decode_chunk_list(list, &b))
-                            {
-                                Ok(c) => chunks.extend(c),
-                                Err(e) => r.errors.push(format!(
-                                    "snapshot {short}: file {child}: chunk list: {e}"
-                                )),
-                            }
+        match node.kind {
+            NodeKind::Dir => next.extend(node.subtree.iter().map(|s| (*s, child.clone()))),
+            NodeKind::File => {
+                let mut chunks = node.content.clone();
+                if node.indirect {
+                    chunks = Vec::new();
+                    for list in &node.content {
+                        match repo
+                            .load_blob(list)
+                            .and_then(|b| tree::decode_chunk_list(list, &b))
+                        {
+                            Ok(c) => chunks.extend(c),
+                            Err(e) => r
+                                .errors
+                                .push(format!("snapshot {short}: file {child}: chunk list: {e}")),
                         }
-                    }
-                    let mut size = 0u64;
-                    for c in chunks {
-                        match index.get(&c) {
-                            Some((_, e)) => size += u64::from(e.raw_length),
-                            None => {
-                                r.errors.push(format!(
-                                    "snapshot {short}: file {child}: blob {c} is missing"
-                                ));
-                                size = node.size;
-                                break;
-                            }
-                        }
-                        seen_data.insert(c);
-                    }
-                    if size != node.size {
-                        r.errors.push(format!(
-                            "snapshot {short}: file {child}: chunks add up to {size} bytes, not {}",
-                            node.size
-                        ));
                     }
                 }
-                _ => {}
+                let mut size = 0u64;
+                for c in chunks {
+                    match index.get(&c) {
+                        Some((_, e)) => size += u64::from(e.raw_length),
+                        None => {
+                            r.errors.push(format!(
+                                "snapshot {short}: file {child}: blob {c} is missing"
+                            ));
+                            size = node.size;
+                            break;
+                        }
+                    }
+                    seen_data.insert(c);
+                }
+                if size != node.size {
+                    r.errors.push(format!(
+                        "snapshot {short}: file {child}: chunks add up to {size} bytes, not {}",
+                        node.size
+                    ));
+                }
             }
+            _ => {}
         }
     }
 }
