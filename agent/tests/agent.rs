@@ -829,3 +829,79 @@ async fn concurrent_candidates_never_both_win() {
     }
     assert_eq!(winners, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_catches_up_an_interrupted_run_and_takes_the_maintenance_lease() {
+    let w = world().await;
+    // The state a killed agent leaves: the daily run started, never finished.
+    let state_dir = w.dir.path().join("state");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let started = chrono::Utc::now() - chrono::Duration::minutes(5);
+    std::fs::write(
+        state_dir.join(format!("agent-state-{NODE}.json")),
+        serde_json::to_vec(&json!({"schedules": {
+            "daily": {"last_started": started, "last_completed": started - chrono::Duration::days(1)},
+            "weekly": {"last_started": started, "last_completed": started}
+        }}))
+        .unwrap(),
+    )
+    .unwrap();
+    let agent = Arc::new(w.agent(NODE, "maintenance:\n  leaseDuration: 10s"));
+    // Stop once the state says the daily run completed.
+    let state_file = state_dir.join(format!("agent-state-{NODE}.json"));
+    let stop = async move {
+        for _ in 0..600 {
+            let done = std::fs::read(&state_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .is_some_and(|v| daily_completed(&v));
+            if done {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), agent.clone().run(stop))
+        .await
+        .expect("agent stops when asked")
+        .unwrap();
+    let (snaps, _) = w.repo.snapshots().unwrap();
+    assert_eq!(
+        snaps.len(),
+        3,
+        "the interrupted daily run was run again at start"
+    );
+    assert!(snaps
+        .iter()
+        .all(|(_, s)| s.tags.contains(&"schedule=daily".to_string())));
+    let state: Value = serde_json::from_slice(
+        &std::fs::read(state_dir.join(format!("agent-state-{NODE}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert!(daily_completed(&state), "{state}");
+    // The maintenance election ran alongside and the lease was released on shutdown.
+    let lease = w
+        .api
+        .with(|s| {
+            s.get(
+                "coordination.k8s.io/v1",
+                "Lease",
+                Some(AGENT_NS),
+                "marmoset-maintenance",
+            )
+        })
+        .expect("lease created by the daemon");
+    assert!(
+        lease["spec"]["holderIdentity"].is_null(),
+        "released: {lease}"
+    );
+}
+
+fn daily_completed(state: &Value) -> bool {
+    let t = |k: &str| {
+        state["schedules"]["daily"][k]
+            .as_str()
+            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+    };
+    matches!((t("last_started"), t("last_completed")), (Some(s), Some(c)) if c >= s)
+}
