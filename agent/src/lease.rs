@@ -107,44 +107,66 @@ impl LeaderLease {
     }
 
     async fn round(&self, note: Option<(&str, DateTime<Utc>)>) -> Result<LeaseState> {
-        let now = jiff::Timestamp::now();
-        let secs = i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX);
-        let Some(mut lease) = self.get().await? else {
-            let mut annotations = BTreeMap::new();
-            if let Some((k, at)) = note {
-                annotations.insert(k.to_string(), at.to_rfc3339());
-            }
-            let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(self.name.clone()),
-                    annotations: Some(annotations.clone()),
-                    ..Default::default()
-                },
-                spec: Some(LeaseSpec {
-                    holder_identity: Some(self.identity.clone()),
-                    lease_duration_seconds: Some(secs),
-                    acquire_time: Some(MicroTime(now)),
-                    renew_time: Some(MicroTime(now)),
-                    lease_transitions: Some(0),
-                    ..Default::default()
-                }),
-            };
-            return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(LeaseState {
-                    leader: true,
-                    holder: Some(self.identity.clone()),
-                    annotations,
-                }),
-                // Someone created it first: they lead this round.
-                Err(e) if is_conflict(&e) => Ok(LeaseState {
-                    leader: false,
-                    holder: None,
-                    annotations,
-                }),
-                Err(e) => Err(Error::kube(format!("create lease {}", self.name), e)),
-            };
+        match self.get().await? {
+            None => self.create(note).await,
+            Some(lease) => self.take_or_renew(lease, note).await,
+        }
+    }
+
+    fn won(&self, annotations: BTreeMap<String, String>) -> LeaseState {
+        LeaseState {
+            leader: true,
+            holder: Some(self.identity.clone()),
+            annotations,
+        }
+    }
+
+    fn secs(&self) -> i32 {
+        i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX)
+    }
+
+    /// First agent ever: creates the lease, holding it.
+    async fn create(&self, note: Option<(&str, DateTime<Utc>)>) -> Result<LeaseState> {
+        let now = MicroTime(jiff::Timestamp::now());
+        let mut annotations = BTreeMap::new();
+        if let Some((k, at)) = note {
+            annotations.insert(k.to_string(), at.to_rfc3339());
+        }
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                annotations: Some(annotations.clone()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(self.identity.clone()),
+                lease_duration_seconds: Some(self.secs()),
+                acquire_time: Some(now.clone()),
+                renew_time: Some(now),
+                lease_transitions: Some(0),
+                ..Default::default()
+            }),
         };
-        let annotations = lease.metadata.annotations.clone().unwrap_or_default();
+        match self.api.create(&PostParams::default(), &lease).await {
+            Ok(_) => Ok(self.won(annotations)),
+            // Someone created it first: they lead this round.
+            Err(e) if is_conflict(&e) => Ok(LeaseState {
+                leader: false,
+                holder: None,
+                annotations,
+            }),
+            Err(e) => Err(Error::kube(format!("create lease {}", self.name), e)),
+        }
+    }
+
+    /// Renews our lease, or takes an expired or released one.
+    async fn take_or_renew(
+        &self,
+        mut lease: Lease,
+        note: Option<(&str, DateTime<Utc>)>,
+    ) -> Result<LeaseState> {
+        let now = jiff::Timestamp::now();
+        let mut annotations = lease.metadata.annotations.clone().unwrap_or_default();
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
         let ours = holder.as_deref() == Some(&self.identity);
@@ -163,28 +185,24 @@ impl LeaderLease {
         }
         let mut new_spec = spec.clone();
         new_spec.holder_identity = Some(self.identity.clone());
-        new_spec.lease_duration_seconds = Some(secs);
+        new_spec.lease_duration_seconds = Some(self.secs());
         new_spec.renew_time = Some(MicroTime(now));
         if !ours {
             new_spec.acquire_time = Some(MicroTime(now));
             new_spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
         }
         lease.spec = Some(new_spec);
-        let mut annotations = annotations;
         if let Some((k, at)) = note {
             annotations.insert(k.to_string(), at.to_rfc3339());
         }
         lease.metadata.annotations = Some(annotations.clone());
+        // The resourceVersion read above makes this a compare-and-swap.
         match self
             .api
             .replace(&self.name, &PostParams::default(), &lease)
             .await
         {
-            Ok(_) => Ok(LeaseState {
-                leader: true,
-                holder: Some(self.identity.clone()),
-                annotations,
-            }),
+            Ok(_) => Ok(self.won(annotations)),
             Err(e) if is_conflict(&e) => Ok(LeaseState {
                 leader: false,
                 holder,

@@ -720,20 +720,8 @@ async fn only_the_lease_holder_runs_maintenance_and_the_lease_moves_when_it_expi
     let b = w.agent("node-b", "maintenance:\n  leaseDuration: 10s");
     a.run_once("daily").await.unwrap();
     let client = w.api.client(AGENT_NS);
-    let lease_a = LeaderLease::new(
-        client.clone(),
-        AGENT_NS,
-        "marmoset-maintenance",
-        "node-a",
-        Duration::from_secs(10),
-    );
-    let lease_b = LeaderLease::new(
-        client.clone(),
-        AGENT_NS,
-        "marmoset-maintenance",
-        "node-b",
-        Duration::from_secs(10),
-    );
+    let lease_a = lease(&client, "marmoset-maintenance", "node-a", 10);
+    let lease_b = lease(&client, "marmoset-maintenance", "node-b", 10);
     // a wins the empty lease and, with no maintenance on record, runs a full one.
     let report = a
         .maintenance_round(&lease_a)
@@ -750,35 +738,13 @@ async fn only_the_lease_holder_runs_maintenance_and_the_lease_moves_when_it_expi
         a.maintenance_round(&lease_a).await.unwrap().is_none(),
         "nothing due right after"
     );
-    let lease = w
-        .api
-        .with(|s| {
-            s.get(
-                "coordination.k8s.io/v1",
-                "Lease",
-                Some(AGENT_NS),
-                "marmoset-maintenance",
-            )
-        })
-        .unwrap();
-    assert_eq!(lease["spec"]["holderIdentity"], "node-a");
-    assert!(lease["metadata"]["annotations"][LAST_FULL].is_string());
+    let obj = lease_object(&w, "marmoset-maintenance").unwrap();
+    assert_eq!(obj["spec"]["holderIdentity"], "node-a");
+    assert!(obj["metadata"]["annotations"][LAST_FULL].is_string());
 
     // Short leases for the takeover: a stops renewing, b takes over after expiry.
-    let short_a = LeaderLease::new(
-        client.clone(),
-        AGENT_NS,
-        "short",
-        "node-a",
-        Duration::from_secs(2),
-    );
-    let short_b = LeaderLease::new(
-        client.clone(),
-        AGENT_NS,
-        "short",
-        "node-b",
-        Duration::from_secs(2),
-    );
+    let short_a = lease(&client, "short", "node-a", 2);
+    let short_b = lease(&client, "short", "node-b", 2);
     assert!(short_a.try_acquire_or_renew().await.unwrap().leader);
     short_a.record(LAST_FULL, chrono::Utc::now()).await.unwrap();
     let st = short_b.try_acquire_or_renew().await.unwrap();
@@ -795,11 +761,8 @@ async fn only_the_lease_holder_runs_maintenance_and_the_lease_moves_when_it_expi
         !short_a.try_acquire_or_renew().await.unwrap().leader,
         "a lost it"
     );
-    let lease = w
-        .api
-        .with(|s| s.get("coordination.k8s.io/v1", "Lease", Some(AGENT_NS), "short"))
-        .unwrap();
-    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    let obj = lease_object(&w, "short").unwrap();
+    assert_eq!(obj["spec"]["leaseTransitions"], 1);
     // Releasing hands it over at once.
     short_b.release().await.unwrap();
     assert!(short_a.try_acquire_or_renew().await.unwrap().leader);
@@ -813,13 +776,7 @@ async fn concurrent_candidates_never_both_win() {
     for n in 0..6 {
         let c = client.clone();
         handles.push(tokio::spawn(async move {
-            let l = LeaderLease::new(
-                c,
-                AGENT_NS,
-                "race",
-                &format!("node-{n}"),
-                Duration::from_secs(30),
-            );
+            let l = lease(&c, "race", &format!("node-{n}"), 30);
             l.try_acquire_or_renew().await.unwrap().leader
         }));
     }
@@ -880,21 +837,8 @@ async fn the_daemon_catches_up_an_interrupted_run_and_takes_the_maintenance_leas
     .unwrap();
     assert!(daily_completed(&state), "{state}");
     // The maintenance election ran alongside and the lease was released on shutdown.
-    let lease = w
-        .api
-        .with(|s| {
-            s.get(
-                "coordination.k8s.io/v1",
-                "Lease",
-                Some(AGENT_NS),
-                "marmoset-maintenance",
-            )
-        })
-        .expect("lease created by the daemon");
-    assert!(
-        lease["spec"]["holderIdentity"].is_null(),
-        "released: {lease}"
-    );
+    let obj = lease_object(&w, "marmoset-maintenance").expect("lease created by the daemon");
+    assert!(obj["spec"]["holderIdentity"].is_null(), "released: {obj}");
 }
 
 fn daily_completed(state: &Value) -> bool {
@@ -904,4 +848,19 @@ fn daily_completed(state: &Value) -> bool {
             .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
     };
     matches!((t("last_started"), t("last_completed")), (Some(s), Some(c)) if c >= s)
+}
+
+fn lease(client: &kube::Client, name: &str, node: &str, secs: u64) -> LeaderLease {
+    LeaderLease::new(
+        client.clone(),
+        AGENT_NS,
+        name,
+        node,
+        Duration::from_secs(secs),
+    )
+}
+
+fn lease_object(w: &World, name: &str) -> Option<Value> {
+    w.api
+        .with(|s| s.get("coordination.k8s.io/v1", "Lease", Some(AGENT_NS), name))
 }
