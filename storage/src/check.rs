@@ -207,35 +207,37 @@ fn check_snapshot(
         .into_iter()
         .map(|t| (t, "/".to_string()))
         .collect();
+    let w = Walk {
+        repo,
+        short: &short,
+        index,
+    };
     while !level.is_empty() {
         level.retain(|(tid, _)| seen_trees.insert(*tid));
-        let loaded = load_trees_parallel(repo, &level, index);
         let mut next = Vec::new();
-        for ((tid, path), tree) in level.iter().zip(loaded) {
-            r.trees += 1;
-            let t = match tree {
-                Ok(t) => t,
-                Err(msg) => {
-                    r.errors.push(format!(
-                        "snapshot {short}: directory {path}: {}",
-                        msg.replace("{tid}", &tid.to_string())
-                    ));
-                    continue;
+        // In batches, so a level of many large directories is never all
+        // in memory at once.
+        for batch in level.chunks(TREE_BATCH) {
+            let loaded = load_trees_parallel(repo, batch, index);
+            for ((_, path), tree) in batch.iter().zip(loaded) {
+                r.trees += 1;
+                match tree {
+                    Ok(t) => check_tree(&w, path, t, seen_data, &mut next, r),
+                    Err(msg) => r
+                        .errors
+                        .push(format!("snapshot {short}: directory {path}: {msg}")),
                 }
-            };
-            let w = Walk {
-                repo,
-                short: &short,
-                index,
-            };
-            check_tree(&w, path, t, seen_data, &mut next, r);
+            }
         }
         level = next;
     }
 }
 
+/// Trees loaded (and held) at once while checking.
+const TREE_BATCH: usize = 256;
+
 /// Loads `trees` with one worker per core; an error is the message to
-/// report (`{tid}` stands for the tree's id).
+/// report.
 fn load_trees_parallel(
     repo: &Repository,
     trees: &[(Id, String)],
@@ -243,7 +245,7 @@ fn load_trees_parallel(
 ) -> Vec<std::result::Result<Tree, String>> {
     let load = |tid: &Id| -> std::result::Result<Tree, String> {
         if !index.contains_key(tid) {
-            return Err("tree {tid} is missing (in no index)".into());
+            return Err(format!("tree {tid} is missing (in no index)"));
         }
         repo.load_blob(tid)
             .and_then(|b| Tree::decode(tid, &b))
