@@ -671,10 +671,13 @@ impl Agent {
         } else {
             None
         };
-        tokio::select! {
-            r = self.clone().schedule_loop() => { if let Err(e) = r { error!(error = %e, "scheduler stopped"); } }
-            _ = shutdown => info!("shutting down"),
-        }
+        let result = tokio::select! {
+            r = self.clone().schedule_loop() => r,
+            _ = shutdown => {
+                info!("shutting down");
+                Ok(())
+            }
+        };
         if let Some((lease, task)) = maintenance {
             task.abort();
             if let Err(e) = lease.release().await {
@@ -682,12 +685,19 @@ impl Agent {
             }
         }
         server.abort();
-        Ok(())
+        // The scheduler only returns on an error: the process exits non-zero
+        // and Kubernetes restarts it.
+        result
     }
 
     async fn schedule_loop(self: Arc<Self>) -> Result<()> {
         let now = Utc::now();
-        let state = self.state.load()?;
+        // A damaged state file costs at most one catch-up decision, never
+        // the schedules: start over from now.
+        let state = self.state.load().unwrap_or_else(|e| {
+            warn!(error = %e, "ignoring unreadable agent state");
+            None
+        });
         match state {
             None => {
                 // First start: nothing was missed; the schedules start now.
