@@ -240,6 +240,16 @@ impl Cluster {
         Err(Error::Task(format!("status {name}: kept conflicting")))
     }
 
+    /// The status object of one volume, if it has one.
+    pub async fn status(&self, namespace: &str, pvc: &str) -> Result<Option<VolumeStatus>> {
+        let name = crate::status::object_name(namespace, pvc);
+        let cm = Api::<ConfigMap>::namespaced(self.client.clone(), &self.namespace)
+            .get_opt(&name)
+            .await
+            .map_err(|e| Error::kube(format!("get status {name}"), e))?;
+        Ok(cm.and_then(|cm| cm.data.as_ref().and_then(VolumeStatus::from_data)))
+    }
+
     /// Every volume status object in the agent's namespace.
     pub async fn statuses(&self) -> Result<Vec<VolumeStatus>> {
         let api = Api::<ConfigMap>::namespaced(self.client.clone(), &self.namespace);

@@ -11,7 +11,7 @@ use marmoset_storage::{
     BackupOptions, GroupBy, MaintainOptions, MaintainReport, Progress, Repository, RetentionPolicy,
     SnapshotFilter,
 };
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedMutexGuard};
 use tracing::{error, info, warn};
 
 use crate::cluster::{Cluster, Subject};
@@ -70,6 +70,26 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Waits for the repository lock (one repository operation at a time).
+    async fn lock_repo(&self) -> OwnedMutexGuard<()> {
+        self.repo_lock.clone().lock_owned().await
+    }
+
+    /// Runs `f` on a blocking thread, releasing `guard` when it is done; the
+    /// returned handle's result goes through `joined`.
+    fn on_repo<T: Send + 'static>(
+        &self,
+        guard: OwnedMutexGuard<()>,
+        f: impl FnOnce(&Repository) -> marmoset_storage::Result<T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<marmoset_storage::Result<T>> {
+        let repo = self.repo.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = f(&repo);
+            drop(guard);
+            r
+        })
+    }
+
     pub fn new(cfg: AgentConfig, cluster: Cluster, repo: Arc<Repository>) -> Result<Self> {
         let schedules = cfg.schedules()?;
         let state = StateFile::new(&cfg.state_dir, cluster.node());
@@ -166,11 +186,7 @@ impl Agent {
     }
 
     async fn run_pod(&self, pod: &PodPlan, sched: &Schedule, report: &mut RunReport) {
-        let subject = || Subject::Pod {
-            namespace: &pod.namespace,
-            name: &pod.pod,
-            uid: &pod.pod_uid,
-        };
+        let subject = || pod_subject(pod);
         for e in &pod.hooks.errors {
             self.cluster
                 .event(
@@ -225,11 +241,7 @@ impl Agent {
                 let msg = e.to_string();
                 warn!(error = %msg, "hook failed");
                 self.metrics.hook_failed();
-                let subject = Subject::Pod {
-                    namespace: &pod.namespace,
-                    name: &pod.pod,
-                    uid: &pod.pod_uid,
-                };
+                let subject = pod_subject(pod);
                 let policy = match hook.on_error {
                     OnError::Fail => "Fail",
                     OnError::Continue => "Continue",
@@ -273,20 +285,8 @@ impl Agent {
         &self,
         t: &VolumeTarget,
     ) -> (Option<chrono::DateTime<Utc>>, Option<String>) {
-        let api = kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(
-            self.cluster.client().clone(),
-            self.cluster.namespace(),
-        );
-        match api
-            .get_opt(&crate::status::object_name(&t.namespace, &t.pvc))
-            .await
-        {
-            Ok(Some(cm)) => cm
-                .data
-                .as_ref()
-                .and_then(VolumeStatus::from_data)
-                .map(|s| (s.last_success, s.last_snapshot))
-                .unwrap_or_default(),
+        match self.cluster.status(&t.namespace, &t.pvc).await {
+            Ok(Some(s)) => (s.last_success, s.last_snapshot),
             _ => (None, None),
         }
     }
@@ -344,7 +344,7 @@ impl Agent {
                 return self.volume_failed(t, sched, &msg).await;
             }
         }
-        let guard = self.repo_lock.clone().lock_owned().await;
+        let guard = self.lock_repo().await;
         let start = Instant::now();
         let (prev_success, prev_snapshot) = self.previous_success(t).await;
         let mut status = self.base_status(t, sched, Phase::Running);
@@ -382,13 +382,10 @@ impl Agent {
             hostname: Some(self.node().into()),
             ..Default::default()
         };
-        let repo = self.repo.clone();
         let path: PathBuf = t.path.clone();
         let p = progress.clone();
-        let mut work = tokio::task::spawn_blocking(move || {
-            let r = marmoset_storage::backup(&repo, &[path], &opts, &p);
-            drop(guard);
-            r
+        let mut work = self.on_repo(guard, move |repo| {
+            marmoset_storage::backup(repo, &[path], &opts, &p)
         });
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut last_status = Instant::now();
@@ -411,9 +408,7 @@ impl Agent {
             }
         };
         let duration = start.elapsed().as_secs_f64();
-        let result = result
-            .map_err(|e| Error::Task(e.to_string()))
-            .and_then(|r| r.map_err(Error::from));
+        let result = joined(result);
         let now = Utc::now();
         status.duration_seconds = duration;
         match result {
@@ -526,16 +521,11 @@ impl Agent {
             sources: Vec::new(),
             tags: vec![sched.tag(), format!("node={}", self.node())],
         };
-        let repo = self.repo.clone();
-        let guard = self.repo_lock.clone().lock_owned().await;
-        let report = tokio::task::spawn_blocking(move || {
-            let r = marmoset_storage::forget(&repo, &policy, &filter, GroupBy::Source, false, &Utc);
-            drop(guard);
-            r
-        })
-        .await
-        .map_err(|e| Error::Task(e.to_string()))??;
-        Ok(report.removed)
+        let guard = self.lock_repo().await;
+        let work = self.on_repo(guard, move |repo| {
+            marmoset_storage::forget(repo, &policy, &filter, GroupBy::Source, false, &Utc)
+        });
+        Ok(joined(work.await)?.removed)
     }
 
     /// Which maintenance is due, judged from the times on the lease.
@@ -567,17 +557,12 @@ impl Agent {
         };
         info!(full, "running repository maintenance");
         let started = Instant::now();
-        let repo = self.repo.clone();
-        let guard = self.repo_lock.clone().lock_owned().await;
-        let mut work = tokio::task::spawn_blocking(move || {
-            let opts = MaintainOptions {
-                full,
-                ..Default::default()
-            };
-            let r = marmoset_storage::maintain(&repo, &opts);
-            drop(guard);
-            r
-        });
+        let opts = MaintainOptions {
+            full,
+            ..Default::default()
+        };
+        let guard = self.lock_repo().await;
+        let mut work = self.on_repo(guard, move |repo| marmoset_storage::maintain(repo, &opts));
         let mut renew = tokio::time::interval(self.cfg.maintenance.lease_duration / 3);
         renew.tick().await;
         let result = loop {
@@ -590,10 +575,7 @@ impl Agent {
                 }
             }
         };
-        let report = match result
-            .map_err(|e| Error::Task(e.to_string()))
-            .and_then(|r| r.map_err(Error::from))
-        {
+        let report = match joined(result) {
             Ok(r) => r,
             Err(e) => {
                 self.metrics.maintenance_failed();
@@ -755,5 +737,21 @@ impl Agent {
             }
             next[i] = s.next_after(Utc::now().max(at));
         }
+    }
+}
+
+/// A blocking task's outcome as the agent's result.
+fn joined<T>(
+    r: std::result::Result<marmoset_storage::Result<T>, tokio::task::JoinError>,
+) -> Result<T> {
+    r.map_err(|e| Error::Task(e.to_string()))?
+        .map_err(Error::from)
+}
+
+fn pod_subject(pod: &PodPlan) -> Subject<'_> {
+    Subject::Pod {
+        namespace: &pod.namespace,
+        name: &pod.pod,
+        uid: &pod.pod_uid,
     }
 }

@@ -177,6 +177,19 @@ fn key(prefix: &str, ns: Option<&str>, resource: &str, name: &str) -> String {
     }
 }
 
+/// `key=value` terms of a selector parameter (equality only).
+fn selector_pairs(query: &[(String, String)], param: &str) -> Vec<(String, String)> {
+    query
+        .iter()
+        .filter(|(k, _)| k == param)
+        .flat_map(|(_, v)| v.split(',').map(String::from).collect::<Vec<_>>())
+        .filter_map(|s| {
+            s.split_once('=')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        })
+        .collect()
+}
+
 fn field(v: &Value, path: &str) -> Option<String> {
     let mut cur = v;
     for p in path.split('.') {
@@ -239,24 +252,8 @@ impl Store {
             Some(ns) => format!("{prefix}/namespaces/{ns}/{resource}/"),
             None => format!("{prefix}/"),
         };
-        let selectors: Vec<(String, String)> = query
-            .iter()
-            .filter(|(k, _)| k == "fieldSelector")
-            .flat_map(|(_, v)| v.split(',').map(String::from).collect::<Vec<_>>())
-            .filter_map(|s| {
-                s.split_once('=')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-            })
-            .collect();
-        let labels: Vec<(String, String)> = query
-            .iter()
-            .filter(|(k, _)| k == "labelSelector")
-            .flat_map(|(_, v)| v.split(',').map(String::from).collect::<Vec<_>>())
-            .filter_map(|s| {
-                s.split_once('=')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-            })
-            .collect();
+        let selectors = selector_pairs(query, "fieldSelector");
+        let labels = selector_pairs(query, "labelSelector");
         let items: Vec<Value> = self
             .objects
             .iter()
