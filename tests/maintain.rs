@@ -240,23 +240,38 @@ fn killed_maintenance_leaves_a_valid_repository() {
 fn a_live_maintenance_lease_of_another_host_blocks_a_second_run() {
     let env = Env::new();
     env.init();
+    let keys = env.open().keys().clone();
     let now = chrono::Utc::now();
-    let lease = serde_json::json!({
-        "kind": "maintenance", "hostname": "other-node", "pid": 1,
-        "created": now - chrono::Duration::minutes(1), "expires": now + chrono::Duration::minutes(10),
-    });
-    fs::write(env.repo.join("locks/maintenance-0000"), lease.to_string()).unwrap();
+    // A genuine lease (written with the key) of another node, as its
+    // maintenance would write it.
+    let plant = |refreshed: chrono::DateTime<chrono::Utc>| {
+        let lease = serde_json::json!({
+            "kind": "maintenance", "hostname": "other-node",
+            "process": {"boot_id": "b", "pid_ns": "pid:[1]", "pid": 1, "start_ticks": 5},
+            "created": refreshed - chrono::Duration::minutes(1), "refreshed": refreshed,
+            "expires": refreshed + chrono::Duration::minutes(15), "ttl_secs": 900,
+        });
+        let name = format!("maintenance-{}", "0".repeat(64));
+        let sealed = marmoset_storage::format::seal_file(
+            &keys,
+            &format!("lock {name}"),
+            lease.to_string().as_bytes(),
+        );
+        let path = env.repo.join("locks").join(&name);
+        fs::write(&path, sealed).unwrap();
+        // The storage's stamp is what counts: make it the lease's time.
+        let f = fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(refreshed.into()).unwrap();
+    };
+    plant(now);
     let out = env.cmd().args(["maintain"]).output().unwrap();
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("another maintenance is running: other-node")
     );
-    // Expired, it no longer blocks, and maintenance removes it.
-    let expired = serde_json::json!({
-        "kind": "maintenance", "hostname": "other-node", "pid": 1,
-        "created": now - chrono::Duration::hours(2), "expires": now - chrono::Duration::hours(1),
-    });
-    fs::write(env.repo.join("locks/maintenance-0000"), expired.to_string()).unwrap();
+    // Not refreshed for two hours (by the storage's clock): it no longer
+    // blocks, and maintenance removes it.
+    plant(now - chrono::Duration::hours(2));
     let r = env.json(&["maintain"]);
     assert_eq!(r["leases_removed"], 1);
 }

@@ -198,6 +198,18 @@ pub struct RestoreArgs {
     /// Parallel readers.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Do not restore ownership, even as root: everything belongs to the
+    /// user running the restore.
+    #[arg(long)]
+    pub no_owner: bool,
+    /// Create no device files or fifos (reported as skipped) and drop
+    /// setuid, setgid and sticky bits.
+    #[arg(long)]
+    pub no_special: bool,
+    /// Restore no extended attributes (by default `user.*` ones, and as
+    /// root all of them, `security.*` included).
+    #[arg(long)]
+    pub no_xattrs: bool,
 }
 
 #[derive(Args, Debug)]

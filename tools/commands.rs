@@ -1,6 +1,7 @@
 //! One function per command: validate arguments, call the engine, print.
 
-use std::io::Write;
+use std::borrow::Cow;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -77,13 +78,12 @@ fn open_backend(g: &Global) -> Result<Arc<dyn Backend>> {
     Ok(Arc::new(FsBackend::new(path)))
 }
 
+/// The engine's default, so both caches share one root: with no home it is
+/// a per-user folder in the temporary directory, never a shared name there;
+/// the engine checks the root is this user's own before the repository
+/// opens.
 fn default_cache_root() -> std::path::PathBuf {
-    if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
-        return std::path::PathBuf::from(x).join("marmoset");
-    }
-    std::env::var_os("HOME")
-        .map(|h| std::path::PathBuf::from(h).join(".cache").join("marmoset"))
-        .unwrap_or_else(|| std::env::temp_dir().join("marmoset-cache"))
+    OpenOptions::default_cache_root()
 }
 
 fn print_backend_stats(repo: &Repository) {
@@ -298,9 +298,43 @@ fn split_target(t: &str) -> (&str, &str) {
     }
 }
 
-fn node_line(n: &Node, path: &str, long: bool) -> String {
+/// A name as printed for a person: on a terminal (`tty`), control
+/// characters (C0, DEL, C1) and backslashes are escaped, so a file name
+/// cannot send escape sequences to the operator's terminal. Elsewhere
+/// (pipes, files) names stay exact for scripts; `--json` is escaped by
+/// serde.
+fn shown(s: &str, tty: bool) -> Cow<'_, str> {
+    if tty {
+        escape_controls(s)
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+/// `\\` for a backslash, `\n`, `\t`, `\r`, and `\xNN` (the code point) for
+/// every other control character.
+fn escape_controls(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(|c| c == '\\' || c.is_control()) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn node_line(n: &Node, path: &str, long: bool, tty: bool) -> String {
+    let path = shown(path, tty);
     if !long {
-        return path.to_string();
+        return path.into_owned();
     }
     let kind = match n.kind {
         NodeKind::Dir => 'd',
@@ -322,7 +356,7 @@ fn node_line(n: &Node, path: &str, long: bool) -> String {
     );
     if let Some(target) = &n.link_target {
         line.push_str(" -> ");
-        line.push_str(&String::from_utf8_lossy(target));
+        line.push_str(&shown(&String::from_utf8_lossy(target), tty));
     }
     line
 }
@@ -333,12 +367,13 @@ fn ls(g: &Global, a: LsArgs) -> Result<ExitCode> {
     let (_, snap) = repo.resolve_snapshot(spec)?;
     let node = repo.find_node(&snap, path)?;
     let base = path.trim_matches('/').to_string();
+    let tty = std::io::stdout().is_terminal();
     let mut out = std::io::stdout().lock();
     let mut stack = vec![(node, base)];
     let mut first = true;
     while let Some((node, p)) = stack.pop() {
         if node.kind != NodeKind::Dir {
-            emit(&mut out, g.json, &node, &p, a.long)?;
+            emit(&mut out, g.json, &node, &p, a.long, tty)?;
             continue;
         }
         if !first && !a.recursive {
@@ -353,7 +388,7 @@ fn ls(g: &Global, a: LsArgs) -> Result<ExitCode> {
             } else {
                 format!("/{}/{}", p.trim_start_matches('/'), e.name_lossy())
             };
-            emit(&mut out, g.json, &e, &child, a.long)?;
+            emit(&mut out, g.json, &e, &child, a.long, tty)?;
             if e.kind == NodeKind::Dir && a.recursive {
                 subdirs.push((e, child));
             }
@@ -364,7 +399,14 @@ fn ls(g: &Global, a: LsArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn emit(out: &mut impl Write, json: bool, n: &Node, path: &str, long: bool) -> Result<()> {
+fn emit(
+    out: &mut impl Write,
+    json: bool,
+    n: &Node,
+    path: &str,
+    long: bool,
+    tty: bool,
+) -> Result<()> {
     if json {
         serde_json::to_writer(
             &mut *out,
@@ -376,7 +418,7 @@ fn emit(out: &mut impl Write, json: bool, n: &Node, path: &str, long: bool) -> R
         )?;
         writeln!(out)?;
     } else {
-        writeln!(out, "{}", node_line(n, path, long))?;
+        writeln!(out, "{}", node_line(n, path, long, tty))?;
     }
     Ok(())
 }
@@ -408,6 +450,9 @@ fn restore(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
         includes: a.includes,
         excludes: a.excludes,
         threads: a.threads,
+        no_owner: a.no_owner,
+        no_special: a.no_special,
+        no_xattrs: a.no_xattrs,
     };
     let progress = Arc::new(marmoset_storage::RestoreProgress::default());
     let p = progress.clone();
@@ -427,8 +472,15 @@ fn restore(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
             &json!({"snapshot": id, "summary": summary, "backend": repo.backend().stats()}),
         )?;
     } else {
+        let tty = std::io::stderr().is_terminal();
         for e in &summary.errors {
-            eprintln!("error: {}: {}", e.path, e.error);
+            eprintln!("error: {}: {}", shown(&e.path, tty), shown(&e.error, tty));
+        }
+        if !summary.skipped.is_empty() {
+            eprintln!(
+                "skipped {} fifos and device files (--no-special)",
+                summary.skipped.len()
+            );
         }
         println!(
             "restored {} files, {} dirs, {} links, {} in {:.2}s to {}",
@@ -951,6 +1003,7 @@ fn diff(g: &Global, a: DiffArgs) -> Result<ExitCode> {
         print_json(&serde_json::to_value(&entries)?)?;
         return Ok(ExitCode::SUCCESS);
     }
+    let tty = std::io::stdout().is_terminal();
     let mut out = std::io::stdout().lock();
     let (mut added, mut removed, mut modified) = (0, 0, 0);
     for e in &entries {
@@ -970,7 +1023,7 @@ fn diff(g: &Global, a: DiffArgs) -> Result<ExitCode> {
             marmoset_storage::Change::Metadata => "U",
         };
         let slash = if e.kind == NodeKind::Dir { "/" } else { "" };
-        writeln!(out, "{sign}    {}{slash}", e.path)?;
+        writeln!(out, "{sign}    {}{slash}", shown(&e.path, tty))?;
     }
     writeln!(out, "{added} added, {removed} removed, {modified} modified")?;
     Ok(ExitCode::SUCCESS)
@@ -995,6 +1048,7 @@ fn find(g: &Global, a: FindArgs) -> Result<ExitCode> {
         print_json(&serde_json::to_value(&matches)?)?;
         return Ok(ExitCode::SUCCESS);
     }
+    let tty = std::io::stdout().is_terminal();
     let mut out = std::io::stdout().lock();
     for m in &matches {
         writeln!(
@@ -1005,7 +1059,7 @@ fn find(g: &Global, a: FindArgs) -> Result<ExitCode> {
                 .with_timezone(&chrono::Local)
                 .format("%Y-%m-%d %H:%M:%S"),
             m.size,
-            m.path
+            shown(&m.path, tty)
         )?;
     }
     writeln!(
@@ -1019,4 +1073,20 @@ fn find(g: &Global, a: FindArgs) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_escaped_only_on_a_terminal() {
+        let evil = "a\u{1b}]0;owned\u{7}b\\c\nd\te\u{7f}\u{9b}2Jé";
+        assert_eq!(
+            shown(evil, true),
+            "a\\x1b]0;owned\\x07b\\\\c\\nd\\te\\x7f\\x9b2Jé"
+        );
+        assert_eq!(shown(evil, false), evil);
+        assert!(matches!(shown("plain/ünïcødé.txt", true), Cow::Borrowed(_)));
+    }
 }

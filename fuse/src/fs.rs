@@ -427,7 +427,7 @@ impl MarmosetFs {
         if offset >= file_size {
             return Ok(Vec::new());
         }
-        let end = (offset + u64::from(size)).min(file_size);
+        let end = offset.saturating_add(u64::from(size)).min(file_size);
         // Binary search: the chunk containing `offset`.
         let mut i = f
             .offsets

@@ -140,6 +140,27 @@ const CF_PACKS: &str = "packs";
 const CF_UNCOMMITTED: &str = "uncommitted_packs";
 const ALL_CFS: [&str; 5] = [CF_BLOBS, CF_FILES, CF_LOADED, CF_PACKS, CF_UNCOMMITTED];
 
+/// Creates `path` (and missing parents) with mode `0700`, and tightens an
+/// existing one made by older versions: the cache holds plaintext source
+/// paths, sizes and times, which other local users must not read.
+fn create_private_dir(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let io = |source| IndexError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(io)?;
+    let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+    Ok(())
+}
+
 /// The RocksDB-backed cache for one repository.
 pub struct IndexCache {
     db: DB,
@@ -147,12 +168,9 @@ pub struct IndexCache {
 }
 
 impl IndexCache {
-    /// Opens (or creates) the cache directory `path`.
+    /// Opens (or creates) the cache directory `path`, private to its owner.
     pub fn open(path: &Path) -> Result<Self> {
-        std::fs::create_dir_all(path).map_err(|source| IndexError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        create_private_dir(path)?;
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -352,6 +370,29 @@ mod tests {
             kind: 1,
             flags: 1,
         }
+    }
+
+    #[test]
+    fn cache_directory_is_made_private() -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("mrm-idx-mode-{}", std::process::id()));
+        let io = |source| IndexError::Io {
+            path: dir.clone(),
+            source,
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        // As an older version left it: readable by everyone.
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
+        drop(IndexCache::open(&dir)?);
+        let mode = std::fs::metadata(&dir).map_err(io)?.permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let fresh = dir.join("sub").join("repo");
+        drop(IndexCache::open(&fresh)?);
+        let mode = std::fs::metadata(&fresh).map_err(io)?.permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
     }
 
     #[test]

@@ -12,18 +12,21 @@
 //! list are durable, and the snapshot is written last.
 
 use std::collections::HashSet;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, Metadata};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use marmoset_index::FileCacheEntry;
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 use tracing::{debug, warn};
 
 use crate::backend::FileKind;
@@ -76,12 +79,21 @@ const PACKS_PER_INDEX: usize = 8;
 /// Shared state of the blob-saving half of the pipeline.
 struct Saver<'r> {
     repo: &'r Repository,
+    /// The backup's session lease: no index file is written once it may
+    /// have looked stale (its packs may be gone by then).
+    session: &'r Lease,
     level: i32,
     pack_size: usize,
     /// Room for a full pack plus its largest possible last blob and the
     /// trailer, so sealing never reallocates (which would double memory).
     pack_capacity: usize,
     inflight: Mutex<HashSet<Id>>,
+    /// Indexed packs that the storage does not hold (replayed index files,
+    /// packs deleted since): their blobs are stored again, never reused.
+    missing_packs: HashSet<[u8; 32]>,
+    /// Every pack holding a blob this backup references; all must still
+    /// exist when the snapshot is written.
+    used_packs: Mutex<HashSet<[u8; 32]>>,
     packer: Mutex<PackBuilder>,
     /// Taken (and so closed) once all blobs are queued.
     upload_tx: Mutex<Option<Sender<PackBuilder>>>,
@@ -116,11 +128,23 @@ impl<'r> Saver<'r> {
     /// Claims `id` for storing: false when the repository or this backup
     /// already has it.
     fn claim(&self, id: &Id) -> Result<bool> {
-        if self.repo.index().contains_blob(&id.0)? {
+        if self.known(id)? {
             return Ok(false);
         }
         let mut inflight = crate::util::lock(&self.inflight);
         Ok(inflight.insert(*id))
+    }
+
+    /// Whether a pack that exists holds `id`; records that pack as used.
+    fn known(&self, id: &Id) -> Result<bool> {
+        let Some(loc) = self.repo.index().get_blob(&id.0)? else {
+            return Ok(false);
+        };
+        if self.missing_packs.contains(&loc.pack) {
+            return Ok(false);
+        }
+        crate::util::lock(&self.used_packs).insert(loc.pack);
+        Ok(true)
     }
 
     fn add_encoded(&self, blob: EncodedBlob) -> Result<()> {
@@ -193,6 +217,7 @@ impl<'r> Saver<'r> {
             .write(FileKind::Pack, &name, &sealed.bytes)?;
         debug!(pack = %name, blobs = sealed.entries.len(), "pack written");
         self.stats.packs.fetch_add(1, Ordering::Relaxed);
+        crate::util::lock(&self.used_packs).insert(sealed.id.0);
         let item = vec![(sealed.id, sealed.entries)];
         // Blobs become visible in the local cache right away for dedup;
         // the repository index file follows in batches.
@@ -213,6 +238,7 @@ impl<'r> Saver<'r> {
             }
         };
         if !batch.is_empty() {
+            self.session.check_alive()?;
             self.repo.write_index(&batch)?;
         }
         Ok(())
@@ -241,7 +267,13 @@ enum Event {
 }
 
 struct FileJob {
+    /// The directory the walk found the file in, and its name there.
+    dir: Arc<OwnedFd>,
+    name: OsString,
+    /// For messages and progress only; never opened.
     path: PathBuf,
+    /// What the walk saw: the file opened must be this one.
+    meta: Metadata,
     reply: Sender<FileResult>,
 }
 
@@ -280,14 +312,17 @@ pub fn backup(
     // for every session that may have seen blobs it is about to delete.
     let session = Lease::acquire(
         repo.backend().clone(),
+        repo.keys(),
         LeaseKind::Session,
         &format!("backup {}", abs[0].display()),
     )?;
+    refuse_clock_skew(&session)?;
     repo.sync_index()?;
     let recovered = repo.recover_unindexed_packs()?;
     if recovered > 0 {
         debug!(recovered, "reusing packs of an interrupted backup");
     }
+    let missing_packs = missing_packs(repo)?;
     let parent = repo
         .snapshots()?
         .0
@@ -309,10 +344,13 @@ pub fn backup(
     let pack_capacity = pack_size + repo.config().chunker.max_size as usize + (1 << 20);
     let saver = Saver {
         repo,
+        session: &session,
         level: repo.config().compression_level,
         pack_size,
         pack_capacity,
         inflight: Mutex::new(HashSet::new()),
+        missing_packs,
+        used_packs: Mutex::new(HashSet::new()),
         packer: Mutex::new(PackBuilder::with_capacity(pack_capacity)),
         upload_tx: Mutex::new(Some(upload_tx)),
         pending_index: Mutex::new(Vec::new()),
@@ -395,7 +433,9 @@ pub fn backup(
         return Err(e);
     }
     // Index files for the remaining packs, then the snapshot: in this order,
-    // so the snapshot never references a blob that no index lists.
+    // so the snapshot never references a blob that no index lists. Nothing
+    // more is indexed once the lease may have looked stale to maintenance.
+    session.check_alive()?;
     let rest = std::mem::take(&mut *crate::util::lock(&saver.pending_index));
     if !rest.is_empty() {
         repo.write_index(&rest)?;
@@ -412,8 +452,10 @@ pub fn backup(
         .ok_or_else(|| Error::Aborted("no root tree".into()))?;
     // A maintenance hid packs while we ran: make sure every blob we
     // referenced (possibly by dedup against now-hidden packs) is indexed.
-    let checked_at = chrono::Utc::now();
-    rescue_if_planned_since(repo, &root_parts, session.info.created)?;
+    rescue_if_overlapping(repo, &root_parts, &session.name)?;
+    let used = std::mem::take(&mut *crate::util::lock(&saver.used_packs));
+    confirm_packs_exist(repo, &used)?;
+    session.check_alive()?;
     let snap = Snapshot {
         version: 1,
         time,
@@ -434,28 +476,89 @@ pub fn backup(
         summary,
     };
     let id = repo.save_snapshot(&snap)?;
+    // Stopped between the checks above and the write for longer than the
+    // lease lives: a maintenance may have deleted what the snapshot needs
+    // without seeing it. Withdraw it rather than leave it unrestorable.
+    if let Err(e) = session.check_alive() {
+        let _ = repo.backend().remove(FileKind::Snapshot, &id.to_hex());
+        return Err(e);
+    }
     // A plan made between the check above and the snapshot write could
     // not see the snapshot: check once more (maintenance also rescues
     // referenced blobs it finds only in planned packs).
-    rescue_if_planned_since(repo, &root_parts, checked_at)?;
+    rescue_if_overlapping(repo, &root_parts, &session.name)?;
     drop(session);
     Ok((id, snap))
 }
 
-fn rescue_if_planned_since(
-    repo: &Repository,
-    root_parts: &[Id],
-    since: chrono::DateTime<chrono::Utc>,
-) -> Result<()> {
-    if let Some(plan_time) = crate::maintain::newest_plan(&**repo.backend())? {
-        if plan_time + crate::maintain::CLOCK_SKEW > since {
-            let rescued = crate::maintain::rescue_referenced(repo, root_parts)?;
-            if rescued > 0 {
-                warn!(
-                    rescued,
-                    "re-indexed packs that maintenance had planned to delete"
-                );
-            }
+/// A backup must not rely on the hosts' clocks, but a clock far off the
+/// storage's is worth stopping for: leases would look replayed.
+fn refuse_clock_skew(session: &Lease) -> Result<()> {
+    let limit = crate::lease::MAX_CLOCK_SKEW / 2;
+    if let Some(skew) = crate::lease::skew(session.storage_now()?) {
+        if skew.abs() > limit {
+            return Err(Error::ClockSkew {
+                skew_secs: skew.num_seconds(),
+                max_secs: limit.num_seconds(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Packs the index cache knows that the storage does not hold.
+fn missing_packs(repo: &Repository) -> Result<HashSet<[u8; 32]>> {
+    let present: HashSet<[u8; 32]> = repo
+        .backend()
+        .list(FileKind::Pack)?
+        .into_iter()
+        .filter_map(|(n, _)| Id::from_hex(&n).map(|i| i.0))
+        .collect();
+    let missing: HashSet<[u8; 32]> = repo
+        .index()
+        .packs()?
+        .into_iter()
+        .filter(|p| !present.contains(p))
+        .collect();
+    if !missing.is_empty() {
+        warn!(
+            packs = missing.len(),
+            "index lists packs the repository does not hold; their data is stored again"
+        );
+    }
+    Ok(missing)
+}
+
+/// Every pack the snapshot relies on must exist right now (fresh listing).
+fn confirm_packs_exist(repo: &Repository, used: &HashSet<[u8; 32]>) -> Result<()> {
+    let present: HashSet<String> = repo
+        .backend()
+        .list(FileKind::Pack)?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let gone: Vec<String> = used
+        .iter()
+        .map(|p| Id(*p).to_hex())
+        .filter(|p| !present.contains(p))
+        .collect();
+    match gone.first() {
+        None => Ok(()),
+        Some(first) => Err(Error::PacksVanished {
+            count: gone.len(),
+            first: first.clone(),
+        }),
+    }
+}
+
+fn rescue_if_overlapping(repo: &Repository, root_parts: &[Id], session: &str) -> Result<()> {
+    if crate::maintain::plans_overlap(repo, session)? {
+        let rescued = crate::maintain::rescue_referenced(repo, root_parts)?;
+        if rescued > 0 {
+            warn!(
+                rescued,
+                "re-indexed packs that maintenance had planned to delete"
+            );
         }
     }
     Ok(())
@@ -502,11 +605,13 @@ fn walk_roots(
     jobs: &Sender<FileJob>,
 ) -> Result<()> {
     // One directory: its contents form the root. Otherwise the root holds
-    // one entry per path, named by its last component.
+    // one entry per path, named by its last component. The operator's own
+    // parent directories may go through symlinks; nothing below them does.
     if let [only] = paths {
         let meta = fs::symlink_metadata(only).map_err(|e| Error::io(only, e))?;
         if meta.is_dir() {
-            return walk_dir_contents(ctx, saver, only, events, jobs);
+            let dir = SourceDir::open_root(only)?;
+            return walk_dir_contents(ctx, saver, &dir, events, jobs);
         }
     }
     let mut names = HashSet::new();
@@ -522,37 +627,123 @@ fn walk_roots(
     let mut sorted: Vec<&PathBuf> = paths.iter().collect();
     sorted.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
     for p in sorted {
-        walk_entry(ctx, saver, p, events, jobs)?;
+        let (Some(parent), Some(name)) = (p.parent(), p.file_name()) else {
+            return Err(Error::InvalidArgument(format!(
+                "{} cannot be backed up together with other paths; back it up on its own",
+                p.display()
+            )));
+        };
+        let dir = SourceDir::open_root(parent)?;
+        walk_entry(ctx, saver, &dir, name, events, jobs)?;
     }
     Ok(())
+}
+
+/// An open directory of the source tree. Entries are looked up relative to
+/// its descriptor with `O_NOFOLLOW`, so a directory or file swapped for a
+/// symlink after it was listed is never followed (the node agent runs as
+/// root over tenants' volumes: following one would copy host files into a
+/// tenant's snapshot).
+struct SourceDir {
+    fd: Arc<OwnedFd>,
+    path: PathBuf,
+}
+
+impl SourceDir {
+    fn open_root(path: &Path) -> Result<Self> {
+        let fd = nix::fcntl::open(
+            path,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io(path, e.into()))?;
+        Ok(Self {
+            fd: Arc::new(fd),
+            path: path.to_owned(),
+        })
+    }
+
+    /// Opens the child directory `name` if it is still the directory
+    /// described by `meta` (same device and inode).
+    fn open_child(&self, name: &OsStr, meta: &Metadata) -> std::io::Result<Self> {
+        let fd = nix::fcntl::openat(
+            &*self.fd,
+            name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        let fd = same_object(fd, meta)?;
+        Ok(Self {
+            fd: Arc::new(fd),
+            path: self.path.join(name),
+        })
+    }
+
+    /// Entry names, sorted bytewise (trees are sorted by name).
+    fn names(&self) -> std::io::Result<Vec<OsString>> {
+        let dup = self.fd.try_clone()?;
+        let mut dir = nix::dir::Dir::from_fd(dup)?;
+        let mut names = Vec::new();
+        for entry in dir.iter() {
+            let entry = entry?;
+            let name = entry.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                names.push(OsStr::from_bytes(name).to_owned());
+            }
+        }
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        Ok(names)
+    }
+
+    /// The entry itself (never what a symlink points to), as an `O_PATH`
+    /// handle and its metadata.
+    fn stat(&self, name: &OsStr) -> std::io::Result<(File, Metadata)> {
+        let fd = nix::fcntl::openat(
+            &*self.fd,
+            name,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        let f = File::from(fd);
+        let meta = f.metadata()?;
+        Ok((f, meta))
+    }
+}
+
+/// Keeps `fd` only if it is the object the walk saw (device, inode and
+/// type); anything else was swapped in after the walk looked.
+fn same_object(fd: OwnedFd, meta: &Metadata) -> std::io::Result<OwnedFd> {
+    let f = File::from(fd);
+    let now = f.metadata()?;
+    if now.dev() != meta.dev() || now.ino() != meta.ino() || now.file_type() != meta.file_type() {
+        return Err(std::io::Error::other(
+            "replaced by another file during the backup; skipped",
+        ));
+    }
+    Ok(OwnedFd::from(f))
 }
 
 fn walk_dir_contents(
     ctx: &WalkCtx,
     saver: &Saver,
-    dir: &Path,
+    dir: &SourceDir,
     events: &Sender<Event>,
     jobs: &Sender<FileJob>,
 ) -> Result<()> {
-    let rd = match fs::read_dir(dir) {
-        Ok(rd) => rd,
+    let names = match dir.names() {
+        Ok(n) => n,
         Err(e) => {
-            return send(events, Event::Error(source_error(dir, &e.to_string())));
+            return send(
+                events,
+                Event::Error(source_error(&dir.path, &e.to_string())),
+            )
         }
     };
-    let mut names: Vec<std::ffi::OsString> = Vec::new();
-    for entry in rd {
-        match entry {
-            Ok(e) => names.push(e.file_name()),
-            Err(e) => send(events, Event::Error(source_error(dir, &e.to_string())))?,
-        }
-    }
-    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
     for name in names {
         if saver.aborted() {
             return Err(Error::Aborted("backup aborted".into()));
         }
-        walk_entry(ctx, saver, &dir.join(name), events, jobs)?;
+        walk_entry(ctx, saver, dir, &name, events, jobs)?;
     }
     Ok(())
 }
@@ -573,43 +764,47 @@ fn source_error(path: &Path, error: &str) -> SourceError {
 fn walk_entry(
     ctx: &WalkCtx,
     saver: &Saver,
-    path: &Path,
+    dir: &SourceDir,
+    name: &OsStr,
     events: &Sender<Event>,
     jobs: &Sender<FileJob>,
 ) -> Result<()> {
-    if ctx.excluded(path) {
+    let path = dir.path.join(name);
+    if ctx.excluded(&path) {
         return Ok(());
     }
-    let meta = match fs::symlink_metadata(path) {
+    let (handle, meta) = match dir.stat(name) {
         Ok(m) => m,
-        Err(e) => return send(events, Event::Error(source_error(path, &e.to_string()))),
+        Err(e) => return send(events, Event::Error(source_error(&path, &e.to_string()))),
     };
-    let name = path
-        .file_name()
-        .unwrap_or(OsStr::new(""))
-        .as_bytes()
-        .to_vec();
-    let mut node = node_from_meta(name, &meta);
-    node.xattrs = read_xattrs(path);
+    let mut node = node_from_meta(name.as_bytes().to_vec(), &meta);
     let ft = meta.file_type();
+    if !ft.is_symlink() {
+        node.xattrs = read_xattrs(&handle);
+    }
+    drop(handle);
     if ft.is_dir() {
+        let child = match dir.open_child(name, &meta) {
+            Ok(c) => c,
+            Err(e) => return send(events, Event::Error(source_error(&path, &e.to_string()))),
+        };
         send(events, Event::Enter(Box::new(node)))?;
-        walk_dir_contents(ctx, saver, path, events, jobs)?;
+        walk_dir_contents(ctx, saver, &child, events, jobs)?;
         return send(events, Event::Exit);
     }
     if ft.is_symlink() {
-        match fs::read_link(path) {
-            Ok(t) => node.link_target = Some(t.as_os_str().as_bytes().to_vec()),
-            Err(e) => return send(events, Event::Error(source_error(path, &e.to_string()))),
+        match nix::fcntl::readlinkat(&*dir.fd, name) {
+            Ok(t) => node.link_target = Some(t.as_bytes().to_vec()),
+            Err(e) => return send(events, Event::Error(source_error(&path, &e.to_string()))),
         }
         return send(events, Event::Leaf(Box::new(node), None));
     }
     if !ft.is_file() {
         return send(events, Event::Leaf(Box::new(node), None));
     }
-    let key = ctx.cache_key(path);
+    let key = ctx.cache_key(&path);
     if !ctx.force_read {
-        if let Some(content) = unchanged_content(ctx, &key, &meta)? {
+        if let Some(content) = unchanged_content(ctx, saver, &key, &meta)? {
             return send(
                 events,
                 Event::Leaf(
@@ -621,7 +816,10 @@ fn walk_entry(
     }
     let (reply, rx) = bounded(1);
     jobs.send(FileJob {
-        path: path.to_owned(),
+        dir: dir.fd.clone(),
+        name: name.to_owned(),
+        path,
+        meta: meta.clone(),
         reply,
     })
     .map_err(|_| Error::Aborted("file readers stopped".into()))?;
@@ -634,8 +832,14 @@ fn walk_entry(
     )
 }
 
-/// The cached content of an unchanged file, if every blob is still stored.
-fn unchanged_content(ctx: &WalkCtx, key: &[u8], meta: &Metadata) -> Result<Option<FileContent>> {
+/// The cached content of an unchanged file, if every blob (data chunks of
+/// huge files included) is still stored in a pack that exists.
+fn unchanged_content(
+    ctx: &WalkCtx,
+    saver: &Saver,
+    key: &[u8],
+    meta: &Metadata,
+) -> Result<Option<FileContent>> {
     let Some(c) = ctx.repo.index().get_file(key)? else {
         return Ok(None);
     };
@@ -647,8 +851,22 @@ fn unchanged_content(ctx: &WalkCtx, key: &[u8], meta: &Metadata) -> Result<Optio
         return Ok(None);
     }
     for id in &c.content {
-        if !ctx.repo.index().contains_blob(id)? {
+        if !saver.known(&Id(*id))? {
             return Ok(None);
+        }
+    }
+    if c.indirect {
+        for list in &c.content {
+            let chunks = match ctx.repo.load_blob(&Id(*list)) {
+                Ok(raw) => tree::decode_chunk_list(&Id(*list), &raw)?,
+                // Unreadable list: read the file again instead.
+                Err(_) => return Ok(None),
+            };
+            for id in &chunks {
+                if !saver.known(id)? {
+                    return Ok(None);
+                }
+            }
         }
     }
     Ok(Some(FileContent {
@@ -705,13 +923,16 @@ pub(crate) fn node_from_meta(name: Vec<u8>, meta: &Metadata) -> Node {
     n
 }
 
-fn read_xattrs(path: &Path) -> Vec<Xattr> {
-    let Ok(names) = xattr::list(path) else {
+/// Extended attributes of the entry behind an `O_PATH` handle, read
+/// through its `/proc/self/fd` link so no path is resolved again.
+fn read_xattrs(handle: &File) -> Vec<Xattr> {
+    let link = format!("/proc/self/fd/{}", handle.as_raw_fd());
+    let Ok(names) = xattr::list_deref(&link) else {
         return Vec::new();
     };
     let mut out = Vec::new();
     for name in names {
-        if let Ok(Some(value)) = xattr::get(path, &name) {
+        if let Ok(Some(value)) = xattr::get_deref(&link, &name) {
             out.push(Xattr {
                 name: name.as_bytes().to_vec(),
                 value,
@@ -730,7 +951,7 @@ fn file_worker(saver: &Saver, jobs: Receiver<FileJob>, chunks: Sender<Chunk>) {
             let _ = job.reply.send(Err("backup aborted".into()));
             continue;
         }
-        let result = read_file(saver, &job.path, &chunks, &mut buf);
+        let result = read_file(saver, &job, &chunks, &mut buf);
         let reply = match result {
             Ok(c) => Ok(c),
             Err(FileError::Source(msg)) => Err(msg),
@@ -751,17 +972,34 @@ enum FileError {
     Fatal(Error),
 }
 
+/// Opens the file the walk saw, relative to its directory: never through
+/// a symlink (`O_NOFOLLOW`), never blocking on a fifo swapped in
+/// (`O_NONBLOCK`), and only if device, inode and type still match.
+fn open_source(job: &FileJob) -> std::io::Result<File> {
+    let fd = nix::fcntl::openat(
+        &*job.dir,
+        job.name.as_os_str(),
+        OFlag::O_RDONLY
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_NOCTTY
+            | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    Ok(File::from(same_object(fd, &job.meta)?))
+}
+
 fn read_file(
     saver: &Saver,
-    path: &Path,
+    job: &FileJob,
     chunks: &Sender<Chunk>,
     buf: &mut Vec<u8>,
 ) -> std::result::Result<FileContent, FileError> {
     if let Ok(mut cur) = saver.progress.current.try_lock() {
         cur.clear();
-        cur.push_str(&path.to_string_lossy());
+        cur.push_str(&job.path.to_string_lossy());
     }
-    let f = File::open(path).map_err(|e| FileError::Source(e.to_string()))?;
+    let f = open_source(job).map_err(|e| FileError::Source(e.to_string()))?;
     let keys = saver.repo.keys();
     let chunker = Chunker::new(f, buf, &saver.repo.config().chunker, keys.chunker_seed());
     let mut ids = Vec::new();
@@ -981,5 +1219,82 @@ fn cache_entry(c: &FileContent, meta: &Metadata) -> FileCacheEntry {
         inode: meta.ino(),
         indirect: c.indirect,
         content: c.content.iter().map(|i| i.0).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job_for(dir: &SourceDir, name: &str) -> (FileJob, Receiver<FileResult>) {
+        let (_, meta) = dir.stat(OsStr::new(name)).expect("stat");
+        let (reply, rx) = bounded(1);
+        let job = FileJob {
+            dir: dir.fd.clone(),
+            name: name.into(),
+            path: dir.path.join(name),
+            meta,
+            reply,
+        };
+        (job, rx)
+    }
+
+    #[test]
+    fn a_file_swapped_for_a_symlink_or_fifo_after_the_walk_is_not_read() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let secret = t.path().join("secret");
+        fs::write(&secret, b"host secret").expect("write");
+        let src = t.path().join("src");
+        fs::create_dir(&src).expect("mkdir");
+        fs::write(src.join("victim"), b"tenant data").expect("write");
+        fs::write(src.join("pipe"), b"tenant data").expect("write");
+        let dir = SourceDir::open_root(&src).expect("open");
+        let (victim, _) = job_for(&dir, "victim");
+        let (pipe, _) = job_for(&dir, "pipe");
+
+        fs::remove_file(src.join("victim")).expect("rm");
+        std::os::unix::fs::symlink(&secret, src.join("victim")).expect("symlink");
+        let err = open_source(&victim).expect_err("a symlink must not be followed");
+        assert!(
+            err.to_string().contains("symbolic link") || err.raw_os_error() == Some(libc::ELOOP)
+        );
+
+        fs::remove_file(src.join("pipe")).expect("rm");
+        nix::unistd::mkfifo(&src.join("pipe"), Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        // Would block forever without O_NONBLOCK; must be refused instead.
+        let err = open_source(&pipe).expect_err("a fifo swapped in must be refused");
+        assert!(err.to_string().contains("replaced"), "{err}");
+
+        // Same name, new regular file (new inode): also not the walk's file.
+        fs::remove_file(src.join("victim")).expect("rm");
+        fs::write(src.join("victim"), b"other").expect("write");
+        let err = open_source(&victim).expect_err("another inode must be refused");
+        assert!(err.to_string().contains("replaced"), "{err}");
+    }
+
+    #[test]
+    fn a_directory_swapped_for_a_symlink_keeps_reading_the_original() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let outside = t.path().join("outside");
+        fs::create_dir(&outside).expect("mkdir");
+        fs::write(outside.join("f"), b"host secret").expect("write");
+        let src = t.path().join("src");
+        fs::create_dir_all(src.join("d")).expect("mkdir");
+        fs::write(src.join("d/f"), b"tenant data").expect("write");
+        let root = SourceDir::open_root(&src).expect("open");
+        let (_, meta) = root.stat(OsStr::new("d")).expect("stat");
+        let d = root.open_child(OsStr::new("d"), &meta).expect("open d");
+        let (job, _) = job_for(&d, "f");
+        // The tenant moves the directory away and plants a symlink.
+        fs::rename(src.join("d"), src.join("d.old")).expect("rename");
+        std::os::unix::fs::symlink(&outside, src.join("d")).expect("symlink");
+        let mut f = open_source(&job).expect("the original file is still read");
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut got).expect("read");
+        assert_eq!(got, b"tenant data");
+        // And a fresh lookup of `d` refuses the symlink.
+        let (_, meta) = root.stat(OsStr::new("d")).expect("stat");
+        assert!(meta.file_type().is_symlink());
+        assert!(root.open_child(OsStr::new("d"), &meta).is_err());
     }
 }

@@ -118,10 +118,14 @@ pub fn check(repo: &Repository, read_data: ReadData) -> Result<CheckReport> {
                     entries.len()
                 )),
                 Some(&size) => {
-                    if let Some(e) = entries
-                        .iter()
-                        .find(|e| e.offset + u64::from(e.length) + FOOTER_LEN > size)
-                    {
+                    // Checked: index entries are repository-supplied numbers.
+                    let beyond = |e: &&PackEntry| {
+                        e.offset
+                            .checked_add(u64::from(e.length))
+                            .and_then(|end| end.checked_add(FOOTER_LEN))
+                            .is_none_or(|end| end > size)
+                    };
+                    if let Some(e) = entries.iter().find(beyond) {
                         r.errors.push(format!(
                             "index {name}: blob {} points beyond the end of pack {pname}",
                             e.id
@@ -135,7 +139,25 @@ pub fn check(repo: &Repository, read_data: ReadData) -> Result<CheckReport> {
             indexed_packs.entry(pack).or_insert(entries);
         }
     }
-    let planned = crate::maintain::planned_packs(&**backend)?;
+    // Leases and plans written without the key are ignored by every
+    // command; check names them so an operator can look for the intruder.
+    let plans = crate::maintain::scan_plans(repo)?;
+    let mut planned = std::collections::HashSet::new();
+    for p in plans.plans {
+        planned.extend(p.plan.packs);
+    }
+    let mut rejected = plans.rejected;
+    for kind in [
+        crate::lease::LeaseKind::Session,
+        crate::lease::LeaseKind::Maintenance,
+    ] {
+        rejected.extend(crate::lease::scan(&**backend, repo.keys(), kind)?.rejected);
+    }
+    for (name, why) in rejected {
+        r.warnings.push(format!(
+            "{name} ignored: {why} (someone with write access but no key?)"
+        ));
+    }
     for name in pack_sizes.keys() {
         let indexed = Id::from_hex(name).is_some_and(|id| indexed_packs.contains_key(&id));
         if !indexed && !planned.contains(name) {
@@ -403,8 +425,12 @@ fn read_pack(
     };
     for e in &entries {
         r.blobs_read += 1;
-        let end = (e.offset + u64::from(e.length)) as usize;
-        let Some(raw) = bytes.get(e.offset as usize..end) else {
+        // Checked: a hostile trailer or index may hold any offset.
+        let raw = usize::try_from(e.offset).ok().and_then(|start| {
+            let end = start.checked_add(usize::try_from(e.length).ok()?)?;
+            bytes.get(start..end)
+        });
+        let Some(raw) = raw else {
             r.errors
                 .push(format!("pack {name}: blob {} lies outside the pack", e.id));
             continue;

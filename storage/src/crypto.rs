@@ -150,27 +150,95 @@ impl KdfParams {
         }
     }
 
-    fn derive(&self, password: &[u8]) -> Result<[u8; 32]> {
-        let bad = |r: &str| Error::corrupt("key file", format!("invalid KDF parameters: {r}"));
+    /// Checks the algorithm and that the costs are within the caps below.
+    /// Anyone with write access to the repository can plant a key file, and
+    /// every open tries them all (with a wrong password too), so a key file
+    /// asking for more is rejected without running Argon2.
+    pub fn validate(&self) -> Result<()> {
         if self.algorithm != "argon2id" {
-            return Err(bad("unknown algorithm"));
+            return Err(bad_kdf("unknown algorithm"));
         }
-        // Bound the cost so a tampered key file cannot exhaust memory.
-        if self.memory_kib > 4 * 1024 * 1024 || self.iterations > 100 || self.parallelism > 64 {
-            return Err(bad("cost out of range"));
+        let out_of_range = |what: &str, value: u64, max: u64| {
+            bad_kdf(&format!("{what} {value} is outside 1..={max}"))
+        };
+        if !(1..=MAX_MEMORY_KIB).contains(&self.memory_kib) {
+            return Err(out_of_range(
+                "memory (KiB)",
+                self.memory_kib.into(),
+                MAX_MEMORY_KIB.into(),
+            ));
         }
-        let salt = hex::decode(&self.salt).map_err(|_| bad("salt is not hex"))?;
+        if !(1..=MAX_ITERATIONS).contains(&self.iterations) {
+            return Err(out_of_range(
+                "iterations",
+                self.iterations.into(),
+                MAX_ITERATIONS.into(),
+            ));
+        }
+        if !(1..=MAX_PARALLELISM).contains(&self.parallelism) {
+            return Err(out_of_range(
+                "parallelism",
+                self.parallelism.into(),
+                MAX_PARALLELISM.into(),
+            ));
+        }
+        let work = u64::from(self.memory_kib) * u64::from(self.iterations);
+        if work > MAX_WORK_KIB {
+            return Err(out_of_range(
+                "memory (KiB) x iterations",
+                work,
+                MAX_WORK_KIB,
+            ));
+        }
+        Ok(())
+    }
+
+    fn derive(&self, password: &[u8]) -> Result<[u8; 32]> {
+        self.validate()?;
+        let salt = hex::decode(&self.salt).map_err(|_| bad_kdf("salt is not hex"))?;
         let params =
             argon2::Params::new(self.memory_kib, self.iterations, self.parallelism, Some(32))
-                .map_err(|e| bad(&e.to_string()))?;
+                .map_err(|e| bad_kdf(&e.to_string()))?;
         let argon =
             argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let memory = argon2_memory(argon.params().block_count())?;
         let mut out = [0u8; 32];
         argon
-            .hash_password_into(password, &salt, &mut out)
-            .map_err(|e| bad(&e.to_string()))?;
+            .hash_password_into_with_memory(password, &salt, &mut out, memory)
+            .map_err(|e| bad_kdf(&e.to_string()))?;
         Ok(out)
     }
+}
+
+/// Caps on a key file's Argon2id costs: one attempt stays around a second
+/// and 256 MiB (the agent runs under a memory limit), far above what
+/// [`KdfParams::new_default`] writes (64 MiB, 3 iterations).
+pub const MAX_MEMORY_KIB: u32 = 256 * 1024;
+pub const MAX_ITERATIONS: u32 = 16;
+pub const MAX_PARALLELISM: u32 = 16;
+/// Cap on memory x iterations (KiB): 256 MiB over 4 passes.
+pub const MAX_WORK_KIB: u64 = 256 * 1024 * 4;
+
+fn bad_kdf(reason: &str) -> Error {
+    Error::corrupt("key file", format!("invalid KDF parameters: {reason}"))
+}
+
+/// Argon2's working memory, allocated fallibly: a failed allocation becomes
+/// an error naming the size instead of aborting the whole process.
+fn argon2_memory(blocks: usize) -> Result<Vec<argon2::Block>> {
+    let mut memory = Vec::new();
+    memory.try_reserve_exact(blocks).map_err(|_| {
+        Error::io(
+            "key derivation",
+            std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                format!("cannot allocate {} MiB of Argon2 memory", blocks / 1024),
+            ),
+        )
+    })?;
+    // Within the reserved capacity: no further allocation.
+    memory.resize(blocks, argon2::Block::new());
+    Ok(memory)
 }
 
 /// A key file: the master key wrapped by a password-derived key.
@@ -302,5 +370,36 @@ mod tests {
         assert_eq!(got.content_id(b"z"), k.content_id(b"z"));
         assert!(kf.unwrap_keys(b"wrong")?.is_none());
         Ok(())
+    }
+
+    #[test]
+    fn extreme_kdf_costs_are_rejected_before_argon2_runs() -> Result<()> {
+        let k = Keys::generate();
+        let mut kf = KeyFile::wrap(&k, b"secret")?;
+        let start = std::time::Instant::now();
+        let hostile = [
+            (4 * 1024 * 1024, 3, 1), // 4 GiB
+            (64 * 1024, 1000, 1),
+            (64 * 1024, 3, 64),
+            (MAX_MEMORY_KIB, MAX_ITERATIONS, 1), // each fine, product too big
+            (0, 3, 1),
+            (64 * 1024, 0, 1),
+        ];
+        for (m, t, p) in hostile {
+            kf.kdf.memory_kib = m;
+            kf.kdf.iterations = t;
+            kf.kdf.parallelism = p;
+            assert!(
+                matches!(kf.unwrap_keys(b"secret"), Err(Error::Corrupt { .. })),
+                "accepted memory {m} KiB, {t} iterations, parallelism {p}"
+            );
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        let mut edge = KdfParams::new_default();
+        edge.memory_kib = MAX_MEMORY_KIB;
+        edge.iterations = 4;
+        edge.parallelism = MAX_PARALLELISM;
+        edge.validate()?;
+        KdfParams::new_default().validate()
     }
 }

@@ -65,6 +65,20 @@ pub enum Error {
     MaintenanceRunning { owner: String },
     #[error("operation aborted: {0}")]
     Aborted(String),
+    #[error("cache directory {path}: {reason}; refusing to use it (choose a private one with --cache-dir or MARMOSET_CACHE_DIR)")]
+    UnsafeCacheDir { path: PathBuf, reason: String },
+    #[error("the repository holds {count} key files and only {tried} are tried per open (a guard against planted key files): the password is wrong or its key was not among those tried; remove unneeded keys with `marmoset key remove` where the repository opens, or write the id of your key to {hint} so it is tried first")]
+    TooManyKeys {
+        count: usize,
+        tried: usize,
+        hint: PathBuf,
+    },
+    #[error("lease {lease} was lost ({reason}); maintenance may have removed data this run relied on, so its result is discarded: run it again")]
+    LeaseLost { lease: String, reason: String },
+    #[error("{count} packs this backup references are gone from the repository (first: {first}); they were removed while it ran, so no snapshot was written: run the backup again")]
+    PacksVanished { count: usize, first: String },
+    #[error("this host's clock is {skew_secs}s off the storage's clock (more than {max_secs}s): fix time synchronisation (NTP) first")]
+    ClockSkew { skew_secs: i64, max_secs: i64 },
 }
 
 impl Error {

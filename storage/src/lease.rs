@@ -1,17 +1,28 @@
 //! Leases: who is writing to the repository right now.
 //!
-//! A lease is a small plaintext JSON object under `locks/` with an owner and
-//! an expiry. Backups hold a *session* lease for their whole run (refreshed
-//! in the background) so maintenance knows an in-flight backup may still
+//! A lease is a small object under `locks/`, encrypted and authenticated
+//! with the repository key and bound to its own name, so nobody without the
+//! key can plant, alter or move one. Backups hold a *session* lease for
+//! their whole run so maintenance knows an in-flight backup may still
 //! reference blobs it saw in the index. Maintenance holds a *maintenance*
 //! lease; when two maintenance runs start together, the oldest lease wins
-//! and the other backs off. Leases of crashed processes simply expire.
+//! and the other backs off.
 //!
-//! No lease excludes backups: maintenance never needs an exclusive lock,
-//! only the list of sessions that were live when it hid blobs from the index.
+//! Time is taken from the storage wherever it offers it: a lease is stale
+//! when the storage's last-modified time of the object is older than the
+//! lease's TTL, measured against the storage's time of the reader's own
+//! lease. Two hosts' clocks are therefore never compared. The holder keeps
+//! a monotonic (boot-time) record of its last successful refresh: if it
+//! could not refresh for a whole TTL (process stopped, storage unreachable),
+//! another host may have judged the lease stale, and the holder's work is
+//! declared lost ([`Lease::check_alive`]) instead of trusted.
+//!
+//! A lease of a process on this very kernel and PID namespace that no longer
+//! runs (same pid *and* start time checked) is stale at once, so a crash
+//! never blocks maintenance for a whole TTL; a PID alone never decides.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -19,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use crate::backend::{Backend, FileKind};
+use crate::crypto::Keys;
 use crate::error::{Error, Result};
 use crate::id::Id;
 
@@ -29,32 +41,126 @@ pub enum LeaseKind {
     Maintenance,
 }
 
+/// Which process holds a lease, precisely enough that a PID reused by
+/// another process, another container's PID 1 or a process after a reboot
+/// is never mistaken for the holder.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessId {
+    /// `/proc/sys/kernel/random/boot_id`: differs after every boot.
+    pub boot_id: String,
+    /// `/proc/self/ns/pid`, e.g. `pid:[4026531836]`.
+    pub pid_ns: String,
+    pub pid: u32,
+    /// Start time of the process in clock ticks since boot (`/proc/PID/stat`).
+    pub start_ticks: u64,
+}
+
+impl ProcessId {
+    pub fn current() -> Self {
+        let pid = std::process::id();
+        Self {
+            boot_id: read_trimmed("/proc/sys/kernel/random/boot_id"),
+            pid_ns: std::fs::read_link("/proc/self/ns/pid")
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            pid,
+            start_ticks: start_ticks("self").unwrap_or(0),
+        }
+    }
+
+    /// True only when the holder provably no longer runs: same boot, same
+    /// PID namespace (whose `/proc` we see), and no process with that pid
+    /// and start time.
+    pub fn provably_gone(&self) -> bool {
+        let me = Self::current();
+        if self.boot_id.is_empty()
+            || self.pid_ns.is_empty()
+            || self.start_ticks == 0
+            || self.boot_id != me.boot_id
+            || self.pid_ns != me.pid_ns
+            || !proc_is_own_namespace()
+        {
+            return false;
+        }
+        if self.pid == me.pid {
+            return self.start_ticks != me.start_ticks;
+        }
+        match start_ticks(&self.pid.to_string()) {
+            Some(t) => t != self.start_ticks,
+            None => !std::path::Path::new(&format!("/proc/{}", self.pid)).exists(),
+        }
+    }
+}
+
+fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Field 22 of `/proc/<pid>/stat` (after the parenthesised command name,
+/// which may itself contain spaces and parentheses).
+fn start_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the mounted `/proc` numbers processes as our PID namespace does
+/// (not so after `unshare -p` without remounting `/proc`).
+fn proc_is_own_namespace() -> bool {
+    std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str().and_then(|s| s.parse::<u32>().ok()))
+        == Some(std::process::id())
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LeaseInfo {
     pub kind: LeaseKind,
     pub hostname: String,
-    pub pid: u32,
+    pub process: ProcessId,
+    /// The holder's clock when the lease was taken and last refreshed.
     pub created: DateTime<Utc>,
+    pub refreshed: DateTime<Utc>,
+    /// `refreshed + ttl`, by the holder's clock (used only where the
+    /// storage gives no object times).
     pub expires: DateTime<Utc>,
+    pub ttl_secs: u64,
     #[serde(default)]
     pub description: String,
 }
 
-impl LeaseInfo {
-    /// Expired, or held by a process of this host that no longer runs
-    /// (killed), so a crash never blocks maintenance for a whole TTL.
-    pub fn stale(&self, now: DateTime<Utc>) -> bool {
-        if self.expires < now {
-            return true;
-        }
-        self.hostname == crate::util::hostname()
-            && self.pid != std::process::id()
-            && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
-    }
+/// How long a lease lives without refresh; refreshed every third of it.
+/// `MARMOSET_LEASE_TTL_SECS` shortens it for reliability campaigns.
+pub fn lease_ttl() -> Duration {
+    std::env::var("MARMOSET_LEASE_TTL_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(DEFAULT_TTL, |s| Duration::from_secs(s.clamp(3, 3600)))
 }
 
-/// How long a lease lives without refresh; refreshed every third of it.
-pub const LEASE_TTL: Duration = Duration::from_secs(15 * 60);
+const DEFAULT_TTL: Duration = Duration::from_secs(15 * 60);
+/// Longest TTL a genuine writer uses; longer ones are implausible.
+const MAX_TTL_SECS: u64 = 3600;
+/// Allowance for request latency between a write and the storage's stamp
+/// (a third of the TTL for the short TTLs of campaigns).
+fn slack(ttl_secs: u64) -> chrono::Duration {
+    chrono::Duration::seconds((ttl_secs as i64 / 3).clamp(1, 60))
+}
+/// The holder stops trusting its lease this long before the TTL runs out
+/// (30 s, or a quarter of the short TTLs of campaigns).
+fn holder_margin(ttl: Duration) -> Duration {
+    (ttl / 4).min(Duration::from_secs(30))
+}
+/// Largest difference between a host's clock and the storage's clock that
+/// is tolerated. A backup refuses to start beyond half of it; a lease whose
+/// own time is further than this from the storage's stamp is a replay (an
+/// old genuine lease copied back) and is ignored.
+pub const MAX_CLOCK_SKEW: chrono::Duration = chrono::Duration::minutes(30);
+/// Where the storage gives no object times, hosts' clocks are compared
+/// with this tolerance.
+pub const CLOCK_SKEW: chrono::Duration = chrono::Duration::minutes(5);
 
 fn prefix(kind: LeaseKind) -> &'static str {
     match kind {
@@ -63,65 +169,187 @@ fn prefix(kind: LeaseKind) -> &'static str {
     }
 }
 
+/// Time since boot, counting time suspended or stopped: a process frozen
+/// by SIGSTOP sees the whole pause when it resumes.
+fn boottime() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| Duration::new(t.tv_sec().max(0) as u64, t.tv_nsec().max(0) as u32))
+        .unwrap_or_default()
+}
+
+fn label(name: &str) -> String {
+    format!("lock {name}")
+}
+
+fn write(backend: &dyn Backend, keys: &Keys, name: &str, info: &LeaseInfo) -> Result<()> {
+    let json = serde_json::to_vec(info).map_err(|e| Error::corrupt("lease", e.to_string()))?;
+    backend.write(
+        FileKind::Lock,
+        name,
+        &crate::format::seal_file(keys, &label(name), &json),
+    )
+}
+
+/// What the holder knows about its own lease's continuity.
+#[derive(Debug)]
+struct Health {
+    /// Boot time just before the last write that succeeded.
+    last_ok: Duration,
+    lost: Option<String>,
+}
+
 /// A lease held by this process; refreshed by a background thread and
 /// removed on drop.
 pub struct Lease {
     backend: Arc<dyn Backend>,
+    keys: Keys,
     pub name: String,
     pub info: LeaseInfo,
+    ttl: Duration,
+    health: Arc<Mutex<Health>>,
     stop: Arc<AtomicBool>,
     refresher: Option<std::thread::JoinHandle<()>>,
 }
 
-fn write(backend: &dyn Backend, name: &str, info: &LeaseInfo) -> Result<()> {
-    let bytes =
-        serde_json::to_vec_pretty(info).map_err(|e| Error::corrupt("lease", e.to_string()))?;
-    backend.write(FileKind::Lock, name, &bytes)
-}
-
 impl Lease {
-    pub fn acquire(backend: Arc<dyn Backend>, kind: LeaseKind, description: &str) -> Result<Self> {
-        let now = Utc::now();
-        let ttl = chrono::Duration::from_std(LEASE_TTL).unwrap_or(chrono::Duration::minutes(15));
+    pub fn acquire(
+        backend: Arc<dyn Backend>,
+        keys: &Keys,
+        kind: LeaseKind,
+        description: &str,
+    ) -> Result<Self> {
+        let ttl = lease_ttl();
+        let now = crate::util::now();
         let info = LeaseInfo {
             kind,
             hostname: crate::util::hostname(),
-            pid: std::process::id(),
+            process: ProcessId::current(),
             created: now,
-            expires: now + ttl,
+            refreshed: now,
+            expires: now + chrono_dur(ttl),
+            ttl_secs: ttl.as_secs(),
             description: description.to_string(),
         };
         let name = format!("{}{}", prefix(kind), Id::random().to_hex());
-        write(&*backend, &name, &info)?;
+        let before = boottime();
+        write(&*backend, keys, &name, &info)?;
+        let health = Arc::new(Mutex::new(Health {
+            last_ok: before,
+            lost: None,
+        }));
         let stop = Arc::new(AtomicBool::new(false));
         let refresher = {
-            let (backend, name, stop) = (backend.clone(), name.clone(), stop.clone());
-            let mut info = info.clone();
+            let (backend, keys, name) = (backend.clone(), keys.clone(), name.clone());
+            let (stop, health, info) = (stop.clone(), health.clone(), info.clone());
             std::thread::spawn(move || {
-                let step = Duration::from_millis(200);
-                let mut waited = Duration::ZERO;
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(step);
-                    waited += step;
-                    if waited >= LEASE_TTL / 3 {
-                        waited = Duration::ZERO;
-                        info.expires = Utc::now() + ttl;
-                        if let Err(e) = write(&*backend, &name, &info) {
-                            warn!(lease = %name, error = %e, "could not refresh lease");
-                        }
-                    }
-                }
+                refresh_loop(&*backend, &keys, &name, info, ttl, &health, &stop)
             })
         };
         debug!(lease = %name, "lease acquired");
         Ok(Self {
             backend,
+            keys: keys.clone(),
             name,
             info,
+            ttl,
+            health,
             stop,
             refresher: Some(refresher),
         })
     }
+
+    /// Fails when, at any moment since it was taken, the lease may have
+    /// looked stale to another host (not refreshed for nearly a TTL). Work
+    /// that relied on the lease must then be discarded, not trusted.
+    pub fn check_alive(&self) -> Result<()> {
+        let mut h = crate::util::lock(&self.health);
+        judge(&mut h, self.ttl);
+        match &h.lost {
+            Some(why) => Err(Error::LeaseLost {
+                lease: self.name.clone(),
+                reason: why.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Refreshes the lease now and returns the storage's time of that
+    /// write, if the storage stamps objects: "now" by the storage's clock.
+    pub fn storage_now(&self) -> Result<Option<DateTime<Utc>>> {
+        let mut info = self.info.clone();
+        info.refreshed = crate::util::now();
+        info.expires = info.refreshed + chrono_dur(self.ttl);
+        let before = boottime();
+        write(&*self.backend, &self.keys, &self.name, &info)?;
+        record_ok(&self.health, before, self.ttl);
+        Ok(self
+            .backend
+            .list_info(FileKind::Lock)?
+            .into_iter()
+            .find(|o| o.name == self.name)
+            .and_then(|o| o.modified))
+    }
+}
+
+/// Marks the lease lost once the gap since the last good write reaches
+/// the TTL minus a margin (a lost lease never becomes good again).
+fn judge(h: &mut Health, ttl: Duration) {
+    let gap = boottime().saturating_sub(h.last_ok);
+    if h.lost.is_none() && gap + holder_margin(ttl) >= ttl {
+        h.lost = Some(format!(
+            "not refreshed for {}s (TTL {}s): the process was stopped or the storage unreachable",
+            gap.as_secs(),
+            ttl.as_secs()
+        ));
+    }
+}
+
+fn record_ok(health: &Mutex<Health>, before: Duration, ttl: Duration) {
+    let mut h = crate::util::lock(health);
+    // Judge the gap before accepting the new write: a write after a long
+    // pause does not undo the pause.
+    let gap = before.saturating_sub(h.last_ok);
+    if h.lost.is_none() && gap + holder_margin(ttl) >= ttl {
+        h.lost = Some(format!(
+            "not refreshed for {}s (TTL {}s): the process was stopped or the storage unreachable",
+            gap.as_secs(),
+            ttl.as_secs()
+        ));
+    }
+    if before > h.last_ok {
+        h.last_ok = before;
+    }
+}
+
+fn refresh_loop(
+    backend: &dyn Backend,
+    keys: &Keys,
+    name: &str,
+    mut info: LeaseInfo,
+    ttl: Duration,
+    health: &Mutex<Health>,
+    stop: &AtomicBool,
+) {
+    let step = Duration::from_millis(100);
+    let mut last_try = boottime();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(step);
+        if boottime().saturating_sub(last_try) < ttl / 3 {
+            continue;
+        }
+        last_try = boottime();
+        info.refreshed = crate::util::now();
+        info.expires = info.refreshed + chrono_dur(ttl);
+        match write(backend, keys, name, &info) {
+            Ok(()) => record_ok(health, last_try, ttl),
+            Err(e) => warn!(lease = %name, error = %e, "could not refresh lease"),
+        }
+        judge(&mut crate::util::lock(health), ttl);
+    }
+}
+
+fn chrono_dur(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::minutes(15))
 }
 
 impl Drop for Lease {
@@ -136,38 +364,200 @@ impl Drop for Lease {
     }
 }
 
-/// Every readable lease of a kind, with its object name. Unparsable leases
-/// are skipped with a warning (writes are atomic, so they are foreign junk).
-pub fn list(backend: &dyn Backend, kind: LeaseKind) -> Result<Vec<(String, LeaseInfo)>> {
-    let mut out = Vec::new();
-    for (name, _) in backend.list(FileKind::Lock)? {
-        if !name.starts_with(prefix(kind)) {
+/// A lease found in the repository, authenticated and plausible.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub name: String,
+    pub info: LeaseInfo,
+    /// The storage's last-modified time of the object, if it gives one.
+    pub modified: Option<DateTime<Utc>>,
+}
+
+impl Listed {
+    /// Stale: provably dead holder, or not refreshed for its TTL by the
+    /// storage's clock (`storage_now`) — by the holders' clocks, with
+    /// [`CLOCK_SKEW`], only where the storage gives no times.
+    pub fn stale(&self, storage_now: Option<DateTime<Utc>>) -> bool {
+        if self.info.process.provably_gone() && self.info.hostname == crate::util::hostname() {
+            return true;
+        }
+        let ttl = chrono::Duration::seconds(self.info.ttl_secs.min(MAX_TTL_SECS) as i64);
+        match (self.modified, storage_now) {
+            (Some(m), Some(now)) => m + ttl + slack(self.info.ttl_secs) < now,
+            _ => self.info.expires + CLOCK_SKEW < crate::util::now(),
+        }
+    }
+}
+
+/// Leases of one kind: the genuine ones, and those ignored with why.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub leases: Vec<Listed>,
+    pub rejected: Vec<(String, String)>,
+}
+
+/// Reads every lease of a kind. Objects that do not authenticate (planted
+/// without the key) or are implausible (an expiry far beyond a genuine
+/// TTL, or a time far from the storage's stamp: an old lease copied back)
+/// are ignored and reported, so they can neither block nor fake anything.
+pub fn scan(backend: &dyn Backend, keys: &Keys, kind: LeaseKind) -> Result<Scan> {
+    let mut out = Scan::default();
+    for obj in backend.list_info(FileKind::Lock)? {
+        if !obj.name.starts_with(prefix(kind)) {
             continue;
         }
-        match backend.read(FileKind::Lock, &name) {
-            Ok(raw) => match serde_json::from_slice::<LeaseInfo>(&raw) {
-                Ok(info) => out.push((name, info)),
-                Err(e) => warn!(lease = %name, error = %e, "unparsable lease ignored"),
-            },
+        let raw = match backend.read(FileKind::Lock, &obj.name) {
+            Ok(r) => r,
             // Removed between list and read: its owner finished.
-            Err(Error::NotFound { .. }) => {}
+            Err(Error::NotFound { .. }) => continue,
             Err(e) => return Err(e),
+        };
+        match authentic(keys, &obj.name, &raw).and_then(|i| plausible(i, obj.modified)) {
+            Ok(info) => out.leases.push(Listed {
+                name: obj.name,
+                info,
+                modified: obj.modified,
+            }),
+            Err(why) => {
+                warn!(lease = %obj.name, reason = %why, "lease ignored");
+                out.rejected.push((obj.name, why));
+            }
         }
     }
     Ok(out)
 }
 
-/// Removes expired leases (left by crashed processes). Returns how many.
-pub fn remove_expired(backend: &dyn Backend) -> Result<usize> {
-    let now = Utc::now();
+fn authentic(keys: &Keys, name: &str, raw: &[u8]) -> std::result::Result<LeaseInfo, String> {
+    let plain = crate::format::open_file(keys, &label(name), name, raw)
+        .map_err(|_| "not authenticated by the repository key (forged or damaged)".to_string())?;
+    serde_json::from_slice(&plain).map_err(|e| format!("unreadable: {e}"))
+}
+
+fn plausible(
+    info: LeaseInfo,
+    modified: Option<DateTime<Utc>>,
+) -> std::result::Result<LeaseInfo, String> {
+    if info.ttl_secs > MAX_TTL_SECS
+        || info.expires
+            > info.refreshed + chrono::Duration::seconds(MAX_TTL_SECS as i64) + slack(MAX_TTL_SECS)
+    {
+        return Err(format!("implausible expiry {}", info.expires));
+    }
+    if let Some(m) = modified {
+        let skew = (m - info.refreshed).abs();
+        if skew > MAX_CLOCK_SKEW {
+            return Err(format!(
+                "refreshed at {} but stored at {}: a replayed lease",
+                info.refreshed, m
+            ));
+        }
+    }
+    Ok(info)
+}
+
+/// Removes stale leases (left by crashed processes). Returns how many.
+pub fn remove_stale(
+    backend: &dyn Backend,
+    keys: &Keys,
+    storage_now: Option<DateTime<Utc>>,
+) -> Result<usize> {
     let mut n = 0;
     for kind in [LeaseKind::Session, LeaseKind::Maintenance] {
-        for (name, info) in list(backend, kind)? {
-            if info.stale(now) {
-                backend.remove(FileKind::Lock, &name)?;
+        for l in scan(backend, keys, kind)?.leases {
+            if l.stale(storage_now) {
+                backend.remove(FileKind::Lock, &l.name)?;
                 n += 1;
             }
         }
     }
     Ok(n)
+}
+
+/// How far this host's clock is from the storage's (positive: ahead).
+pub fn skew(storage_now: Option<DateTime<Utc>>) -> Option<chrono::Duration> {
+    storage_now.map(|s| crate::util::now() - s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pid_alone_never_makes_a_lease_stale() {
+        let me = ProcessId::current();
+        assert!(!me.provably_gone(), "this process is alive");
+        // Another PID namespace (another container, same host name).
+        let other_ns = ProcessId {
+            pid_ns: "pid:[1]".into(),
+            pid: 999_999,
+            ..me.clone()
+        };
+        assert!(!other_ns.provably_gone());
+        // Another boot.
+        let other_boot = ProcessId {
+            boot_id: "x".into(),
+            pid: 999_999,
+            ..me.clone()
+        };
+        assert!(!other_boot.provably_gone());
+        // Our own pid with another start time: a dead earlier incarnation.
+        let earlier = ProcessId {
+            start_ticks: me.start_ticks.wrapping_sub(1).max(1),
+            ..me.clone()
+        };
+        assert_eq!(
+            earlier.provably_gone(),
+            me.start_ticks != earlier.start_ticks
+        );
+    }
+
+    #[test]
+    fn holder_notices_a_gap_of_a_whole_ttl() {
+        let ttl = Duration::from_secs(60);
+        let mut h = Health {
+            last_ok: boottime(),
+            lost: None,
+        };
+        judge(&mut h, ttl);
+        assert!(h.lost.is_none());
+        h.last_ok = boottime().saturating_sub(Duration::from_secs(59));
+        judge(&mut h, ttl);
+        assert!(h.lost.is_some(), "a gap near the TTL loses the lease");
+        // A later good write does not restore it.
+        let m = Mutex::new(h);
+        record_ok(&m, boottime(), ttl);
+        assert!(crate::util::lock(&m).lost.is_some());
+    }
+
+    #[test]
+    fn forged_and_implausible_leases_are_rejected() {
+        let keys = Keys::generate();
+        let now = Utc::now();
+        let info = LeaseInfo {
+            kind: LeaseKind::Session,
+            hostname: "h".into(),
+            process: ProcessId::default(),
+            created: now,
+            refreshed: now,
+            expires: now + chrono::Duration::minutes(15),
+            ttl_secs: 900,
+            description: String::new(),
+        };
+        let json = serde_json::to_vec(&info).unwrap_or_default();
+        let sealed = crate::format::seal_file(&keys, &label("session-a"), &json);
+        assert!(authentic(&keys, "session-a", &sealed).is_ok());
+        // Moved under another name, or plaintext without the key.
+        assert!(authentic(&keys, "session-b", &sealed).is_err());
+        assert!(authentic(&keys, "session-a", &json).is_err());
+        assert!(authentic(&Keys::generate(), "session-a", &sealed).is_err());
+        // Far expiry.
+        let far = LeaseInfo {
+            expires: now + chrono::Duration::days(365),
+            ..info.clone()
+        };
+        assert!(plausible(far, Some(now)).is_err());
+        // Old genuine lease stored again now: a replay.
+        assert!(plausible(info.clone(), Some(now + chrono::Duration::hours(2))).is_err());
+        assert!(plausible(info, Some(now + chrono::Duration::minutes(10))).is_ok());
+    }
 }

@@ -10,11 +10,18 @@
 //!    removed. From now on no new backup sees their blobs (and backups never
 //!    re-index planned packs), so nothing new can come to depend on them.
 //! 2. *Delete*, in a later run, once the plan is older than the safety
-//!    margin and every backup session that started before the packs were
-//!    hidden has ended: a planned pack is deleted unless an index file lists
-//!    it again or it holds a blob that a snapshot needs and no index lists
-//!    (then it is re-indexed: "rescued"). A backup that overlapped phase 1
-//!    rescues the blobs it referenced itself before writing its snapshot.
+//!    margin and every backup session that was live when the packs were
+//!    hidden (the plan names them) has ended or gone stale: a planned pack
+//!    is deleted unless an index file lists it again or it holds a blob
+//!    that a snapshot needs and no index lists (then it is re-indexed:
+//!    "rescued"). A backup that overlapped phase 1 rescues the blobs it
+//!    referenced itself before writing its snapshot.
+//!
+//! Plans are encrypted and authenticated like leases: a plan written
+//! without the key is ignored and reported, never executed. Ages are
+//! measured by the storage's clock (object times), so the hosts' clocks
+//! do not take part; a pack whose trailer cannot be read because of a
+//! transient backend error is postponed to a later run, never deleted.
 //!
 //! Only one maintenance runs at a time: each takes a maintenance lease and
 //! the oldest live lease wins; the others stop with an error.
@@ -26,7 +33,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::backend::{Backend, FileKind};
+use crate::backend::FileKind;
 use crate::blob::{self, EncodedBlob};
 use crate::error::{Error, Result};
 use crate::id::Id;
@@ -35,8 +42,6 @@ use crate::pack::{PackBuilder, PackEntry, PackList};
 use crate::repo::Repository;
 use crate::tree::{self, NodeKind};
 
-/// Clock skew tolerated between hosts when comparing lease and plan times.
-pub(crate) const CLOCK_SKEW: chrono::Duration = chrono::Duration::minutes(5);
 /// Entries per merged index file.
 const INDEX_FILE_ENTRIES: usize = 200_000;
 
@@ -85,6 +90,15 @@ pub struct MaintainReport {
     pub bytes_planned: u64,
     pub bytes_reclaimed: u64,
     pub leases_removed: u64,
+    /// Leases and plans ignored because they did not authenticate or were
+    /// implausible (`name: why`).
+    pub ignored: Vec<String>,
+    /// Plans kept for a later run because a planned pack could not be read
+    /// (transient backend error).
+    pub plans_postponed: u64,
+    /// This host's clock minus the storage's, when the storage stamps
+    /// objects (decisions use the storage's clock either way).
+    pub clock_skew_secs: Option<i64>,
     pub duration_secs: f64,
     pub peak_rss_kib: u64,
 }
@@ -96,45 +110,113 @@ pub struct Plan {
     /// When the packs' index entries were gone; `None` if the run that
     /// wrote the plan died before (the plan is then discarded).
     pub hidden_at: Option<DateTime<Utc>>,
+    /// Session leases that existed once the packs were hidden: only they
+    /// can have seen the packs in an index. Deletion waits for each.
+    #[serde(default)]
+    pub sessions: Vec<String>,
     pub packs: Vec<String>,
 }
 
-/// Names of all packs in any plan: backups must never re-index them.
-pub(crate) fn planned_packs(backend: &dyn Backend) -> Result<HashSet<String>> {
-    let mut out = HashSet::new();
-    for (_, plan) in list_plans(backend)? {
-        out.extend(plan.packs);
-    }
-    Ok(out)
+/// An authenticated plan with the storage's time of its last write.
+#[derive(Debug, Clone)]
+pub(crate) struct ListedPlan {
+    pub name: String,
+    pub plan: Plan,
+    pub modified: Option<DateTime<Utc>>,
 }
 
-fn list_plans(backend: &dyn Backend) -> Result<Vec<(String, Plan)>> {
-    let mut out = Vec::new();
-    for (name, _) in backend.list(FileKind::Plan)? {
-        match backend.read(FileKind::Plan, &name) {
-            Ok(raw) => match serde_json::from_slice::<Plan>(&raw) {
-                Ok(p) => out.push((name, p)),
-                Err(e) => warn!(plan = %name, error = %e, "unparsable plan ignored"),
-            },
-            Err(Error::NotFound { .. }) => {}
+/// Plans: the genuine ones, and those ignored with why.
+#[derive(Debug, Default)]
+pub(crate) struct PlanScan {
+    pub plans: Vec<ListedPlan>,
+    pub rejected: Vec<(String, String)>,
+}
+
+fn plan_label(name: &str) -> String {
+    format!("plan {name}")
+}
+
+/// Reads every plan. A plan that does not authenticate (written without
+/// the key) or whose times are far from the storage's stamp (an old plan
+/// copied back) is ignored: its packs stay, and are judged afresh.
+pub(crate) fn scan_plans(repo: &Repository) -> Result<PlanScan> {
+    let mut out = PlanScan::default();
+    for obj in repo.backend().list_info(FileKind::Plan)? {
+        let raw = match repo.backend().read(FileKind::Plan, &obj.name) {
+            Ok(r) => r,
+            Err(Error::NotFound { .. }) => continue,
             Err(e) => return Err(e),
+        };
+        match open_plan(repo, &obj.name, &raw, obj.modified) {
+            Ok(plan) => out.plans.push(ListedPlan {
+                name: obj.name,
+                plan,
+                modified: obj.modified,
+            }),
+            Err(why) => {
+                warn!(plan = %obj.name, reason = %why, "plan ignored");
+                out.rejected.push((obj.name, why));
+            }
         }
     }
     Ok(out)
 }
 
-/// Newest plan creation time, to let backups detect an overlapping phase 1.
-pub(crate) fn newest_plan(backend: &dyn Backend) -> Result<Option<DateTime<Utc>>> {
-    Ok(list_plans(backend)?
-        .into_iter()
-        .map(|(_, p)| p.created)
-        .max())
+fn open_plan(
+    repo: &Repository,
+    name: &str,
+    raw: &[u8],
+    modified: Option<DateTime<Utc>>,
+) -> std::result::Result<Plan, String> {
+    let plain = crate::format::open_file(repo.keys(), &plan_label(name), name, raw)
+        .map_err(|_| "not authenticated by the repository key (forged or damaged)".to_string())?;
+    let plan: Plan = serde_json::from_slice(&plain).map_err(|e| format!("unreadable: {e}"))?;
+    let written = plan.hidden_at.unwrap_or(plan.created);
+    if let Some(m) = modified {
+        if (m - written).abs() > lease::MAX_CLOCK_SKEW {
+            return Err(format!(
+                "written at {written} but stored at {m}: a replayed plan"
+            ));
+        }
+    }
+    Ok(plan)
 }
 
-fn write_plan(backend: &dyn Backend, name: &str, plan: &Plan) -> Result<()> {
-    let bytes =
-        serde_json::to_vec_pretty(plan).map_err(|e| Error::corrupt("plan", e.to_string()))?;
-    backend.write(FileKind::Plan, name, &bytes)
+/// Names of all packs in any genuine plan: backups must never re-index them.
+pub(crate) fn planned_packs(repo: &Repository) -> Result<HashSet<String>> {
+    let mut out = HashSet::new();
+    for p in scan_plans(repo)?.plans {
+        out.extend(p.plan.packs);
+    }
+    Ok(out)
+}
+
+/// Whether a maintenance may have hidden packs that the session `lease`
+/// saw: a plan still in phase 1, or one that names the session.
+pub(crate) fn plans_overlap(repo: &Repository, lease: &str) -> Result<bool> {
+    Ok(scan_plans(repo)?
+        .plans
+        .iter()
+        .any(|p| p.plan.hidden_at.is_none() || p.plan.sessions.iter().any(|s| s == lease)))
+}
+
+fn write_plan(repo: &Repository, name: &str, plan: &Plan) -> Result<()> {
+    let json = serde_json::to_vec(plan).map_err(|e| Error::corrupt("plan", e.to_string()))?;
+    repo.backend().write(
+        FileKind::Plan,
+        name,
+        &crate::format::seal_file(repo.keys(), &plan_label(name), &json),
+    )
+}
+
+/// Age of a plan's last write: by the storage's clock when it stamps
+/// objects, otherwise by the writer's recorded time minus the tolerated
+/// skew between hosts.
+fn plan_age(p: &ListedPlan, storage_now: Option<DateTime<Utc>>) -> chrono::Duration {
+    match (p.modified, storage_now) {
+        (Some(m), Some(now)) => now - m,
+        _ => crate::util::now() - p.plan.hidden_at.unwrap_or(p.plan.created) - lease::CLOCK_SKEW,
+    }
 }
 
 /// Peak resident memory of this process (VmHWM), in KiB.
@@ -150,41 +232,70 @@ pub fn peak_rss_kib() -> u64 {
 }
 
 /// Takes the maintenance lease, or fails when another maintenance is live.
-fn take_maintenance_lease(repo: &Repository) -> Result<Lease> {
-    let lease = Lease::acquire(repo.backend().clone(), LeaseKind::Maintenance, "maintain")?;
-    let now = Utc::now();
-    let winner = lease::list(&**repo.backend(), LeaseKind::Maintenance)?
+/// Also returns the storage's current time (the stamp of our own lease).
+fn take_maintenance_lease(
+    repo: &Repository,
+    report: &mut MaintainReport,
+) -> Result<(Lease, Option<DateTime<Utc>>)> {
+    let lease = Lease::acquire(
+        repo.backend().clone(),
+        repo.keys(),
+        LeaseKind::Maintenance,
+        "maintain",
+    )?;
+    let storage_now = lease.storage_now()?;
+    report.clock_skew_secs = lease::skew(storage_now).map(|d| d.num_seconds());
+    let scan = lease::scan(&**repo.backend(), repo.keys(), LeaseKind::Maintenance)?;
+    report.ignored.extend(describe(&scan.rejected));
+    let winner = scan
+        .leases
         .into_iter()
-        .filter(|(_, l)| !l.stale(now))
-        .min_by(|a, b| a.1.created.cmp(&b.1.created).then(a.0.cmp(&b.0)));
+        .filter(|l| !l.stale(storage_now))
+        .min_by(|a, b| {
+            a.info
+                .created
+                .cmp(&b.info.created)
+                .then(a.name.cmp(&b.name))
+        });
     match winner {
-        Some((name, info)) if name != lease.name => Err(Error::MaintenanceRunning {
+        Some(l) if l.name != lease.name => Err(Error::MaintenanceRunning {
             owner: format!(
                 "{} (pid {}, since {})",
-                info.hostname, info.pid, info.created
+                l.info.hostname, l.info.process.pid, l.info.created
             ),
         }),
-        _ => Ok(lease),
+        _ => Ok((lease, storage_now)),
     }
+}
+
+fn describe(rejected: &[(String, String)]) -> Vec<String> {
+    rejected
+        .iter()
+        .map(|(n, why)| format!("{n}: {why}"))
+        .collect()
 }
 
 pub fn maintain(repo: &Repository, opts: &MaintainOptions) -> Result<MaintainReport> {
     let start = Instant::now();
-    let _lease = take_maintenance_lease(repo)?;
     let mut report = MaintainReport {
         full: opts.full,
         dry_run: opts.dry_run,
         ..Default::default()
     };
+    let (lease, storage_now) = take_maintenance_lease(repo, &mut report)?;
     if !opts.dry_run {
-        report.leases_removed = lease::remove_expired(&**repo.backend())? as u64;
+        report.leases_removed =
+            lease::remove_stale(&**repo.backend(), repo.keys(), storage_now)? as u64;
     }
     repo.sync_index()?;
     if opts.full {
-        full(repo, opts, &mut report)?;
+        full(repo, opts, &lease, &mut report)?;
     } else {
         quick(repo, opts, &mut report)?;
     }
+    // Work done while our lease looked stale to others may have raced a
+    // second maintenance: say so rather than report success.
+    lease.check_alive()?;
     report.duration_secs = start.elapsed().as_secs_f64();
     report.peak_rss_kib = peak_rss_kib();
     Ok(report)
@@ -338,15 +449,23 @@ pub(crate) fn mark(repo: &Repository, report: &mut MaintainReport) -> Result<Mar
     Ok(marks)
 }
 
-fn full(repo: &Repository, opts: &MaintainOptions, report: &mut MaintainReport) -> Result<()> {
+fn full(
+    repo: &Repository,
+    opts: &MaintainOptions,
+    lease: &Lease,
+    report: &mut MaintainReport,
+) -> Result<()> {
     let marks = mark(repo, report)?;
     debug!(blobs = marks.len(), "mark phase done");
-    execute_plans(repo, opts, &marks, report)?;
+    // The mark phase can take long: take "now" from the storage afresh.
+    let storage_now = lease.storage_now()?;
+    lease.check_alive()?;
+    execute_plans(repo, opts, &marks, storage_now, report)?;
     repo.sync_index()?;
 
     let (index_names, packs) = load_all_index(repo)?;
     report.index_files_before = index_names.len() as u64;
-    let planned = planned_packs(&**repo.backend())?;
+    let planned = planned_packs(repo)?;
     let existing: HashMap<String, u64> = repo.backend().list(FileKind::Pack)?.into_iter().collect();
     report.packs_total = existing.len() as u64;
 
@@ -424,22 +543,27 @@ fn full(repo: &Repository, opts: &MaintainOptions, report: &mut MaintainReport) 
     }
 
     // Phase 1: fresh index without the planned packs, then the plan, then
-    // the old index files go, then the plan records when that happened.
+    // the old index files go, then the plan records when that happened and
+    // which sessions were live then (a session that starts later reads the
+    // new index only: it takes its lease before reading the index).
     let new_index = write_index_files(repo, &keep)?;
     let plan_name = Id::random().to_hex();
     let mut plan = Plan {
-        created: Utc::now(),
+        created: crate::util::now(),
         hidden_at: None,
+        sessions: Vec::new(),
         packs: to_plan,
     };
-    write_plan(&**repo.backend(), &plan_name, &plan)?;
+    write_plan(repo, &plan_name, &plan)?;
     for name in &index_names {
         if !new_index.contains(name) {
             repo.backend().remove(FileKind::Index, name)?;
         }
     }
-    plan.hidden_at = Some(Utc::now());
-    write_plan(&**repo.backend(), &plan_name, &plan)?;
+    let sessions = lease::scan(&**repo.backend(), repo.keys(), LeaseKind::Session)?;
+    plan.sessions = sessions.leases.into_iter().map(|l| l.name).collect();
+    plan.hidden_at = Some(crate::util::now());
+    write_plan(repo, &plan_name, &plan)?;
     report.index_files_after = new_index.len() as u64;
     info!(packs = plan.packs.len(), "packs hidden; deletion planned");
     Ok(())
@@ -493,74 +617,121 @@ fn execute_plans(
     repo: &Repository,
     opts: &MaintainOptions,
     marks: &Marks,
+    storage_now: Option<DateTime<Utc>>,
     report: &mut MaintainReport,
 ) -> Result<()> {
-    let now = Utc::now();
     let margin =
         chrono::Duration::from_std(opts.safety_margin).unwrap_or(chrono::Duration::hours(1));
-    let sessions = lease::list(&**repo.backend(), LeaseKind::Session)?;
-    let plans = list_plans(&**repo.backend())?;
-    if plans.is_empty() {
+    let sessions = lease::scan(&**repo.backend(), repo.keys(), LeaseKind::Session)?;
+    report.ignored.extend(describe(&sessions.rejected));
+    let live: HashSet<String> = sessions
+        .leases
+        .into_iter()
+        .filter(|l| !l.stale(storage_now))
+        .map(|l| l.name)
+        .collect();
+    let scan = scan_plans(repo)?;
+    report.ignored.extend(describe(&scan.rejected));
+    if scan.plans.is_empty() {
         return Ok(());
     }
     // Packs some index file lists right now must stay.
     let (_, indexed_packs) = load_all_index(repo)?;
     let indexed: HashSet<String> = indexed_packs.iter().map(|(p, _)| p.to_hex()).collect();
     let existing: HashMap<String, u64> = repo.backend().list(FileKind::Pack)?.into_iter().collect();
-    for (plan_name, plan) in plans {
-        let Some(hidden_at) = plan.hidden_at else {
+    let ctx = Phase2 {
+        repo,
+        marks,
+        indexed: &indexed,
+        existing: &existing,
+        dry_run: opts.dry_run,
+    };
+    for p in scan.plans {
+        let age = plan_age(&p, storage_now);
+        if p.plan.hidden_at.is_none() {
             // Its run died mid-way: drop the plan; its packs are
             // re-evaluated (as orphans or garbage) by this run.
-            if !opts.dry_run && plan.created + margin < now {
-                repo.backend().remove(FileKind::Plan, &plan_name)?;
+            if !opts.dry_run && age > margin {
+                repo.backend().remove(FileKind::Plan, &p.name)?;
             }
             continue;
-        };
-        let blocking = sessions
-            .iter()
-            .any(|(_, s)| !s.stale(now) && s.created < hidden_at + CLOCK_SKEW);
-        if hidden_at + margin > now || blocking {
-            debug!(plan = %plan_name, blocking, "plan deferred");
+        }
+        let blocking = p.plan.sessions.iter().any(|s| live.contains(s));
+        if age < margin || blocking {
+            debug!(plan = %p.name, blocking, "plan deferred");
             report.plans_deferred += 1;
             continue;
         }
-        for pack in &plan.packs {
-            let Some(&size) = existing.get(pack) else {
-                continue;
-            };
-            if indexed.contains(pack) {
-                continue;
-            }
-            let entries = match repo.read_pack_trailer(pack, size) {
-                Ok(e) => e,
-                Err(e) => {
-                    warn!(pack = %pack, error = %e, "planned pack unreadable; deleting it");
-                    Vec::new()
-                }
-            };
-            let needed = entries.iter().any(|e| {
-                marks.contains(&e.id) && !repo.index().contains_blob(&e.id.0).unwrap_or(false)
-            });
-            if opts.dry_run {
-                continue;
-            }
-            if needed {
-                let id = Id::from_hex(pack)
-                    .ok_or_else(|| Error::corrupt(format!("pack {pack}"), "bad name"))?;
-                repo.write_index(&[(id, entries)])?;
-                report.packs_rescued += 1;
-                warn!(pack = %pack, "planned pack holds needed blobs; re-indexed");
-                continue;
-            }
-            repo.backend().remove(FileKind::Pack, pack)?;
-            report.packs_deleted += 1;
-            report.bytes_reclaimed += size;
+        let mut postponed = false;
+        for pack in &p.plan.packs {
+            postponed |= !ctx.delete_or_rescue(pack, report)?;
         }
-        if !opts.dry_run {
-            repo.backend().remove(FileKind::Plan, &plan_name)?;
+        if postponed {
+            report.plans_postponed += 1;
+        } else if !opts.dry_run {
+            repo.backend().remove(FileKind::Plan, &p.name)?;
         }
     }
     Ok(())
+}
+
+/// What phase 2 needs to judge one planned pack.
+struct Phase2<'a> {
+    repo: &'a Repository,
+    marks: &'a Marks,
+    indexed: &'a HashSet<String>,
+    existing: &'a HashMap<String, u64>,
+    dry_run: bool,
+}
+
+impl Phase2<'_> {
+    /// Deletes a planned pack, or re-indexes it when a snapshot needs a
+    /// blob only it holds. Returns false when the pack could not be judged
+    /// (transient read error): it stays, and so does its plan.
+    fn delete_or_rescue(&self, pack: &str, report: &mut MaintainReport) -> Result<bool> {
+        let Some(&size) = self.existing.get(pack) else {
+            return Ok(true);
+        };
+        if self.indexed.contains(pack) {
+            return Ok(true);
+        }
+        let entries = match self.repo.read_pack_trailer(pack, size) {
+            Ok(e) => e,
+            Err(Error::NotFound { .. }) => return Ok(true),
+            // A damaged trailer cannot tell which blobs the pack holds, and
+            // no index lists it: nothing can be rescued from it.
+            Err(e @ (Error::Corrupt { .. } | Error::Decrypt { .. })) => {
+                warn!(pack = %pack, error = %e, "planned pack is damaged; deleting it");
+                Vec::new()
+            }
+            Err(e) => {
+                warn!(pack = %pack, error = %e, "planned pack unreadable for now; postponed");
+                return Ok(false);
+            }
+        };
+        let mut needed = false;
+        for e in &entries {
+            if self.marks.contains(&e.id) && !self.repo.index().contains_blob(&e.id.0)? {
+                needed = true;
+                break;
+            }
+        }
+        if self.dry_run {
+            return Ok(true);
+        }
+        if needed {
+            let id = Id::from_hex(pack)
+                .ok_or_else(|| Error::corrupt(format!("pack {pack}"), "bad name"))?;
+            self.repo.write_index(&[(id, entries)])?;
+            report.packs_rescued += 1;
+            warn!(pack = %pack, "planned pack holds needed blobs; re-indexed");
+            return Ok(true);
+        }
+        self.repo.backend().remove(FileKind::Pack, pack)?;
+        report.packs_deleted += 1;
+        report.bytes_reclaimed += size;
+        Ok(true)
+    }
 }
 
 /// Called by a backup before it writes its snapshot, when a maintenance
@@ -627,12 +798,16 @@ fn rescue_blob(repo: &Repository, id: &Id) -> Result<bool> {
 fn rescue_from_plans(repo: &Repository, ids: &HashSet<Id>) -> Result<usize> {
     let sizes: HashMap<String, u64> = repo.backend().list(FileKind::Pack)?.into_iter().collect();
     let mut rescued = 0;
-    for pack in planned_packs(&**repo.backend())? {
+    for pack in planned_packs(repo)? {
         let Some(&size) = sizes.get(&pack) else {
             continue;
         };
-        let Ok(entries) = repo.read_pack_trailer(&pack, size) else {
-            continue;
+        // A damaged pack cannot be rescued; a transient error must not
+        // pass for "not needed".
+        let entries = match repo.read_pack_trailer(&pack, size) {
+            Ok(e) => e,
+            Err(Error::NotFound { .. } | Error::Corrupt { .. } | Error::Decrypt { .. }) => continue,
+            Err(e) => return Err(e),
         };
         if entries.iter().any(|e| ids.contains(&e.id)) {
             let pid = Id::from_hex(&pack)

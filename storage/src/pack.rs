@@ -157,7 +157,14 @@ pub fn decode_trailer(
         .chunks_exact(ENTRY_LEN)
         .map(|c| {
             let e = PackEntry::decode(c).ok_or_else(|| Error::corrupt(what(), "bad entry"))?;
-            if e.offset + u64::from(e.length) > blob_area {
+            // Offsets come from the repository: a hostile one must not wrap.
+            let end = e.offset.checked_add(u64::from(e.length)).ok_or_else(|| {
+                Error::corrupt(
+                    what(),
+                    format!("entry offset {} + length {} overflows", e.offset, e.length),
+                )
+            })?;
+            if end > blob_area {
                 return Err(Error::corrupt(what(), "entry points outside the pack"));
             }
             Ok(e)
@@ -203,6 +210,30 @@ mod tests {
         }
         // Truncation is detected by the footer check.
         assert!(trailer_len("p", &p.bytes[p.bytes.len() - 13..p.bytes.len() - 1], size).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn an_entry_whose_end_overflows_is_rejected() -> Result<()> {
+        let k = Keys::generate();
+        let entry = PackEntry {
+            kind: BlobType::Data,
+            flags: 0,
+            id: k.content_id(b"x"),
+            offset: u64::MAX - 1,
+            length: 10,
+            raw_length: 10,
+        };
+        let mut plain = Vec::new();
+        entry.encode_into(&mut plain);
+        let trailer = k.encrypt(&plain, &file_aad("pack-trailer"));
+        match decode_trailer(&k, "p1", &trailer, 1000) {
+            Err(Error::Corrupt { what, reason }) => {
+                assert!(what.contains("pack p1"), "{what}");
+                assert!(reason.contains("overflows"), "{reason}");
+            }
+            other => panic!("overflowing entry accepted: {other:?}"),
+        }
         Ok(())
     }
 }

@@ -26,17 +26,15 @@ pub struct OpenOptions {
 }
 
 impl OpenOptions {
-    fn cache_root(&self) -> PathBuf {
-        if let Some(r) = &self.cache_root {
-            return r.clone();
-        }
-        if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
-            return PathBuf::from(x).join("marmoset");
-        }
-        if let Some(h) = std::env::var_os("HOME") {
-            return PathBuf::from(h).join(".cache").join("marmoset");
-        }
-        std::env::temp_dir().join("marmoset-cache")
+    /// The cache root, created `0700` when missing and refused unless it
+    /// belongs to this user (see [`ensure_private_cache_dir`]).
+    fn cache_root(&self) -> Result<PathBuf> {
+        let (root, shared_tmp) = match &self.cache_root {
+            Some(r) => (r.clone(), false),
+            None => default_root(),
+        };
+        ensure_private_cache_dir(&root, shared_tmp)?;
+        Ok(root)
     }
 }
 
@@ -85,6 +83,8 @@ pub struct KeyInfo {
     pub created: chrono::DateTime<chrono::Utc>,
     pub hostname: String,
     pub username: String,
+    /// False for a damaged, oversized or out-of-range key file.
+    pub valid: bool,
 }
 
 impl Repository {
@@ -126,7 +126,9 @@ impl Repository {
             Err(e) => return Err(e),
         };
         let config = Config::parse(&raw)?;
-        let (keys, key_name) = unlock(&*backend, password)?;
+        // The cache remembers which key opened this repository here last.
+        let hint = last_key_path(&opts.cache_root()?, &config);
+        let (keys, key_name) = unlock(&*backend, password, &hint)?;
         config.verify(&keys)?;
         Self::assemble(backend, keys, config, key_name, opts)
     }
@@ -138,13 +140,14 @@ impl Repository {
         key_name: String,
         opts: &OpenOptions,
     ) -> Result<Self> {
-        let dir = opts.cache_root().join(config.repository_id.to_hex());
+        let root = opts.cache_root()?;
+        let dir = root.join(config.repository_id.to_hex());
         let (index, temp) = match IndexCache::open(&dir) {
             Ok(i) => (i, None),
             Err(IndexError::Locked { .. }) => {
                 // Another marmoset process (a concurrent backup) holds the
                 // cache: work from a private one rebuilt from the repository.
-                let tmp = opts.cache_root().join(format!(
+                let tmp = root.join(format!(
                     "tmp-{}-{}",
                     std::process::id(),
                     Id::random().short()
@@ -160,6 +163,7 @@ impl Repository {
             }
             Err(e) => return Err(e.into()),
         };
+        remember_key(&last_key_path(&root, &config), &key_name);
         let repo = Self {
             backend,
             keys,
@@ -384,7 +388,7 @@ impl Repository {
     /// Returns how many packs were recovered.
     pub fn recover_unindexed_packs(&self) -> Result<usize> {
         let known: std::collections::HashSet<[u8; 32]> = self.index.packs()?.into_iter().collect();
-        let planned = crate::maintain::planned_packs(&*self.backend)?;
+        let planned = crate::maintain::planned_packs(self)?;
         let mut found = Vec::new();
         for (name, size) in self.backend.list(FileKind::Pack)? {
             let Some(id) = Id::from_hex(&name) else {
@@ -393,9 +397,10 @@ impl Repository {
             if known.contains(&id.0) || planned.contains(&name) {
                 continue;
             }
-            match self.read_pack_trailer(&name, size) {
+            match self.verified_pack_entries(&id, size) {
+                Ok(entries) if entries.is_empty() => {}
                 Ok(entries) => found.push((id, entries)),
-                Err(e) => warn!(pack = %name, error = %e, "unreadable unindexed pack ignored"),
+                Err(e) => warn!(pack = %name, error = %e, "unindexed pack not trusted; ignored"),
             }
         }
         if !found.is_empty() {
@@ -411,6 +416,41 @@ impl Repository {
             self.sync_index()?;
         }
         Ok(found.len())
+    }
+
+    /// The entries of an unindexed pack that may be indexed: its trailer
+    /// authenticates, but so would the trailer of a genuine pack's copy
+    /// with bytes prepended (offsets are not bound to it), so every blob is
+    /// authenticated where the trailer says it lies. Blobs the index
+    /// already places in another pack are left out: a known-good location
+    /// is never replaced by a recovered one.
+    fn verified_pack_entries(&self, id: &Id, size: u64) -> Result<Vec<PackEntry>> {
+        let name = id.to_hex();
+        let entries = self.read_pack_trailer(&name, size)?;
+        let bytes = self.backend.read(FileKind::Pack, &name)?;
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            if let Some(loc) = self.index.get_blob(&e.id.0)? {
+                if loc.pack != id.0 {
+                    continue;
+                }
+            }
+            let start = usize::try_from(e.offset).ok();
+            let end = start.and_then(|s| s.checked_add(e.length as usize));
+            let raw = match (start, end) {
+                (Some(s), Some(t)) if t <= bytes.len() => &bytes[s..t],
+                _ => {
+                    return Err(Error::corrupt(
+                        format!("pack {name}"),
+                        "entry outside the pack",
+                    ))
+                }
+            };
+            blob::decode_authenticated(&self.keys, e.kind, &e.id, e.flags, e.raw_length, raw)
+                .map_err(|err| in_pack(err, &name))?;
+            out.push(e);
+        }
+        Ok(out)
     }
 
     /// Rebuilds all index files from pack trailers (`repair index`).
@@ -598,18 +638,35 @@ impl Repository {
 
     // ---- keys ----
 
+    /// Every key file, usable or not: a damaged or planted one is listed
+    /// (saying why it is invalid) so that `key remove` can delete it.
     pub fn list_keys(&self) -> Result<Vec<KeyInfo>> {
         let mut out = Vec::new();
-        for (name, _) in self.backend.list(FileKind::Key)? {
-            let raw = self.backend.read(FileKind::Key, &name)?;
-            let kf: KeyFile = serde_json::from_slice(&raw)
-                .map_err(|e| Error::corrupt(format!("key {name}"), e.to_string()))?;
-            out.push(KeyInfo {
-                current: name == self.key_name,
-                id: name,
-                created: kf.created,
-                hostname: kf.hostname,
-                username: kf.username,
+        for obj in self.backend.list_info(FileKind::Key)? {
+            // `key list` prints 8-character prefixes; a shorter name was not
+            // written by marmoset.
+            if obj.name.get(..8).is_none() {
+                warn!(key = ?obj.name, "key file with a malformed name ignored");
+                continue;
+            }
+            let current = obj.name == self.key_name;
+            out.push(match read_key_file(&*self.backend, &obj)? {
+                Ok(kf) => KeyInfo {
+                    id: obj.name,
+                    current,
+                    created: kf.created,
+                    hostname: kf.hostname,
+                    username: kf.username,
+                    valid: true,
+                },
+                Err(e) => KeyInfo {
+                    id: obj.name,
+                    current,
+                    created: obj.modified.unwrap_or_default(),
+                    hostname: "-".into(),
+                    username: format!("(invalid key file: {e})"),
+                    valid: false,
+                },
             });
         }
         out.sort_by_key(|k| k.created);
@@ -626,7 +683,8 @@ impl Repository {
         let [key] = matching.as_slice() else {
             return Err(Error::KeyNotFound(prefix.into()));
         };
-        if keys.len() == 1 {
+        // Invalid key files open nothing: they do not count as a spare.
+        if key.valid && keys.iter().filter(|k| k.valid).count() == 1 {
             return Err(Error::LastKey);
         }
         self.backend.remove(FileKind::Key, &key.id)
@@ -659,33 +717,219 @@ fn write_key(backend: &dyn Backend, keys: &Keys, password: &[u8]) -> Result<Stri
     Ok(name)
 }
 
-fn unlock(backend: &dyn Backend, password: &[u8]) -> Result<(Keys, String)> {
-    let mut last_corrupt = None;
-    for (name, _) in backend.list(FileKind::Key)? {
-        let raw = backend.read(FileKind::Key, &name)?;
-        let kf: KeyFile = match serde_json::from_slice(&raw) {
-            Ok(k) => k,
+/// At most this many key files are tried per open: each costs an Argon2
+/// derivation (up to 256 MiB over 4 passes), and anyone with write access
+/// to the repository can add key files.
+const MAX_KEYS_TRIED: usize = 32;
+/// Genuine key files are well under 1 KiB; larger ones are not even read.
+const MAX_KEY_FILE_LEN: u64 = 64 * 1024;
+
+/// Finds the key file that `password` opens, trying the one that last
+/// worked on this machine (remembered at `hint`) first. Key files that are
+/// too large, unparsable or ask for excessive Argon2 costs are skipped with
+/// a warning naming them.
+fn unlock(backend: &dyn Backend, password: &[u8], hint: &Path) -> Result<(Keys, String)> {
+    let candidates = key_candidates(backend, read_last_key(hint).as_deref())?;
+    let count = candidates.len();
+    let mut refused = false;
+    let mut last_invalid = None;
+    for obj in candidates.into_iter().take(MAX_KEYS_TRIED) {
+        match read_key_file(backend, &obj)?.and_then(|kf| kf.unwrap_keys(password)) {
+            Ok(Some(keys)) => return Ok((keys, obj.name)),
+            Ok(None) => refused = true,
             Err(e) => {
-                warn!(key = %name, error = %e, "unparsable key file skipped");
-                last_corrupt = Some(Error::corrupt(format!("key {name}"), e.to_string()));
-                continue;
-            }
-        };
-        match kf.unwrap_keys(password) {
-            Ok(Some(keys)) => return Ok((keys, name)),
-            Ok(None) => {}
-            Err(e) => {
-                warn!(key = %name, error = %e, "invalid key file skipped");
-                last_corrupt = Some(e);
+                warn!(key = ?obj.name, error = %e, "invalid key file skipped");
+                last_invalid = Some(e);
             }
         }
     }
-    Err(last_corrupt.map_or(Error::WrongPassword, |e| {
-        // A damaged key file is worth naming, but the password may also just
-        // be wrong; say both.
-        Error::Corrupt {
+    if count > MAX_KEYS_TRIED {
+        return Err(Error::TooManyKeys {
+            count,
+            tried: MAX_KEYS_TRIED,
+            hint: hint.to_owned(),
+        });
+    }
+    match last_invalid {
+        // No key file was usable: a damaged one is worth naming, but the
+        // password may also just be wrong; say both.
+        Some(e) if !refused => Err(Error::Corrupt {
             what: "wrong password, or".into(),
             reason: e.to_string(),
-        }
-    }))
+        }),
+        // A valid key refused the password: invalid files next to it (planted
+        // or damaged) do not change that answer.
+        _ => Err(Error::WrongPassword),
+    }
+}
+
+// ---- helpers: key files and the private cache root ----
+
+/// Key files in the order they are tried: the one that last opened the
+/// repository here first, then oldest first by the storage's time (keys
+/// planted later come last), by name where times are unknown.
+fn key_candidates(
+    backend: &dyn Backend,
+    last: Option<&str>,
+) -> Result<Vec<crate::backend::ObjectInfo>> {
+    let mut keys = backend.list_info(FileKind::Key)?;
+    keys.sort_by(|a, b| {
+        a.modified
+            .cmp(&b.modified)
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    // A stable sort: the others keep their order.
+    keys.sort_by_key(|k| Some(k.name.as_str()) != last);
+    Ok(keys)
+}
+
+/// Reads and parses one key file and checks its KDF costs. The outer error
+/// is the backend's (worth reporting as is); the inner one says why the
+/// file is not a usable key.
+fn read_key_file(
+    backend: &dyn Backend,
+    obj: &crate::backend::ObjectInfo,
+) -> Result<std::result::Result<KeyFile, Error>> {
+    let invalid = |reason: String| Error::corrupt(format!("key {:?}", obj.name), reason);
+    let too_large = |len: u64| invalid(format!("{len} bytes, more than any key file holds"));
+    if obj.size > MAX_KEY_FILE_LEN {
+        return Ok(Err(too_large(obj.size)));
+    }
+    let raw = match backend.read(FileKind::Key, &obj.name) {
+        Ok(raw) => raw,
+        // Removed since the listing (a concurrent `key remove`).
+        Err(Error::NotFound { .. }) => return Ok(Err(invalid("removed while read".into()))),
+        Err(e) => return Err(e),
+    };
+    // Listings may not know sizes (0): check what was read too.
+    if raw.len() as u64 > MAX_KEY_FILE_LEN {
+        return Ok(Err(too_large(raw.len() as u64)));
+    }
+    let kf: KeyFile = match serde_json::from_slice(&raw) {
+        Ok(kf) => kf,
+        Err(e) => return Ok(Err(invalid(e.to_string()))),
+    };
+    Ok(match kf.kdf.validate() {
+        Ok(()) => Ok(kf),
+        Err(e) => Err(invalid(e.to_string())),
+    })
+}
+
+/// Where the name of the key that last opened a repository is remembered.
+fn last_key_path(cache_root: &Path, config: &Config) -> PathBuf {
+    cache_root.join(format!("{}.lastkey", config.repository_id.to_hex()))
+}
+
+/// The remembered key name; anything but a plain hex name is ignored (the
+/// hint only orders the attempts, it never skips one).
+fn read_last_key(path: &Path) -> Option<String> {
+    let raw = std::fs::read_to_string(path).ok()?;
+    let name = raw.trim();
+    let plausible =
+        !name.is_empty() && name.len() <= 128 && name.bytes().all(|b| b.is_ascii_hexdigit());
+    plausible.then(|| name.to_string())
+}
+
+/// Remembers which key file opened the repository so the next open tries it
+/// first. Best effort: written `0600` through a temporary file, so a
+/// concurrent reader never sees half a name.
+fn remember_key(path: &Path, name: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if read_last_key(path).as_deref() == Some(name) {
+        return;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(name.as_bytes())?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        debug!(path = %path.display(), error = %e, "could not remember the key that opened the repository");
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+impl OpenOptions {
+    /// The cache root used when none is configured: `$XDG_CACHE_HOME/marmoset`,
+    /// `~/.cache/marmoset`, or with neither set `$TMPDIR/marmoset-cache-<uid>`.
+    pub fn default_cache_root() -> PathBuf {
+        default_root().0
+    }
+}
+
+/// [`OpenOptions::default_cache_root`], and whether it is the fallback in
+/// the temporary folder, which every user can write to.
+fn default_root() -> (PathBuf, bool) {
+    let set = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty());
+    if let Some(x) = set("XDG_CACHE_HOME") {
+        return (PathBuf::from(x).join("marmoset"), false);
+    }
+    if let Some(h) = set("HOME") {
+        return (PathBuf::from(h).join(".cache").join("marmoset"), false);
+    }
+    // Per user: a fixed name in a shared folder can be created first by
+    // anyone, who would then read (or swap) the cache.
+    let uid = nix::unistd::geteuid().as_raw();
+    (
+        std::env::temp_dir().join(format!("marmoset-cache-{uid}")),
+        true,
+    )
+}
+
+/// Makes sure a cache root is this user's own before anything is read from
+/// or written to it: it holds plaintext source paths and which key opens
+/// the repository, and whoever owns it could read or swap what is inside.
+/// Created `0700` when missing. In the shared temporary folder it must also
+/// be a real directory (not a symlink planted there) and is kept `0700`.
+fn ensure_private_cache_dir(dir: &Path, shared_tmp: bool) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let io = |e| Error::io(dir, e);
+    let refuse = |reason: String| Error::UnsafeCacheDir {
+        path: dir.to_owned(),
+        reason,
+    };
+    // Only the last component is ours to create in the shared folder.
+    match std::fs::DirBuilder::new()
+        .recursive(!shared_tmp)
+        .mode(0o700)
+        .create(dir)
+    {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io(e)),
+    }
+    let lookup = if shared_tmp {
+        std::fs::symlink_metadata(dir)
+    } else {
+        std::fs::metadata(dir)
+    };
+    let meta = lookup.map_err(io)?;
+    if meta.file_type().is_symlink() {
+        return Err(refuse(
+            "is a symbolic link in a folder every user can write to".into(),
+        ));
+    }
+    if !meta.is_dir() {
+        return Err(refuse("is not a directory".into()));
+    }
+    let uid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != uid {
+        return Err(refuse(format!(
+            "owned by uid {}, not by this user (uid {uid})",
+            meta.uid()
+        )));
+    }
+    if shared_tmp && meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+    Ok(())
 }

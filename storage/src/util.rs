@@ -22,3 +22,13 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) fn os_str(b: &[u8]) -> &std::ffi::OsStr {
     std::os::unix::ffi::OsStrExt::from_bytes(b)
 }
+
+/// The wall clock. `MARMOSET_CLOCK_OFFSET_SECS` shifts it, so reliability
+/// campaigns can run two processes whose clocks disagree.
+pub fn now() -> chrono::DateTime<chrono::Utc> {
+    let offset = std::env::var("MARMOSET_CLOCK_OFFSET_SECS")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(0);
+    chrono::Utc::now() + chrono::Duration::seconds(offset)
+}

@@ -2,12 +2,15 @@
 //! front of a remote backend, so listing snapshots or opening a repository
 //! does not download them again. Both kinds are named by the hash of their
 //! bytes, so a cached copy is verified on every read and can never be stale;
-//! a damaged copy is simply fetched again.
+//! a damaged copy is simply fetched again. Folders are created `0700` and
+//! files `0600`: the copies are encrypted, but their names and sizes are
+//! nobody else's business.
 
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{Backend, DeleteBackend, FileKind, ListBackend, ReadBackend, WriteBackend};
+use super::{Backend, DeleteBackend, FileKind, ListBackend, ObjectInfo, ReadBackend, WriteBackend};
 use crate::error::Result;
 use crate::id::Id;
 
@@ -32,14 +35,29 @@ impl CachedBackend {
     fn store(&self, kind: FileKind, name: &str, data: &[u8]) {
         let p = self.path(kind, name);
         if let Some(parent) = p.parent() {
-            let _ = std::fs::create_dir_all(parent);
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent);
         }
         // Best effort: the cache is an optimisation.
         let tmp = p.with_extension("tmp");
-        if std::fs::write(&tmp, data).is_ok() {
+        if write_private(&tmp, data).is_ok() {
             let _ = std::fs::rename(&tmp, &p);
         }
     }
+}
+
+/// Writes a file readable by its owner only.
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)
 }
 
 impl ReadBackend for CachedBackend {
@@ -87,6 +105,10 @@ impl ReadBackend for CachedBackend {
 impl ListBackend for CachedBackend {
     fn list(&self, kind: FileKind) -> Result<Vec<(String, u64)>> {
         self.inner.list(kind)
+    }
+
+    fn list_info(&self, kind: FileKind) -> Result<Vec<ObjectInfo>> {
+        self.inner.list_info(kind)
     }
 }
 

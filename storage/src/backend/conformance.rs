@@ -22,6 +22,7 @@ pub fn run_all(b: &dyn Backend) -> Result<()> {
     write_read_round_trip(b)?;
     ranges(b)?;
     listing(b)?;
+    listing_with_times(b)?;
     missing_objects(b)?;
     overwrite_and_delete(b)?;
     large_object(b)?;
@@ -40,6 +41,38 @@ fn write_read_round_trip(b: &dyn Backend) -> Result<()> {
         check(b.size(kind, &name)? == data.len() as u64, "size matches")?;
         b.remove(kind, &name)?;
     }
+    Ok(())
+}
+
+/// `list_info` agrees with `list`, and where the storage stamps objects
+/// the stamp is the write's time (coordination relies on it), within a few
+/// minutes of this host's clock.
+fn listing_with_times(b: &dyn Backend) -> Result<()> {
+    let before = chrono::Utc::now();
+    let name = "cd".repeat(32);
+    b.write(FileKind::Lock, &name, b"lease")?;
+    let mut plain = b.list(FileKind::Lock)?;
+    let mut info: Vec<(String, u64)> = b
+        .list_info(FileKind::Lock)?
+        .into_iter()
+        .map(|o| (o.name, o.size))
+        .collect();
+    plain.sort();
+    info.sort();
+    check(plain == info, "list_info lists what list lists")?;
+    let stamp = b
+        .list_info(FileKind::Lock)?
+        .into_iter()
+        .find(|o| o.name == name)
+        .and_then(|o| o.modified);
+    if let Some(t) = stamp {
+        let skew = chrono::Duration::minutes(5);
+        check(
+            t >= before - skew && t <= chrono::Utc::now() + skew,
+            "modified time is the time of the write",
+        )?;
+    }
+    b.remove(FileKind::Lock, &name)?;
     Ok(())
 }
 

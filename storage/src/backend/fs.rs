@@ -4,13 +4,23 @@
 //! folder, is fsynced, renamed over the final name and the folder is fsynced,
 //! so a crash leaves either the old state or the complete new object, never a
 //! torn one. Leftover `.tmp-*` files from a crash are ignored by `list`.
+//!
+//! Objects are created `0600` and folders `0700`: key files would otherwise
+//! let any local user guess the password offline, and the rest (sizes,
+//! names, times) is nobody else's business either.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::{object_path, DeleteBackend, FileKind, ListBackend, ReadBackend, WriteBackend};
+use super::{
+    object_path, DeleteBackend, FileKind, ListBackend, ObjectInfo, ReadBackend, WriteBackend,
+};
 use crate::error::{Error, Result};
+
+const FILE_MODE: u32 = 0o600;
+const DIR_MODE: u32 = 0o700;
 
 pub struct FsBackend {
     root: PathBuf,
@@ -51,6 +61,14 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// `create_dir_all` with every folder it creates private to the owner.
+fn create_dirs(dir: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+}
+
 impl ReadBackend for FsBackend {
     fn location(&self) -> String {
         self.root.display().to_string()
@@ -62,17 +80,26 @@ impl ReadBackend for FsBackend {
 
     fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
         let e = |err| Self::err("read", kind, name, err);
+        let short = || {
+            Error::corrupt(
+                format!("{kind} {name}"),
+                format!("object is shorter than {offset}+{length} bytes (truncated?)"),
+            )
+        };
         let mut f = File::open(self.path(kind, name)).map_err(e)?;
+        // Ranges come from index entries: check them against the object
+        // before allocating, so a hostile length cannot claim gigabytes.
+        let end = offset.checked_add(length).ok_or_else(short)?;
+        if end > f.metadata().map_err(e)?.len() {
+            return Err(short());
+        }
         f.seek(SeekFrom::Start(offset)).map_err(e)?;
         let len = usize::try_from(length)
             .map_err(|_| Error::InvalidArgument(format!("range of {length} bytes is too large")))?;
         let mut buf = vec![0u8; len];
         f.read_exact(&mut buf).map_err(|err| {
             if err.kind() == std::io::ErrorKind::UnexpectedEof {
-                Error::corrupt(
-                    format!("{kind} {name}"),
-                    format!("object is shorter than {offset}+{length} bytes (truncated?)"),
-                )
+                short()
             } else {
                 e(err)
             }
@@ -95,12 +122,41 @@ impl ReadBackend for FsBackend {
 
 impl ListBackend for FsBackend {
     fn list(&self, kind: FileKind) -> Result<Vec<(String, u64)>> {
+        Ok(self
+            .entries(kind)?
+            .into_iter()
+            .map(|(name, meta)| (name, meta.len()))
+            .collect())
+    }
+
+    /// The files' modification times: set by this host's clock when the
+    /// object was written (a shared filesystem has no clock of its own).
+    fn list_info(&self, kind: FileKind) -> Result<Vec<ObjectInfo>> {
+        Ok(self
+            .entries(kind)?
+            .into_iter()
+            .map(|(name, meta)| ObjectInfo {
+                name,
+                size: meta.len(),
+                modified: meta
+                    .modified()
+                    .ok()
+                    .map(chrono::DateTime::<chrono::Utc>::from),
+            })
+            .collect())
+    }
+}
+
+impl FsBackend {
+    /// The one listing behind `list` and `list_info`: names and metadata of
+    /// all objects of a kind.
+    fn entries(&self, kind: FileKind) -> Result<Vec<(String, fs::Metadata)>> {
         let e = |err| Self::err("list", kind, "", err);
         let mut out = Vec::new();
         match kind {
             FileKind::Config => {
                 if let Ok(m) = fs::metadata(self.root.join(super::CONFIG_NAME)) {
-                    out.push((super::CONFIG_NAME.to_string(), m.len()));
+                    out.push((super::CONFIG_NAME.to_string(), m));
                 }
             }
             FileKind::Pack => {
@@ -126,7 +182,7 @@ impl ListBackend for FsBackend {
 
 /// Lists one folder. A folder that does not exist yet holds no objects,
 /// like an S3 prefix (repositories made before a kind existed lack it).
-fn list_dir(dir: &Path, out: &mut Vec<(String, u64)>) -> std::io::Result<()> {
+fn list_dir(dir: &Path, out: &mut Vec<(String, fs::Metadata)>) -> std::io::Result<()> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -140,7 +196,7 @@ fn list_dir(dir: &Path, out: &mut Vec<(String, u64)>) -> std::io::Result<()> {
         }
         let meta = entry.metadata()?;
         if meta.is_file() {
-            out.push((name, meta.len()));
+            out.push((name, meta));
         }
     }
     Ok(())
@@ -149,14 +205,14 @@ fn list_dir(dir: &Path, out: &mut Vec<(String, u64)>) -> std::io::Result<()> {
 impl WriteBackend for FsBackend {
     fn create(&self) -> Result<()> {
         let e = |err| Error::io(&self.root, err);
-        fs::create_dir_all(&self.root).map_err(e)?;
+        create_dirs(&self.root).map_err(e)?;
         for kind in FileKind::ALL {
             if let Some(folder) = kind.folder() {
-                fs::create_dir_all(self.root.join(folder)).map_err(e)?;
+                create_dirs(&self.root.join(folder)).map_err(e)?;
             }
         }
         for i in 0..=255u8 {
-            fs::create_dir_all(self.root.join("packs").join(hex::encode([i]))).map_err(e)?;
+            create_dirs(&self.root.join("packs").join(hex::encode([i]))).map_err(e)?;
         }
         fsync_dir(&self.root).map_err(e)?;
         Ok(())
@@ -167,11 +223,15 @@ impl WriteBackend for FsBackend {
         let path = self.path(kind, name);
         let dir = path.parent().unwrap_or(&self.root).to_owned();
         if !dir.exists() {
-            fs::create_dir_all(&dir).map_err(e)?;
+            create_dirs(&dir).map_err(e)?;
         }
         let tmp = dir.join(format!("{TMP_PREFIX}{}", crate::id::Id::random().short()));
         let result = (|| -> std::io::Result<()> {
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(FILE_MODE)
+                .open(&tmp)?;
             f.write_all(data)?;
             f.sync_all()?;
             drop(f);
@@ -221,6 +281,53 @@ mod tests {
         assert!(b.list(FileKind::Plan)?.is_empty());
         b.write(FileKind::Plan, "p1", b"{}")?;
         assert_eq!(b.list(FileKind::Plan)?.len(), 1);
+        let _ = fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    #[test]
+    fn objects_are_private_and_listed_with_their_times() -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("mrm-fs-mode-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let b = FsBackend::new(&dir);
+        b.create()?;
+        let before = chrono::Utc::now() - chrono::Duration::seconds(5);
+        b.write(FileKind::Key, "k1", b"{}")?;
+        let mode = |p: &Path| -> Result<u32> {
+            Ok(fs::metadata(p)
+                .map_err(|e| Error::io(p, e))?
+                .permissions()
+                .mode()
+                & 0o777)
+        };
+        assert_eq!(mode(&dir.join("keys").join("k1"))?, 0o600);
+        assert_eq!(mode(&dir.join("keys"))?, 0o700);
+        assert_eq!(mode(&dir.join("packs").join("ab"))?, 0o700);
+        let listed = b.list_info(FileKind::Key)?;
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].name.as_str(), listed[0].size), ("k1", 2));
+        assert!(listed[0].modified.is_some_and(|t| t >= before));
+        let _ = fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    #[test]
+    fn an_overflowing_range_is_corrupt_not_a_panic() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("mrm-fs-range-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let b = FsBackend::new(&dir);
+        b.create()?;
+        b.write(FileKind::Pack, "aa01", b"0123456789")?;
+        assert!(matches!(
+            b.read_range(FileKind::Pack, "aa01", u64::MAX - 1, 10),
+            Err(Error::Corrupt { .. })
+        ));
+        assert!(matches!(
+            b.read_range(FileKind::Pack, "aa01", 4, u64::from(u32::MAX)),
+            Err(Error::Corrupt { .. })
+        ));
+        assert_eq!(b.read_range(FileKind::Pack, "aa01", 4, 3)?, b"456");
         let _ = fs::remove_dir_all(&dir);
         Ok(())
     }

@@ -107,9 +107,33 @@ pub trait ReadBackend: Send + Sync {
     }
 }
 
+/// One listed object: its name, size and the storage's own last-modified
+/// time (`None` where the storage does not say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub name: String,
+    pub size: u64,
+    pub modified: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// Lists the names (not paths) and sizes of all objects of a kind.
 pub trait ListBackend: Send + Sync {
     fn list(&self, kind: FileKind) -> Result<Vec<(String, u64)>>;
+
+    /// Like [`ListBackend::list`], with the storage's modification times.
+    /// Coordination (leases, plans) times objects by the storage's clock
+    /// where it offers one, so two hosts' clocks are never compared.
+    fn list_info(&self, kind: FileKind) -> Result<Vec<ObjectInfo>> {
+        Ok(self
+            .list(kind)?
+            .into_iter()
+            .map(|(name, size)| ObjectInfo {
+                name,
+                size,
+                modified: None,
+            })
+            .collect())
+    }
 }
 
 /// Creates objects atomically: readers see the whole object or nothing.

@@ -23,11 +23,14 @@ use rand::Rng;
 use serde::Serialize;
 use tracing::{debug, warn};
 
-use super::{object_path, DeleteBackend, FileKind, ListBackend, ReadBackend, WriteBackend};
+use super::{
+    object_path, DeleteBackend, FileKind, ListBackend, ObjectInfo, ReadBackend, WriteBackend,
+};
 use crate::error::{Error, Result};
 
-/// Where and how to reach the bucket.
-#[derive(Debug, Clone)]
+/// Where and how to reach the bucket. `Debug` is written by hand: options
+/// end up in logs and error reports, credentials must not.
+#[derive(Clone)]
 pub struct S3Options {
     /// e.g. `https://s3.us-east-005.backblazeb2.com`; `None` = AWS.
     pub endpoint: Option<String>,
@@ -52,6 +55,33 @@ pub struct S3Options {
     /// Access key and secret; `None` = the standard AWS chain (env vars,
     /// profile, instance metadata).
     pub static_credentials: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const REDACTED: &str = "<redacted>";
+        f.debug_struct("S3Options")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("path_style", &self.path_style)
+            .field("checksums_when_required", &self.checksums_when_required)
+            .field("connections", &self.connections)
+            .field("multipart_threshold", &self.multipart_threshold)
+            .field("part_size", &self.part_size)
+            .field("max_attempts", &self.max_attempts)
+            .field("limit_upload", &self.limit_upload)
+            .field("timeout", &self.timeout)
+            .field(
+                "static_credentials",
+                &self
+                    .static_credentials
+                    .as_ref()
+                    .map(|_| (REDACTED, REDACTED)),
+            )
+            .finish()
+    }
 }
 
 impl Default for S3Options {
@@ -363,6 +393,7 @@ impl S3Backend {
         }
     }
 
+    /// Gets an object, or the inclusive byte range `first..=last` of it.
     async fn get(
         &self,
         key: &str,
@@ -371,8 +402,8 @@ impl S3Backend {
         self.retry(key, || async {
             self.counters.get.fetch_add(1, Ordering::Relaxed);
             let mut req = self.client.get_object().bucket(&self.opts.bucket).key(key);
-            if let Some((off, len)) = range {
-                req = req.range(format!("bytes={off}-{}", off + len - 1));
+            if let Some((first, last)) = range {
+                req = req.range(format!("bytes={first}-{last}"));
             }
             let out = req.send().await.map_err(classify)?;
             let expected = out.content_length().and_then(|l| u64::try_from(l).ok());
@@ -621,16 +652,21 @@ impl ReadBackend for S3Backend {
         if length == 0 {
             return Ok(Vec::new());
         }
+        let short = || {
+            Error::corrupt(
+                format!("{kind} {name}"),
+                format!("object is shorter than {offset}+{length} bytes (truncated?)"),
+            )
+        };
+        // Ranges come from index entries: a hostile offset must not wrap.
+        let last = offset.checked_add(length - 1).ok_or_else(short)?;
         let key = self.key(kind, name);
         let data = self
             .rt
-            .block_on(self.get(&key, Some((offset, length))))
+            .block_on(self.get(&key, Some((offset, last))))
             .map_err(|f| self.err("read", kind, name, f))?;
         if data.len() as u64 != length {
-            return Err(Error::corrupt(
-                format!("{kind} {name}"),
-                format!("object is shorter than {offset}+{length} bytes (truncated?)"),
-            ));
+            return Err(short());
         }
         Ok(data)
     }
@@ -671,6 +707,23 @@ impl ReadBackend for S3Backend {
 
 impl ListBackend for S3Backend {
     fn list(&self, kind: FileKind) -> Result<Vec<(String, u64)>> {
+        Ok(self
+            .list_objects(kind)?
+            .into_iter()
+            .map(|o| (o.name, o.size))
+            .collect())
+    }
+
+    /// `LastModified` as set by the storage's clock, not this host's.
+    fn list_info(&self, kind: FileKind) -> Result<Vec<ObjectInfo>> {
+        self.list_objects(kind)
+    }
+}
+
+impl S3Backend {
+    /// The one listing behind `list` and `list_info` (ListObjectsV2, page
+    /// after page).
+    fn list_objects(&self, kind: FileKind) -> Result<Vec<ObjectInfo>> {
         let prefix = match kind {
             FileKind::Config => self.key(kind, ""),
             _ => {
@@ -705,10 +758,11 @@ impl ListBackend for S3Backend {
                     if kind == FileKind::Config && key != prefix {
                         continue;
                     }
-                    out.push((
-                        name.to_string(),
-                        obj.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
-                    ));
+                    out.push(ObjectInfo {
+                        name: name.to_string(),
+                        size: obj.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+                        modified: obj.last_modified().and_then(to_chrono),
+                    });
                 }
                 token = page.next_continuation_token().map(str::to_string);
                 if token.is_none() {
@@ -718,6 +772,11 @@ impl ListBackend for S3Backend {
         });
         result.map_err(|f| self.err("list", kind, "", f))
     }
+}
+
+/// An S3 timestamp as a chrono time (`None` if out of chrono's range).
+fn to_chrono(t: &aws_smithy_types::DateTime) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::<chrono::Utc>::from_timestamp(t.secs(), t.subsec_nanos())
 }
 
 impl WriteBackend for S3Backend {
@@ -811,6 +870,28 @@ mod tests {
         assert!(S3Options::from_url("s3:").is_err());
         assert!(S3Options::from_url("s3:https://host-only").is_err());
         Ok(())
+    }
+
+    #[test]
+    fn debug_output_redacts_credentials() {
+        let o = S3Options {
+            static_credentials: Some(("AKIAEXAMPLEKEYID".into(), "wJalrXUtnFEMI-secret".into())),
+            bucket: "backups".into(),
+            ..S3Options::default()
+        };
+        for shown in [format!("{o:?}"), format!("{o:#?}")] {
+            assert!(!shown.contains("wJalrXUtnFEMI-secret"), "{shown}");
+            assert!(!shown.contains("AKIAEXAMPLEKEYID"), "{shown}");
+            assert!(shown.contains("<redacted>"), "{shown}");
+            assert!(shown.contains("backups"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn storage_times_convert_to_chrono() {
+        let t = aws_smithy_types::DateTime::from_secs_and_nanos(1_700_000_000, 250_000_000);
+        let c = to_chrono(&t).map(|c| (c.timestamp(), c.timestamp_subsec_nanos()));
+        assert_eq!(c, Some((1_700_000_000, 250_000_000)));
     }
 
     #[test]
