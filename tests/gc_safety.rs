@@ -227,6 +227,64 @@ fn a_clock_far_off_the_storage_stops_the_backup_with_a_clear_error() {
     assert!(err.contains("clock") && err.contains("NTP"), "{err}");
 }
 
+#[test]
+fn a_maintenance_with_a_clock_far_off_refuses_to_run() {
+    let env = Env::new();
+    env.init();
+    let out = env
+        .cmd()
+        .env("MARMOSET_CLOCK_OFFSET_SECS", "2400")
+        .args(["maintain", "--full"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("clock") && err.contains("NTP"), "{err}");
+}
+
+/// Index files vanish under a running backup (whoever removed them, and
+/// whatever the plans say): the backup must not write a snapshot whose
+/// deduplicated blobs no index lists.
+#[test]
+fn a_backup_notices_index_files_vanishing_under_it() {
+    let env = Env::new();
+    env.ok(&["init", "--pack-size-mib", "1"]);
+    let src = big_source(&env, "src", 2, 21);
+    env.backup(&src, &[]);
+    let mut r = rng(22);
+    for i in 0..8 {
+        fs::write(src.join(format!("new{i}")), random_bytes(&mut r, 4 << 20)).unwrap();
+    }
+    let child = start_and_stop_backup(&env, &src, &[]);
+    let hidden = env.path("hidden-index");
+    fs::create_dir_all(&hidden).unwrap();
+    for e in fs::read_dir(env.repo.join("index")).unwrap() {
+        let e = e.unwrap();
+        fs::rename(e.path(), hidden.join(e.file_name())).unwrap();
+    }
+    let out = resume(child);
+    // The index files come back; whatever the backup did must hold up.
+    for e in fs::read_dir(&hidden).unwrap() {
+        let e = e.unwrap();
+        fs::rename(e.path(), env.repo.join("index").join(e.file_name())).unwrap();
+    }
+    if out.status.success() {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let dst = env.path("dst");
+        env.ok(&[
+            "restore",
+            v["snapshot"].as_str().unwrap(),
+            "--target",
+            dst.to_str().unwrap(),
+        ]);
+        assert_same_tree(&src, &dst);
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no index"), "{err}");
+    }
+    env.ok(&["check", "--read-data"]);
+}
+
 /// A plan as an attacker with write access but no key writes it: the old
 /// plaintext format, deletion "hidden" long ago.
 fn plant_plan(env: &Env, packs: &[String]) {

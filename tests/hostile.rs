@@ -256,3 +256,32 @@ fn without_home_the_cache_is_per_user_and_must_be_ours() {
     assert!(msg.contains("owned by uid 12345"), "{msg}");
     assert!(msg.contains("cache directory"), "{msg}");
 }
+
+#[test]
+fn a_cache_entry_planted_in_the_cache_root_is_refused() {
+    let env = Env::new();
+    env.init();
+    let config: serde_json::Value =
+        serde_json::from_slice(&fs::read(env.repo.join("marmoset.repository")).unwrap()).unwrap();
+    let id = config["repository_id"].as_str().unwrap().to_string();
+    // A cache root others could write to, with this repository's entry
+    // planted as a symlink to someone's folder.
+    let root = env.path("shared-cache");
+    fs::create_dir_all(&root).unwrap();
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o1777)).unwrap();
+    let victim = env.path("victim");
+    fs::create_dir_all(&victim).unwrap();
+    fs::set_permissions(&victim, fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(&victim, root.join(&id)).unwrap();
+    let out = env
+        .cmd()
+        .env("MARMOSET_CACHE_DIR", &root)
+        .args(["snapshots"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a planted cache entry is refused");
+    assert!(stderr(&out).contains("symbolic link"), "{}", stderr(&out));
+    assert_eq!(mode(&victim), 0o755, "the victim folder is untouched");
+    assert!(fs::read_dir(&victim).unwrap().next().is_none());
+    assert_eq!(mode(&root), 0o700, "the root is closed to others");
+}

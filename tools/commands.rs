@@ -1,6 +1,5 @@
 //! One function per command: validate arguments, call the engine, print.
 
-use std::borrow::Cow;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -14,6 +13,7 @@ use serde_json::json;
 
 use crate::cli::*;
 use crate::progress::{bytes, Ticker};
+use crate::terminal::shown;
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let g = &cli.global;
@@ -220,7 +220,8 @@ fn backup(g: &Global, a: BackupArgs) -> Result<ExitCode> {
         )?;
     } else {
         for e in &s.errors {
-            eprintln!("warning: {}: {}", e.path, e.error);
+            let tty = std::io::stderr().is_terminal();
+            eprintln!("warning: {}: {}", shown(&e.path, tty), shown(&e.error, tty));
         }
         println!(
             "files: {} new, {} changed, {} unmodified; {} dirs",
@@ -296,39 +297,6 @@ fn split_target(t: &str) -> (&str, &str) {
         Some((s, p)) => (s, p),
         None => (t, ""),
     }
-}
-
-/// A name as printed for a person: on a terminal (`tty`), control
-/// characters (C0, DEL, C1) and backslashes are escaped, so a file name
-/// cannot send escape sequences to the operator's terminal. Elsewhere
-/// (pipes, files) names stay exact for scripts; `--json` is escaped by
-/// serde.
-fn shown(s: &str, tty: bool) -> Cow<'_, str> {
-    if tty {
-        escape_controls(s)
-    } else {
-        Cow::Borrowed(s)
-    }
-}
-
-/// `\\` for a backslash, `\n`, `\t`, `\r`, and `\xNN` (the code point) for
-/// every other control character.
-fn escape_controls(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(|c| c == '\\' || c.is_control()) {
-        return Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if c.is_control() => out.push_str(&format!("\\x{:02x}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    Cow::Owned(out)
 }
 
 fn node_line(n: &Node, path: &str, long: bool, tty: bool) -> String {
@@ -1073,20 +1041,4 @@ fn find(g: &Global, a: FindArgs) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_are_escaped_only_on_a_terminal() {
-        let evil = "a\u{1b}]0;owned\u{7}b\\c\nd\te\u{7f}\u{9b}2Jé";
-        assert_eq!(
-            shown(evil, true),
-            "a\\x1b]0;owned\\x07b\\\\c\\nd\\te\\x7f\\x9b2Jé"
-        );
-        assert_eq!(shown(evil, false), evil);
-        assert!(matches!(shown("plain/ünïcødé.txt", true), Cow::Borrowed(_)));
-    }
 }

@@ -9,6 +9,7 @@ mod agent;
 mod cli;
 mod commands;
 mod progress;
+mod terminal;
 
 use std::process::ExitCode;
 
@@ -76,9 +77,17 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MARMOSET_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    // Log fields carry file names: on a terminal, escape them (and so go
+    // without colours, whose escape codes would be escaped too).
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        builder
+            .with_ansi(false)
+            .with_writer(|| terminal::EscapingStderr)
+            .init();
+    } else {
+        builder.with_writer(std::io::stderr).init();
+    }
 }

@@ -316,13 +316,14 @@ pub fn backup(
         LeaseKind::Session,
         &format!("backup {}", abs[0].display()),
     )?;
-    refuse_clock_skew(&session)?;
+    crate::lease::refuse_clock_skew(session.storage_now()?)?;
     repo.sync_index()?;
     let recovered = repo.recover_unindexed_packs()?;
     if recovered > 0 {
         debug!(recovered, "reusing packs of an interrupted backup");
     }
     let missing_packs = missing_packs(repo)?;
+    let index_at_start = index_names(repo)?;
     let parent = repo
         .snapshots()?
         .0
@@ -452,7 +453,7 @@ pub fn backup(
         .ok_or_else(|| Error::Aborted("no root tree".into()))?;
     // A maintenance hid packs while we ran: make sure every blob we
     // referenced (possibly by dedup against now-hidden packs) is indexed.
-    rescue_if_overlapping(repo, &root_parts, &session.name)?;
+    rescue_if_overlapping(repo, &root_parts, &session.name, &index_at_start)?;
     let used = std::mem::take(&mut *crate::util::lock(&saver.used_packs));
     confirm_packs_exist(repo, &used)?;
     session.check_alive()?;
@@ -486,24 +487,9 @@ pub fn backup(
     // A plan made between the check above and the snapshot write could
     // not see the snapshot: check once more (maintenance also rescues
     // referenced blobs it finds only in planned packs).
-    rescue_if_overlapping(repo, &root_parts, &session.name)?;
+    rescue_if_overlapping(repo, &root_parts, &session.name, &index_at_start)?;
     drop(session);
     Ok((id, snap))
-}
-
-/// A backup must not rely on the hosts' clocks, but a clock far off the
-/// storage's is worth stopping for: leases would look replayed.
-fn refuse_clock_skew(session: &Lease) -> Result<()> {
-    let limit = crate::lease::MAX_CLOCK_SKEW / 2;
-    if let Some(skew) = crate::lease::skew(session.storage_now()?) {
-        if skew.abs() > limit {
-            return Err(Error::ClockSkew {
-                skew_secs: skew.num_seconds(),
-                max_secs: limit.num_seconds(),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Packs the index cache knows that the storage does not hold.
@@ -551,8 +537,29 @@ fn confirm_packs_exist(repo: &Repository, used: &HashSet<[u8; 32]>) -> Result<()
     }
 }
 
-fn rescue_if_overlapping(repo: &Repository, root_parts: &[Id], session: &str) -> Result<()> {
-    if crate::maintain::plans_overlap(repo, session)? {
+fn index_names(repo: &Repository) -> Result<HashSet<String>> {
+    Ok(repo
+        .backend()
+        .list(FileKind::Index)?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect())
+}
+
+/// Makes sure every blob the new trees reference is indexed when a
+/// maintenance may have hidden some while we ran: a plan names our session
+/// (or is still in phase 1), or any index file we started from is gone —
+/// the latter whatever the plans say, so that a plan this process cannot
+/// trust never lets a snapshot reference unindexed blobs.
+fn rescue_if_overlapping(
+    repo: &Repository,
+    root_parts: &[Id],
+    session: &str,
+    index_at_start: &HashSet<String>,
+) -> Result<()> {
+    let now = index_names(repo)?;
+    let index_changed = index_at_start.iter().any(|n| !now.contains(n));
+    if index_changed || crate::maintain::plans_overlap(repo, session)? {
         let rescued = crate::maintain::rescue_referenced(repo, root_parts)?;
         if rescued > 0 {
             warn!(
@@ -610,7 +617,7 @@ fn walk_roots(
     if let [only] = paths {
         let meta = fs::symlink_metadata(only).map_err(|e| Error::io(only, e))?;
         if meta.is_dir() {
-            let dir = SourceDir::open_root(only)?;
+            let dir = SourceDir::open_root_dir(only, &meta)?;
             return walk_dir_contents(ctx, saver, &dir, events, jobs);
         }
     }
@@ -657,6 +664,22 @@ impl SourceDir {
             Mode::empty(),
         )
         .map_err(|e| Error::io(path, e.into()))?;
+        Ok(Self {
+            fd: Arc::new(fd),
+            path: path.to_owned(),
+        })
+    }
+
+    /// Opens the directory backed up, if it is still the one `meta`
+    /// describes: not swapped for a symlink since it was looked at.
+    fn open_root_dir(path: &Path, meta: &Metadata) -> Result<Self> {
+        let fd = nix::fcntl::open(
+            path,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io(path, e.into()))?;
+        let fd = same_object(fd, meta).map_err(|e| Error::io(path, e))?;
         Ok(Self {
             fd: Arc::new(fd),
             path: path.to_owned(),
@@ -1265,11 +1288,27 @@ mod tests {
         let err = open_source(&pipe).expect_err("a fifo swapped in must be refused");
         assert!(err.to_string().contains("replaced"), "{err}");
 
-        // Same name, new regular file (new inode): also not the walk's file.
-        fs::remove_file(src.join("victim")).expect("rm");
-        fs::write(src.join("victim"), b"other").expect("write");
+        // Same name, new regular file (new inode, made before the old one
+        // goes so the number cannot be reused): not the walk's file either.
+        fs::write(src.join("victim.new"), b"other").expect("write");
+        fs::rename(src.join("victim.new"), src.join("victim")).expect("rename");
         let err = open_source(&victim).expect_err("another inode must be refused");
         assert!(err.to_string().contains("replaced"), "{err}");
+    }
+
+    #[test]
+    fn a_backed_up_directory_swapped_for_a_symlink_is_refused() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let src = t.path().join("src");
+        fs::create_dir(&src).expect("mkdir");
+        let meta = fs::symlink_metadata(&src).expect("stat");
+        fs::rename(&src, t.path().join("src.old")).expect("rename");
+        std::os::unix::fs::symlink("/etc", &src).expect("symlink");
+        assert!(SourceDir::open_root_dir(&src, &meta).is_err());
+        // Another directory in its place (other inode) is refused too.
+        fs::remove_file(&src).expect("rm");
+        fs::create_dir(&src).expect("mkdir");
+        assert!(SourceDir::open_root_dir(&src, &meta).is_err());
     }
 
     #[test]

@@ -216,8 +216,9 @@ impl KdfParams {
 pub const MAX_MEMORY_KIB: u32 = 256 * 1024;
 pub const MAX_ITERATIONS: u32 = 16;
 pub const MAX_PARALLELISM: u32 = 16;
-/// Cap on memory x iterations (KiB): 256 MiB over 4 passes.
-pub const MAX_WORK_KIB: u64 = 256 * 1024 * 4;
+/// Cap on memory x iterations (KiB): twice the default (64 MiB over 3
+/// passes), so a planted key file costs at most two genuine unlocks.
+pub const MAX_WORK_KIB: u64 = 64 * 1024 * 3 * 2;
 
 fn bad_kdf(reason: &str) -> Error {
     Error::corrupt("key file", format!("invalid KDF parameters: {reason}"))
@@ -397,7 +398,7 @@ mod tests {
         assert!(start.elapsed() < std::time::Duration::from_secs(5));
         let mut edge = KdfParams::new_default();
         edge.memory_kib = MAX_MEMORY_KIB;
-        edge.iterations = 4;
+        edge.iterations = 1;
         edge.parallelism = MAX_PARALLELISM;
         edge.validate()?;
         KdfParams::new_default().validate()

@@ -473,6 +473,19 @@ pub fn remove_stale(
     Ok(n)
 }
 
+/// Stops a writer whose clock is more than half of [`MAX_CLOCK_SKEW`] off
+/// the storage's: its leases and plans would look replayed to others.
+pub fn refuse_clock_skew(storage_now: Option<DateTime<Utc>>) -> Result<()> {
+    let limit = MAX_CLOCK_SKEW / 2;
+    match skew(storage_now) {
+        Some(d) if d.abs() > limit => Err(Error::ClockSkew {
+            skew_secs: d.num_seconds(),
+            max_secs: limit.num_seconds(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// How far this host's clock is from the storage's (positive: ahead).
 pub fn skew(storage_now: Option<DateTime<Utc>>) -> Option<chrono::Duration> {
     storage_now.map(|s| crate::util::now() - s)

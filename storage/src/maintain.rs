@@ -245,6 +245,9 @@ fn take_maintenance_lease(
     )?;
     let storage_now = lease.storage_now()?;
     report.clock_skew_secs = lease::skew(storage_now).map(|d| d.num_seconds());
+    // Plans carry this host's times; far off the storage's, every reader
+    // would take them for replays and ignore them.
+    lease::refuse_clock_skew(storage_now)?;
     let scan = lease::scan(&**repo.backend(), repo.keys(), LeaseKind::Maintenance)?;
     report.ignored.extend(describe(&scan.rejected));
     let winner = scan

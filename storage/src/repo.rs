@@ -142,6 +142,9 @@ impl Repository {
     ) -> Result<Self> {
         let root = opts.cache_root()?;
         let dir = root.join(config.repository_id.to_hex());
+        // Planted before the root was closed: a symlink or someone else's
+        // folder in place of this repository's cache is refused.
+        ensure_private_cache_dir(&dir, true)?;
         let (index, temp) = match IndexCache::open(&dir) {
             Ok(i) => (i, None),
             Err(IndexError::Locked { .. }) => {
@@ -674,6 +677,14 @@ impl Repository {
     }
 
     pub fn add_key(&self, password: &[u8]) -> Result<String> {
+        // Opens try at most MAX_KEYS_TRIED key files: a key beyond that
+        // could not be relied on from a fresh machine.
+        let count = self.backend.list(FileKind::Key)?.len();
+        if count >= MAX_KEYS_TRIED {
+            return Err(Error::InvalidArgument(format!(
+                "the repository has {count} key files, the most an open tries; remove unused ones first (`key list`, `key remove`)"
+            )));
+        }
         write_key(&*self.backend, &self.keys, password)
     }
 
@@ -720,7 +731,7 @@ fn write_key(backend: &dyn Backend, keys: &Keys, password: &[u8]) -> Result<Stri
 /// At most this many key files are tried per open: each costs an Argon2
 /// derivation (up to 256 MiB over 4 passes), and anyone with write access
 /// to the repository can add key files.
-const MAX_KEYS_TRIED: usize = 32;
+const MAX_KEYS_TRIED: usize = 16;
 /// Genuine key files are well under 1 KiB; larger ones are not even read.
 const MAX_KEY_FILE_LEN: u64 = 64 * 1024;
 
@@ -915,7 +926,7 @@ fn ensure_private_cache_dir(dir: &Path, shared_tmp: bool) -> Result<()> {
     let meta = lookup.map_err(io)?;
     if meta.file_type().is_symlink() {
         return Err(refuse(
-            "is a symbolic link in a folder every user can write to".into(),
+            "is a symbolic link in a folder other users can write to".into(),
         ));
     }
     if !meta.is_dir() {
@@ -928,7 +939,9 @@ fn ensure_private_cache_dir(dir: &Path, shared_tmp: bool) -> Result<()> {
             meta.uid()
         )));
     }
-    if shared_tmp && meta.mode() & 0o077 != 0 {
+    // Ours but open to others (a 1777 folder given as the cache root, an
+    // old 0775 one): close it, so nobody else can plant entries in it.
+    if (shared_tmp && meta.mode() & 0o077 != 0) || meta.mode() & 0o022 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
     }
     Ok(())

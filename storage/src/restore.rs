@@ -75,8 +75,9 @@ pub struct RestoreOptions {
     /// user running the restore.
     pub no_owner: bool,
     /// Create no device files or fifos (they are listed in
-    /// [`RestoreSummary::skipped`]) and drop setuid, setgid and sticky bits
-    /// from every mode.
+    /// [`RestoreSummary::skipped`]), drop setuid, setgid and sticky bits
+    /// from every mode, and restore no file capabilities
+    /// (`security.capability`).
     pub no_special: bool,
     /// Restore no extended attributes at all.
     pub no_xattrs: bool,
@@ -173,6 +174,10 @@ impl MetaPolicy {
     }
 
     fn wants_xattr(&self, name: &[u8]) -> bool {
+        // A file capability grants privileges as a set-id bit does.
+        if self.no_special && name == b"security.capability" {
+            return false;
+        }
         match self.xattrs {
             XattrPolicy::Skip => false,
             XattrPolicy::UserOnly => name.starts_with(b"user."),
@@ -1084,5 +1089,13 @@ mod tests {
         n.mode = 0o4755;
         assert_eq!(safe.mode(&n), 0o755);
         assert_eq!(root.mode(&n), 0o4755);
+        // A file capability is a privilege like a set-id bit.
+        let o = RestoreOptions {
+            no_special: true,
+            ..Default::default()
+        };
+        let special = MetaPolicy::new(&o, true);
+        assert!(!special.wants_xattr(b"security.capability"));
+        assert!(special.wants_xattr(b"security.selinux") && special.wants_xattr(b"user.a"));
     }
 }

@@ -121,6 +121,12 @@ impl S3Options {
                 .find('/')
                 .map(|i| i + scheme_end)
                 .ok_or_else(bad)?;
+            if rest[scheme_end..host_end].contains('@') {
+                // They would show in logs, `ps` and shell history.
+                return Err(Error::InvalidArgument(
+                    "credentials do not belong in the repository URL: use AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the agent's Secret)".into(),
+                ));
+            }
             o.endpoint = Some(rest[..host_end].to_string());
             rest[host_end + 1..].to_string()
         } else {
@@ -869,6 +875,12 @@ mod tests {
         );
         assert!(S3Options::from_url("s3:").is_err());
         assert!(S3Options::from_url("s3:https://host-only").is_err());
+        let err = S3Options::from_url("s3:http://AKID:s3cr3tvalue@127.0.0.1:9000/b")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("credentials do not belong"), "{err}");
+        assert!(!err.contains("s3cr3tvalue"), "{err}");
         Ok(())
     }
 
