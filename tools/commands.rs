@@ -275,6 +275,8 @@ fn snapshots(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
         "{:<10} {:<20} {:<30} {:<16} {:>10}",
         "ID", "Time", "Source", "Tags", "Size"
     );
+    // Sources and tags come from whoever wrote the snapshot.
+    let tty = std::io::stdout().is_terminal();
     for (id, s) in &snaps {
         println!(
             "{:<10} {:<20} {:<30} {:<16} {:>10}{}",
@@ -282,8 +284,8 @@ fn snapshots(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
             s.time
                 .with_timezone(&chrono::Local)
                 .format("%Y-%m-%d %H:%M:%S"),
-            s.source,
-            s.tags.join(","),
+            shown(&s.source, tty),
+            shown(&s.tags.join(","), tty),
             bytes(s.summary.bytes_total),
             if s.incomplete { " (incomplete)" } else { "" }
         );

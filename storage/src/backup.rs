@@ -98,6 +98,9 @@ struct Saver<'r> {
     /// Taken (and so closed) once all blobs are queued.
     upload_tx: Mutex<Option<Sender<PackBuilder>>>,
     pending_index: Mutex<Vec<(Id, Vec<PackEntry>)>>,
+    /// Index files this backup wrote, with the packs each lists: withdrawn
+    /// if the lease is lost (their packs may be gone).
+    written_index: Mutex<Vec<(String, Vec<Id>)>>,
     stats: Stats,
     progress: &'r Progress,
     abort: AtomicBool,
@@ -239,9 +242,32 @@ impl<'r> Saver<'r> {
         };
         if !batch.is_empty() {
             self.session.check_alive()?;
-            self.repo.write_index(&batch)?;
+            self.write_index(&batch)?;
         }
         Ok(())
+    }
+
+    fn write_index(&self, batch: &[(Id, Vec<PackEntry>)]) -> Result<()> {
+        let name = self.repo.write_index(batch)?;
+        let packs = batch.iter().map(|(p, _)| *p).collect();
+        crate::util::lock(&self.written_index).push((name, packs));
+        Ok(())
+    }
+
+    /// After the lease was lost: index files of this run that list a pack
+    /// that is gone are removed, so the repository stays consistent (packs
+    /// that remain are indexed again by the next backup's recovery).
+    fn withdraw_index(&self) {
+        let present: HashSet<String> = match self.repo.backend().list(FileKind::Pack) {
+            Ok(l) => l.into_iter().map(|(n, _)| n).collect(),
+            Err(_) => return,
+        };
+        for (name, packs) in crate::util::lock(&self.written_index).iter() {
+            if packs.iter().any(|p| !present.contains(&p.to_hex())) {
+                warn!(index = %name, "withdrawing an index file whose packs are gone");
+                let _ = self.repo.backend().remove(FileKind::Index, name);
+            }
+        }
     }
 }
 
@@ -355,6 +381,7 @@ pub fn backup(
         packer: Mutex::new(PackBuilder::with_capacity(pack_capacity)),
         upload_tx: Mutex::new(Some(upload_tx)),
         pending_index: Mutex::new(Vec::new()),
+        written_index: Mutex::new(Vec::new()),
         stats: Stats::default(),
         progress,
         abort: AtomicBool::new(false),
@@ -436,10 +463,16 @@ pub fn backup(
     // Index files for the remaining packs, then the snapshot: in this order,
     // so the snapshot never references a blob that no index lists. Nothing
     // more is indexed once the lease may have looked stale to maintenance.
-    session.check_alive()?;
+    let lost = |e: Error| {
+        if matches!(e, Error::LeaseLost { .. } | Error::PacksVanished { .. }) {
+            saver.withdraw_index();
+        }
+        e
+    };
+    session.check_present().map_err(lost)?;
     let rest = std::mem::take(&mut *crate::util::lock(&saver.pending_index));
     if !rest.is_empty() {
-        repo.write_index(&rest)?;
+        saver.write_index(&rest)?;
     }
     repo.index().flush()?;
 
@@ -455,8 +488,8 @@ pub fn backup(
     // referenced (possibly by dedup against now-hidden packs) is indexed.
     rescue_if_overlapping(repo, &root_parts, &session.name, &index_at_start)?;
     let used = std::mem::take(&mut *crate::util::lock(&saver.used_packs));
-    confirm_packs_exist(repo, &used)?;
-    session.check_alive()?;
+    confirm_packs_exist(repo, &used).map_err(lost)?;
+    session.check_present().map_err(lost)?;
     let snap = Snapshot {
         version: 1,
         time,
@@ -480,9 +513,9 @@ pub fn backup(
     // Stopped between the checks above and the write for longer than the
     // lease lives: a maintenance may have deleted what the snapshot needs
     // without seeing it. Withdraw it rather than leave it unrestorable.
-    if let Err(e) = session.check_alive() {
+    if let Err(e) = session.check_present() {
         let _ = repo.backend().remove(FileKind::Snapshot, &id.to_hex());
-        return Err(e);
+        return Err(lost(e));
     }
     // A plan made between the check above and the snapshot write could
     // not see the snapshot: check once more (maintenance also rescues

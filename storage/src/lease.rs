@@ -69,8 +69,10 @@ impl ProcessId {
     }
 
     /// True only when the holder provably no longer runs: same boot, same
-    /// PID namespace (whose `/proc` we see), and no process with that pid
-    /// and start time.
+    /// PID namespace, and either no process with that pid (the kernel says
+    /// so: `kill(pid, 0)` gives ESRCH, whatever `/proc` hides) or one that
+    /// started at another time (the pid was reused). A process `/proc`
+    /// does not show us (`hidepid`) is never taken for a dead one.
     pub fn provably_gone(&self) -> bool {
         let me = Self::current();
         if self.boot_id.is_empty()
@@ -78,16 +80,23 @@ impl ProcessId {
             || self.start_ticks == 0
             || self.boot_id != me.boot_id
             || self.pid_ns != me.pid_ns
-            || !proc_is_own_namespace()
         {
             return false;
         }
         if self.pid == me.pid {
             return self.start_ticks != me.start_ticks;
         }
-        match start_ticks(&self.pid.to_string()) {
-            Some(t) => t != self.start_ticks,
-            None => !std::path::Path::new(&format!("/proc/{}", self.pid)).exists(),
+        let Ok(pid) = i32::try_from(self.pid) else {
+            return false;
+        };
+        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+            Err(nix::errno::Errno::ESRCH) => true,
+            // Alive (or not ours to signal): gone only if it is another
+            // process under a reused pid, as far as `/proc` tells.
+            _ => {
+                proc_is_own_namespace()
+                    && start_ticks(&self.pid.to_string()).is_some_and(|t| t != self.start_ticks)
+            }
         }
     }
 }
@@ -273,9 +282,19 @@ impl Lease {
         }
     }
 
+    /// Like [`Lease::check_alive`], and the lease object must still be
+    /// there: another process that judged it stale (rightly or not) and
+    /// removed it may have deleted what this run wrote.
+    pub fn check_present(&self) -> Result<()> {
+        self.check_alive()?;
+        still_there(&*self.backend, &self.name, &self.health)?;
+        self.check_alive()
+    }
+
     /// Refreshes the lease now and returns the storage's time of that
     /// write, if the storage stamps objects: "now" by the storage's clock.
     pub fn storage_now(&self) -> Result<Option<DateTime<Utc>>> {
+        still_there(&*self.backend, &self.name, &self.health)?;
         let mut info = self.info.clone();
         info.refreshed = crate::util::now();
         info.expires = info.refreshed + chrono_dur(self.ttl);
@@ -321,6 +340,25 @@ fn record_ok(health: &Mutex<Health>, before: Duration, ttl: Duration) {
     }
 }
 
+/// Marks the lease lost when its object is gone: it is then never written
+/// again (that would hide the removal from this process).
+fn still_there(backend: &dyn Backend, name: &str, health: &Mutex<Health>) -> Result<()> {
+    match backend.size(FileKind::Lock, name) {
+        Ok(_) => Ok(()),
+        Err(Error::NotFound { .. }) => {
+            let mut h = crate::util::lock(health);
+            if h.lost.is_none() {
+                h.lost = Some("its object was removed by another process".into());
+            }
+            Err(Error::LeaseLost {
+                lease: name.to_string(),
+                reason: "its object was removed by another process".into(),
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn refresh_loop(
     backend: &dyn Backend,
     keys: &Keys,
@@ -338,6 +376,10 @@ fn refresh_loop(
             continue;
         }
         last_try = boottime();
+        if let Err(e @ Error::LeaseLost { .. }) = still_there(backend, name, health) {
+            warn!(lease = %name, error = %e, "lease gone; not refreshed");
+            continue;
+        }
         info.refreshed = crate::util::now();
         info.expires = info.refreshed + chrono_dur(ttl);
         match write(backend, keys, name, &info) {
@@ -374,6 +416,17 @@ pub struct Listed {
 }
 
 impl Listed {
+    /// When the lease was taken, by the storage's clock: the holder's own
+    /// `created` shifted by how far its clock was from the storage's at its
+    /// last write. Every reader computes the same value from the same
+    /// objects, so all agree on which lease is oldest.
+    pub fn created_by_storage(&self) -> DateTime<Utc> {
+        match self.modified {
+            Some(m) => self.info.created + (m - self.info.refreshed),
+            None => self.info.created,
+        }
+    }
+
     /// Stale: provably dead holder, or not refreshed for its TTL by the
     /// storage's clock (`storage_now`) — by the holders' clocks, with
     /// [`CLOCK_SKEW`], only where the storage gives no times.
@@ -522,6 +575,30 @@ mod tests {
             earlier.provably_gone(),
             me.start_ticks != earlier.start_ticks
         );
+    }
+
+    #[test]
+    fn liveness_comes_from_the_kernel_not_from_proc() {
+        let me = ProcessId::current();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        let live = ProcessId {
+            pid,
+            start_ticks: start_ticks(&pid.to_string()).unwrap_or(1),
+            ..me.clone()
+        };
+        assert!(!live.provably_gone(), "a running process is alive");
+        let reused = ProcessId {
+            start_ticks: live.start_ticks + 1,
+            ..live.clone()
+        };
+        assert!(reused.provably_gone(), "same pid, other start: reused");
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        assert!(live.provably_gone(), "reaped: the kernel says ESRCH");
     }
 
     #[test]

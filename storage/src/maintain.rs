@@ -248,16 +248,27 @@ fn take_maintenance_lease(
     // Plans carry this host's times; far off the storage's, every reader
     // would take them for replays and ignore them.
     lease::refuse_clock_skew(storage_now)?;
+    let rejected = still_first(repo, &lease, storage_now)?;
+    report.ignored.extend(describe(&rejected));
+    Ok((lease, storage_now))
+}
+
+/// Fails unless `lease` is the oldest live maintenance lease (by the
+/// storage's clock). Checked at the start and again before anything is
+/// deleted, so a run that lost the race backs off before it does harm.
+fn still_first(
+    repo: &Repository,
+    lease: &Lease,
+    storage_now: Option<DateTime<Utc>>,
+) -> Result<Vec<(String, String)>> {
     let scan = lease::scan(&**repo.backend(), repo.keys(), LeaseKind::Maintenance)?;
-    report.ignored.extend(describe(&scan.rejected));
     let winner = scan
         .leases
         .into_iter()
         .filter(|l| !l.stale(storage_now))
         .min_by(|a, b| {
-            a.info
-                .created
-                .cmp(&b.info.created)
+            a.created_by_storage()
+                .cmp(&b.created_by_storage())
                 .then(a.name.cmp(&b.name))
         });
     match winner {
@@ -267,7 +278,7 @@ fn take_maintenance_lease(
                 l.info.hostname, l.info.process.pid, l.info.created
             ),
         }),
-        _ => Ok((lease, storage_now)),
+        _ => Ok(scan.rejected),
     }
 }
 
@@ -432,7 +443,15 @@ pub(crate) fn mark(repo: &Repository, report: &mut MaintainReport) -> Result<Mar
                     NodeKind::File if node.indirect => {
                         for list in &node.content {
                             if marks.trees.insert(*list) {
-                                for c in tree::decode_chunk_list(list, &repo.load_blob(list)?)? {
+                                // Like trees, a chunk list only a planned
+                                // pack holds is rescued, not fatal.
+                                let raw = match repo.load_blob(list) {
+                                    Err(Error::BlobNotFound { id }) if rescue_blob(repo, &id)? => {
+                                        repo.load_blob(list)?
+                                    }
+                                    other => other?,
+                                };
+                                for c in tree::decode_chunk_list(list, &raw)? {
                                     marks.data.insert(prefix(&c));
                                 }
                             }
@@ -463,6 +482,7 @@ fn full(
     // The mark phase can take long: take "now" from the storage afresh.
     let storage_now = lease.storage_now()?;
     lease.check_alive()?;
+    still_first(repo, lease, storage_now)?;
     execute_plans(repo, opts, &marks, storage_now, report)?;
     repo.sync_index()?;
 

@@ -111,22 +111,30 @@ impl S3Options {
         let bad = || {
             Error::InvalidArgument(format!("invalid S3 repository {url:?}: use s3:https://endpoint/bucket/prefix or s3://bucket/prefix"))
         };
+        // Credentials never belong in the URL (they would reach logs, `ps`,
+        // shell history, and as a "bucket name" a third party): refuse any
+        // `@` without echoing the URL.
+        if url.contains('@') {
+            return Err(Error::InvalidArgument(
+                "credentials do not belong in the repository URL: use AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the agent's Secret)".into(),
+            ));
+        }
         let rest = url.strip_prefix("s3:").ok_or_else(bad)?;
         let mut o = S3Options::default();
         let path = if let Some(r) = rest.strip_prefix("//") {
             r.to_string()
-        } else if rest.starts_with("http://") || rest.starts_with("https://") {
+        } else if rest
+            .get(..7)
+            .is_some_and(|s| s.eq_ignore_ascii_case("http://"))
+            || rest
+                .get(..8)
+                .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+        {
             let scheme_end = rest.find("://").ok_or_else(bad)? + 3;
             let host_end = rest[scheme_end..]
                 .find('/')
                 .map(|i| i + scheme_end)
                 .ok_or_else(bad)?;
-            if rest[scheme_end..host_end].contains('@') {
-                // They would show in logs, `ps` and shell history.
-                return Err(Error::InvalidArgument(
-                    "credentials do not belong in the repository URL: use AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the agent's Secret)".into(),
-                ));
-            }
             o.endpoint = Some(rest[..host_end].to_string());
             rest[host_end + 1..].to_string()
         } else {
@@ -875,12 +883,18 @@ mod tests {
         );
         assert!(S3Options::from_url("s3:").is_err());
         assert!(S3Options::from_url("s3:https://host-only").is_err());
-        let err = S3Options::from_url("s3:http://AKID:s3cr3tvalue@127.0.0.1:9000/b")
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(err.contains("credentials do not belong"), "{err}");
-        assert!(!err.contains("s3cr3tvalue"), "{err}");
+        for url in [
+            "s3:http://AKID:s3cr3tvalue@127.0.0.1:9000/b",
+            "s3:HTTP://AKID:s3cr3tvalue@127.0.0.1:9000/b",
+            "s3://AKID:s3cr3tvalue@127.0.0.1/b",
+        ] {
+            let err = S3Options::from_url(url)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("credentials do not belong"), "{url}: {err}");
+            assert!(!err.contains("s3cr3tvalue"), "{err}");
+        }
         Ok(())
     }
 
