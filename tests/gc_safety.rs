@@ -227,6 +227,26 @@ fn a_clock_far_off_the_storage_stops_the_backup_with_a_clear_error() {
     assert!(err.contains("clock") && err.contains("NTP"), "{err}");
 }
 
+/// Someone removes the session lease of a paused backup (a writer without
+/// the key, or a maintenance that cannot see the holder): the backup must
+/// notice, fail, and leave no index file pointing at deleted packs.
+#[test]
+fn a_backup_whose_lease_was_removed_fails_and_leaves_a_consistent_repository() {
+    let env = Env::new();
+    env.ok(&["init", "--pack-size-mib", "1"]);
+    let src = big_source(&env, "src", 12, 31);
+    let child = start_and_stop_backup(&env, &src, &[]);
+    for e in fs::read_dir(env.repo.join("locks")).unwrap() {
+        fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    maintain(&env, false, 0);
+    let second = maintain(&env, false, 0);
+    assert!(second["packs_deleted"].as_u64().unwrap() > 0, "{second}");
+    let out = resume(child);
+    assert_eq!(judge(&env, &src, &out, "lease removed"), Outcome::Failed);
+    assert!(env.json(&["snapshots"]).as_array().unwrap().is_empty());
+}
+
 #[test]
 fn a_maintenance_with_a_clock_far_off_refuses_to_run() {
     let env = Env::new();
