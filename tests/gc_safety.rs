@@ -210,21 +210,27 @@ fn clocks_ten_minutes_apart_change_nothing() {
     }
 }
 
+/// Runs marmoset with its clock shifted by `offset` seconds; it must fail
+/// and say why.
+fn refused_for_its_clock(env: &Env, offset: &str, args: &[&str]) {
+    let out = env
+        .cmd()
+        .env("MARMOSET_CLOCK_OFFSET_SECS", offset)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} with clock offset {offset}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("clock") && err.contains("NTP"), "{err}");
+}
+
 #[test]
 fn a_clock_far_off_the_storage_stops_the_backup_with_a_clear_error() {
     let env = Env::new();
     env.init();
     let src = env.path("src");
     random_tree(&src, 1, 5);
-    let out = env
-        .cmd()
-        .env("MARMOSET_CLOCK_OFFSET_SECS", "7200")
-        .args(["backup", src.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("clock") && err.contains("NTP"), "{err}");
+    refused_for_its_clock(&env, "7200", &["backup", src.to_str().unwrap()]);
 }
 
 /// Someone removes the session lease of a paused backup (a writer without
@@ -251,15 +257,7 @@ fn a_backup_whose_lease_was_removed_fails_and_leaves_a_consistent_repository() {
 fn a_maintenance_with_a_clock_far_off_refuses_to_run() {
     let env = Env::new();
     env.init();
-    let out = env
-        .cmd()
-        .env("MARMOSET_CLOCK_OFFSET_SECS", "2400")
-        .args(["maintain", "--full"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("clock") && err.contains("NTP"), "{err}");
+    refused_for_its_clock(&env, "2400", &["maintain", "--full"]);
 }
 
 /// Index files vanish under a running backup (whoever removed them, and

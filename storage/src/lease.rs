@@ -314,6 +314,10 @@ impl Lease {
 /// the TTL minus a margin (a lost lease never becomes good again).
 fn judge(h: &mut Health, ttl: Duration) {
     let gap = boottime().saturating_sub(h.last_ok);
+    lose_after(h, gap, ttl);
+}
+
+fn lose_after(h: &mut Health, gap: Duration, ttl: Duration) {
     if h.lost.is_none() && gap + holder_margin(ttl) >= ttl {
         h.lost = Some(format!(
             "not refreshed for {}s (TTL {}s): the process was stopped or the storage unreachable",
@@ -328,13 +332,7 @@ fn record_ok(health: &Mutex<Health>, before: Duration, ttl: Duration) {
     // Judge the gap before accepting the new write: a write after a long
     // pause does not undo the pause.
     let gap = before.saturating_sub(h.last_ok);
-    if h.lost.is_none() && gap + holder_margin(ttl) >= ttl {
-        h.lost = Some(format!(
-            "not refreshed for {}s (TTL {}s): the process was stopped or the storage unreachable",
-            gap.as_secs(),
-            ttl.as_secs()
-        ));
-    }
+    lose_after(&mut h, gap, ttl);
     if before > h.last_ok {
         h.last_ok = before;
     }
