@@ -344,11 +344,13 @@ pub fn backup(
     )?;
     crate::lease::refuse_clock_skew(session.storage_now()?)?;
     repo.sync_index()?;
-    let recovered = repo.recover_unindexed_packs()?;
+    // One listing serves both: recovery adds no pack.
+    let packs = repo.backend().list(FileKind::Pack)?;
+    let recovered = repo.recover_unindexed_packs(&packs)?;
     if recovered > 0 {
         debug!(recovered, "reusing packs of an interrupted backup");
     }
-    let missing_packs = missing_packs(repo)?;
+    let missing_packs = missing_packs(repo, &packs)?;
     let index_at_start = index_names(repo)?;
     let parent = repo
         .snapshots()?
@@ -525,13 +527,12 @@ pub fn backup(
     Ok((id, snap))
 }
 
-/// Packs the index cache knows that the storage does not hold.
-fn missing_packs(repo: &Repository) -> Result<HashSet<[u8; 32]>> {
-    let present: HashSet<[u8; 32]> = repo
-        .backend()
-        .list(FileKind::Pack)?
-        .into_iter()
-        .filter_map(|(n, _)| Id::from_hex(&n).map(|i| i.0))
+/// Packs the index cache knows that the storage (listed in `packs`) does
+/// not hold.
+fn missing_packs(repo: &Repository, packs: &[(String, u64)]) -> Result<HashSet<[u8; 32]>> {
+    let present: HashSet<[u8; 32]> = packs
+        .iter()
+        .filter_map(|(n, _)| Id::from_hex(n).map(|i| i.0))
         .collect();
     let missing: HashSet<[u8; 32]> = repo
         .index()

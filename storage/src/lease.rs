@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
@@ -186,17 +187,102 @@ fn boottime() -> Duration {
         .unwrap_or_default()
 }
 
-fn label(name: &str) -> String {
-    format!("lock {name}")
+// ---- coordination objects: leases and plans ----
+//
+// Both are JSON sealed with the repository key under the label
+// "<kind> <name>", so they cannot be forged, altered or moved to another
+// name, and both are read the same way: authenticated, checked, or ignored
+// and reported.
+
+/// Writes `value` as a sealed coordination object (`lock` or `plan`).
+pub(crate) fn write_sealed<T: Serialize>(
+    backend: &dyn Backend,
+    keys: &Keys,
+    kind: FileKind,
+    name: &str,
+    value: &T,
+) -> Result<()> {
+    let json =
+        serde_json::to_vec(value).map_err(|e| Error::corrupt(kind.to_string(), e.to_string()))?;
+    let sealed = crate::format::seal_file(keys, &format!("{kind} {name}"), &json);
+    backend.write(kind, name, &sealed)
+}
+
+/// Opens one sealed coordination object; the error says why it is not
+/// to be trusted.
+fn open_sealed<T: DeserializeOwned>(
+    keys: &Keys,
+    kind: FileKind,
+    name: &str,
+    raw: &[u8],
+) -> std::result::Result<T, String> {
+    let plain = crate::format::open_file(keys, &format!("{kind} {name}"), name, raw)
+        .map_err(|_| "not authenticated by the repository key (forged or damaged)".to_string())?;
+    serde_json::from_slice(&plain).map_err(|e| format!("unreadable: {e}"))
+}
+
+/// Objects ignored, with why: (name, reason).
+pub(crate) type Rejected = Vec<(String, String)>;
+
+/// A coordination object that authenticated and passed its checks.
+pub(crate) struct Found<T> {
+    pub name: String,
+    pub value: T,
+    /// The storage's last-modified time of the object, if it gives one.
+    pub modified: Option<DateTime<Utc>>,
+}
+
+/// Reads every object of `kind` whose name starts with `prefix`: those
+/// that authenticate and pass `check`, and the others with why (logged).
+pub(crate) fn scan_sealed<T: DeserializeOwned>(
+    backend: &dyn Backend,
+    keys: &Keys,
+    kind: FileKind,
+    prefix: &str,
+    check: impl Fn(T, Option<DateTime<Utc>>) -> std::result::Result<T, String>,
+) -> Result<(Vec<Found<T>>, Rejected)> {
+    let (mut found, mut rejected) = (Vec::new(), Vec::new());
+    for obj in backend.list_info(kind)? {
+        if !obj.name.starts_with(prefix) {
+            continue;
+        }
+        let raw = match backend.read(kind, &obj.name) {
+            Ok(r) => r,
+            // Removed between list and read: its owner finished.
+            Err(Error::NotFound { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        match open_sealed(keys, kind, &obj.name, &raw).and_then(|v| check(v, obj.modified)) {
+            Ok(value) => found.push(Found {
+                name: obj.name,
+                value,
+                modified: obj.modified,
+            }),
+            Err(why) => {
+                warn!(object = %format!("{kind} {}", obj.name), reason = %why, "ignored");
+                rejected.push((obj.name, why));
+            }
+        }
+    }
+    Ok((found, rejected))
+}
+
+/// Why an object written at `written` (its writer's clock) but stamped
+/// `modified` by the storage is taken for an old one copied back.
+pub(crate) fn replayed(
+    written: DateTime<Utc>,
+    modified: Option<DateTime<Utc>>,
+) -> std::result::Result<(), String> {
+    match modified {
+        Some(m) if (m - written).abs() > MAX_CLOCK_SKEW => Err(format!(
+            "written at {written} but stored at {m}: an old object copied back"
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn write(backend: &dyn Backend, keys: &Keys, name: &str, info: &LeaseInfo) -> Result<()> {
-    let json = serde_json::to_vec(info).map_err(|e| Error::corrupt("lease", e.to_string()))?;
-    backend.write(
-        FileKind::Lock,
-        name,
-        &crate::format::seal_file(keys, &label(name), &json),
-    )
+    write_sealed(backend, keys, FileKind::Lock, name, info)
 }
 
 /// What the holder knows about its own lease's continuity.
@@ -452,36 +538,16 @@ pub struct Scan {
 /// TTL, or a time far from the storage's stamp: an old lease copied back)
 /// are ignored and reported, so they can neither block nor fake anything.
 pub fn scan(backend: &dyn Backend, keys: &Keys, kind: LeaseKind) -> Result<Scan> {
-    let mut out = Scan::default();
-    for obj in backend.list_info(FileKind::Lock)? {
-        if !obj.name.starts_with(prefix(kind)) {
-            continue;
-        }
-        let raw = match backend.read(FileKind::Lock, &obj.name) {
-            Ok(r) => r,
-            // Removed between list and read: its owner finished.
-            Err(Error::NotFound { .. }) => continue,
-            Err(e) => return Err(e),
-        };
-        match authentic(keys, &obj.name, &raw).and_then(|i| plausible(i, obj.modified)) {
-            Ok(info) => out.leases.push(Listed {
-                name: obj.name,
-                info,
-                modified: obj.modified,
-            }),
-            Err(why) => {
-                warn!(lease = %obj.name, reason = %why, "lease ignored");
-                out.rejected.push((obj.name, why));
-            }
-        }
-    }
-    Ok(out)
-}
-
-fn authentic(keys: &Keys, name: &str, raw: &[u8]) -> std::result::Result<LeaseInfo, String> {
-    let plain = crate::format::open_file(keys, &label(name), name, raw)
-        .map_err(|_| "not authenticated by the repository key (forged or damaged)".to_string())?;
-    serde_json::from_slice(&plain).map_err(|e| format!("unreadable: {e}"))
+    let (found, rejected) = scan_sealed(backend, keys, FileKind::Lock, prefix(kind), plausible)?;
+    let leases = found
+        .into_iter()
+        .map(|f| Listed {
+            name: f.name,
+            info: f.value,
+            modified: f.modified,
+        })
+        .collect();
+    Ok(Scan { leases, rejected })
 }
 
 fn plausible(
@@ -494,15 +560,7 @@ fn plausible(
     {
         return Err(format!("implausible expiry {}", info.expires));
     }
-    if let Some(m) = modified {
-        let skew = (m - info.refreshed).abs();
-        if skew > MAX_CLOCK_SKEW {
-            return Err(format!(
-                "refreshed at {} but stored at {}: a replayed lease",
-                info.refreshed, m
-            ));
-        }
-    }
+    replayed(info.refreshed, modified)?;
     Ok(info)
 }
 
@@ -632,12 +690,15 @@ mod tests {
             description: String::new(),
         };
         let json = serde_json::to_vec(&info).unwrap_or_default();
-        let sealed = crate::format::seal_file(&keys, &label("session-a"), &json);
-        assert!(authentic(&keys, "session-a", &sealed).is_ok());
+        let sealed = crate::format::seal_file(&keys, "lock session-a", &json);
+        let open = |k: &Keys, name: &str, raw: &[u8]| {
+            open_sealed::<LeaseInfo>(k, FileKind::Lock, name, raw)
+        };
+        assert!(open(&keys, "session-a", &sealed).is_ok());
         // Moved under another name, or plaintext without the key.
-        assert!(authentic(&keys, "session-b", &sealed).is_err());
-        assert!(authentic(&keys, "session-a", &json).is_err());
-        assert!(authentic(&Keys::generate(), "session-a", &sealed).is_err());
+        assert!(open(&keys, "session-b", &sealed).is_err());
+        assert!(open(&keys, "session-a", &json).is_err());
+        assert!(open(&Keys::generate(), "session-a", &sealed).is_err());
         // Far expiry.
         let far = LeaseInfo {
             expires: now + chrono::Duration::days(365),

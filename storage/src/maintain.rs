@@ -132,54 +132,29 @@ pub(crate) struct PlanScan {
     pub rejected: Vec<(String, String)>,
 }
 
-fn plan_label(name: &str) -> String {
-    format!("plan {name}")
-}
-
 /// Reads every plan. A plan that does not authenticate (written without
 /// the key) or whose times are far from the storage's stamp (an old plan
 /// copied back) is ignored: its packs stay, and are judged afresh.
 pub(crate) fn scan_plans(repo: &Repository) -> Result<PlanScan> {
-    let mut out = PlanScan::default();
-    for obj in repo.backend().list_info(FileKind::Plan)? {
-        let raw = match repo.backend().read(FileKind::Plan, &obj.name) {
-            Ok(r) => r,
-            Err(Error::NotFound { .. }) => continue,
-            Err(e) => return Err(e),
-        };
-        match open_plan(repo, &obj.name, &raw, obj.modified) {
-            Ok(plan) => out.plans.push(ListedPlan {
-                name: obj.name,
-                plan,
-                modified: obj.modified,
-            }),
-            Err(why) => {
-                warn!(plan = %obj.name, reason = %why, "plan ignored");
-                out.rejected.push((obj.name, why));
-            }
-        }
-    }
-    Ok(out)
-}
-
-fn open_plan(
-    repo: &Repository,
-    name: &str,
-    raw: &[u8],
-    modified: Option<DateTime<Utc>>,
-) -> std::result::Result<Plan, String> {
-    let plain = crate::format::open_file(repo.keys(), &plan_label(name), name, raw)
-        .map_err(|_| "not authenticated by the repository key (forged or damaged)".to_string())?;
-    let plan: Plan = serde_json::from_slice(&plain).map_err(|e| format!("unreadable: {e}"))?;
-    let written = plan.hidden_at.unwrap_or(plan.created);
-    if let Some(m) = modified {
-        if (m - written).abs() > lease::MAX_CLOCK_SKEW {
-            return Err(format!(
-                "written at {written} but stored at {m}: a replayed plan"
-            ));
-        }
-    }
-    Ok(plan)
+    let (found, rejected) = lease::scan_sealed(
+        &**repo.backend(),
+        repo.keys(),
+        FileKind::Plan,
+        "",
+        |plan: Plan, modified| {
+            lease::replayed(plan.hidden_at.unwrap_or(plan.created), modified)?;
+            Ok(plan)
+        },
+    )?;
+    let plans = found
+        .into_iter()
+        .map(|f| ListedPlan {
+            name: f.name,
+            plan: f.value,
+            modified: f.modified,
+        })
+        .collect();
+    Ok(PlanScan { plans, rejected })
 }
 
 /// Names of all packs in any genuine plan: backups must never re-index them.
@@ -201,12 +176,7 @@ pub(crate) fn plans_overlap(repo: &Repository, lease: &str) -> Result<bool> {
 }
 
 fn write_plan(repo: &Repository, name: &str, plan: &Plan) -> Result<()> {
-    let json = serde_json::to_vec(plan).map_err(|e| Error::corrupt("plan", e.to_string()))?;
-    repo.backend().write(
-        FileKind::Plan,
-        name,
-        &crate::format::seal_file(repo.keys(), &plan_label(name), &json),
-    )
+    lease::write_sealed(&**repo.backend(), repo.keys(), FileKind::Plan, name, plan)
 }
 
 /// Age of a plan's last write: by the storage's clock when it stamps

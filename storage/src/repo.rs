@@ -388,19 +388,20 @@ impl Repository {
     /// planned for deletion by maintenance are never re-indexed, and if this
     /// machine's cache knows blobs of packs that stay unindexed, the blob
     /// cache is rebuilt so no backup dedups against them.
+    /// `packs` is a fresh listing of the repository's packs.
     /// Returns how many packs were recovered.
-    pub fn recover_unindexed_packs(&self) -> Result<usize> {
+    pub fn recover_unindexed_packs(&self, packs: &[(String, u64)]) -> Result<usize> {
         let known: std::collections::HashSet<[u8; 32]> = self.index.packs()?.into_iter().collect();
         let planned = crate::maintain::planned_packs(self)?;
         let mut found = Vec::new();
-        for (name, size) in self.backend.list(FileKind::Pack)? {
-            let Some(id) = Id::from_hex(&name) else {
+        for (name, size) in packs {
+            let Some(id) = Id::from_hex(name) else {
                 continue;
             };
-            if known.contains(&id.0) || planned.contains(&name) {
+            if known.contains(&id.0) || planned.contains(name) {
                 continue;
             }
-            match self.verified_pack_entries(&id, size) {
+            match self.verified_pack_entries(&id, *size) {
                 Ok(entries) if entries.is_empty() => {}
                 Ok(entries) => found.push((id, entries)),
                 Err(e) => warn!(pack = %name, error = %e, "unindexed pack not trusted; ignored"),

@@ -260,12 +260,18 @@ impl DeleteBackend for FsBackend {
 mod tests {
     use super::*;
 
-    #[test]
-    fn fs_backend_passes_conformance() -> Result<()> {
-        let dir = std::env::temp_dir().join(format!("mrm-fs-conf-{}", std::process::id()));
+    /// A fresh, created backend in its own temporary folder.
+    fn fresh(tag: &str) -> Result<(PathBuf, FsBackend)> {
+        let dir = std::env::temp_dir().join(format!("mrm-fs-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let b = FsBackend::new(&dir);
         b.create()?;
+        Ok((dir, b))
+    }
+
+    #[test]
+    fn fs_backend_passes_conformance() -> Result<()> {
+        let (dir, b) = fresh("conf")?;
         super::super::conformance::run_all(&b)?;
         let _ = fs::remove_dir_all(&dir);
         Ok(())
@@ -273,10 +279,7 @@ mod tests {
 
     #[test]
     fn a_missing_kind_folder_lists_empty_and_is_created_on_write() -> Result<()> {
-        let dir = std::env::temp_dir().join(format!("mrm-fs-old-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let b = FsBackend::new(&dir);
-        b.create()?;
+        let (dir, b) = fresh("old")?;
         fs::remove_dir_all(dir.join("plans")).map_err(|e| Error::io(&dir, e))?;
         assert!(b.list(FileKind::Plan)?.is_empty());
         b.write(FileKind::Plan, "p1", b"{}")?;
@@ -288,10 +291,7 @@ mod tests {
     #[test]
     fn objects_are_private_and_listed_with_their_times() -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("mrm-fs-mode-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let b = FsBackend::new(&dir);
-        b.create()?;
+        let (dir, b) = fresh("mode")?;
         let before = chrono::Utc::now() - chrono::Duration::seconds(5);
         b.write(FileKind::Key, "k1", b"{}")?;
         let mode = |p: &Path| -> Result<u32> {
@@ -314,10 +314,7 @@ mod tests {
 
     #[test]
     fn an_overflowing_range_is_corrupt_not_a_panic() -> Result<()> {
-        let dir = std::env::temp_dir().join(format!("mrm-fs-range-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let b = FsBackend::new(&dir);
-        b.create()?;
+        let (dir, b) = fresh("range")?;
         b.write(FileKind::Pack, "aa01", b"0123456789")?;
         assert!(matches!(
             b.read_range(FileKind::Pack, "aa01", u64::MAX - 1, 10),
