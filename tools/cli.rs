@@ -58,6 +58,9 @@ pub struct Global {
     /// Limit upload bandwidth, in KiB/s.
     #[arg(long, env = "MARMOSET_LIMIT_UPLOAD", global = true)]
     pub limit_upload: Option<u64>,
+    /// Limit download bandwidth, in KiB/s.
+    #[arg(long, env = "MARMOSET_LIMIT_DOWNLOAD", global = true)]
+    pub limit_download: Option<u64>,
     /// Machine-readable JSON on stdout instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -388,4 +391,13 @@ pub struct AgentArgs {
     /// Print the volumes this node would back up, and why others are skipped.
     #[arg(long)]
     pub plan: bool,
+}
+
+/// Splits a `SNAP[:path]` argument (`ls`, `restore`, `cat tree`) into the
+/// snapshot spec and the path, which is empty when not given.
+pub fn split_target(t: &str) -> (&str, &str) {
+    match t.split_once(':') {
+        Some((s, p)) => (s, p),
+        None => (t, ""),
+    }
 }

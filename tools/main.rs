@@ -5,10 +5,11 @@
 //! source files unreadable) or restore with damaged files, 10 repository not
 //! found, 11 repository format too new, 12 wrong password.
 
-mod agent;
 mod cli;
 mod commands;
+mod output;
 mod progress;
+mod repo_open;
 mod terminal;
 
 use std::process::ExitCode;
@@ -47,7 +48,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     match err.downcast_ref::<StorageError>() {
         Some(StorageError::RepositoryNotFound { .. }) => 10,
         Some(StorageError::UnsupportedVersion { .. }) => 11,
-        Some(StorageError::WrongPassword) => 12,
+        Some(StorageError::WrongPassword | StorageError::NoUsableKey { .. }) => 12,
         _ => 1,
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::schedule::Schedule;
+use crate::schedule::{Schedule, ScheduleConfig};
 
 /// Namespaces the seed cluster protects (backup-strategy.md).
 pub const SEED_NAMESPACES: &[&str] = &[
@@ -66,16 +66,6 @@ pub struct AgentConfig {
     /// Local state (last completed runs), on a hostPath so restarts resume.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ScheduleConfig {
-    pub name: String,
-    /// Five-field cron expression, evaluated in UTC.
-    pub cron: String,
-    /// Snapshots of this schedule are kept this long (`168h`, `30d`).
-    pub keep: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,16 +156,12 @@ mod humantime_secs {
     }
 }
 
-/// Parses `30s`, `5m`, `168h`, `30d`, `1d12h` (the repository's duration
-/// syntax, plus seconds).
+/// A span such as `30s`, `5m`, `168h`, `30d` or `1d12h` as a
+/// `std::time::Duration`. The parsing is `marmoset_storage::parse_duration`,
+/// the one parser the CLI uses too, so both accept the same spellings and
+/// refuse the same mistakes (zero, out-of-range values).
 pub fn parse_span(s: &str) -> std::result::Result<Duration, String> {
-    let t = s.trim();
-    if let Some(secs) = t.strip_suffix('s') {
-        if let Ok(n) = secs.parse::<u64>() {
-            return Ok(Duration::from_secs(n));
-        }
-    }
-    let d = marmoset_storage::parse_duration(t).map_err(|e| e.to_string())?;
+    let d = marmoset_storage::parse_duration(s).map_err(|e| e.to_string())?;
     d.to_std()
         .map_err(|_| format!("duration {s:?} must not be negative"))
 }

@@ -5,9 +5,21 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use croner::Cron;
+use serde::Deserialize;
 
-use crate::config::ScheduleConfig;
 use crate::error::{Error, Result};
+
+/// One entry of the agent config's `schedules:` list, as written.
+/// [`Schedule::from_config`] validates it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScheduleConfig {
+    pub name: String,
+    /// Five-field cron expression, evaluated in UTC.
+    pub cron: String,
+    /// Snapshots of this schedule are kept this long (`168h`, `30d`).
+    pub keep: String,
+}
 
 #[derive(Debug, Clone)]
 pub struct Schedule {

@@ -474,13 +474,11 @@ fn file_type(kind: NodeKind) -> FileType {
 }
 
 fn nix_uid() -> u32 {
-    // SAFETY: getuid/getgid cannot fail and have no preconditions.
-    unsafe { libc::getuid() }
+    nix::unistd::getuid().as_raw()
 }
 
 fn nix_gid() -> u32 {
-    // SAFETY: as above.
-    unsafe { libc::getgid() }
+    nix::unistd::getgid().as_raw()
 }
 
 impl Filesystem for MarmosetFs {

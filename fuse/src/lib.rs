@@ -10,9 +10,9 @@
 //! Design trade-off: file reads map offset → chunk with a binary search over
 //! chunk start offsets computed at `open`, and every chunk is authenticated
 //! before its bytes are returned, so a damaged blob yields EIO for the
-//! reads that touch it, never wrong bytes. The workspace denies `unsafe`;
-//! this crate allows it for `getuid`/`getgid` only (the CLI has one other
-//! documented exception, a `mallopt` call at start-up).
+//! reads that touch it, never wrong bytes. Like the rest of the workspace
+//! this crate has no `unsafe` code: the owner ids come from `nix`'s safe
+//! `getuid`/`getgid`.
 
 mod cache;
 mod fs;

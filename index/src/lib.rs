@@ -12,12 +12,22 @@
 //! files (or from pack trailers). Values are small fixed-layout records so a
 //! lookup costs one RocksDB point read and no allocation beyond the value.
 //!
+//! One handle at a time per directory: `open` holds an `flock` on
+//! `marmoset.lock` inside it, so a second opener (another process, or this
+//! one) gets [`IndexError::Locked`] and the storage engine works from a
+//! private temporary cache (so does RocksDB's own lock held by a process
+//! that predates the `flock`). Any other failure to open means the cache is
+//! damaged: `open` destroys it and recreates it empty at the same path.
+//!
 //! Design trade-off: RocksDB keeps memory bounded for repositories with
 //! millions of blobs (an in-memory hash map would need ~100 bytes per blob),
 //! at the price of a C++ dependency and a directory per repository.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, DB};
 
 /// Errors of the index cache. The cache can always be rebuilt, so callers
@@ -161,43 +171,146 @@ fn create_private_dir(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The file inside the cache directory that marmoset `flock`s for as long
+/// as a handle is open. RocksDB ignores files it does not know, and keeping
+/// it inside the directory means removing the directory removes it too.
+const LOCK_FILE: &str = "marmoset.lock";
+
+/// What a failed RocksDB open means for the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpenFailure {
+    /// RocksDB's own `LOCK` file is held: a process that does not take our
+    /// `flock` (a marmoset from before it did) has the database open. Its
+    /// files must not be touched.
+    Busy,
+    /// Anything else: the cache is damaged (corruption, checksum mismatch,
+    /// bad `CURRENT` or manifest, missing files) and is rebuilt empty.
+    Damaged,
+}
+
+/// Classifies a RocksDB open error by its kind and by the one file a lock
+/// conflict names, never by words that damage reports can contain too
+/// ("block checksum mismatch" contains "lock"; so can any path).
+///
+/// RocksDB reports a held lock as an `IOError` naming `<db>/LOCK`
+/// ("While lock file: <db>/LOCK: ..." or "lock hold by current process
+/// ...: <db>/LOCK: ..."). Failing to open that file at all is classified
+/// the same way: the harmless side, as "busy" only costs a private cache.
+fn classify_open_error(kind: rocksdb::ErrorKind, message: &str, db: &Path) -> OpenFailure {
+    let rocksdb_lock = format!("{}/LOCK:", db.display());
+    if kind == rocksdb::ErrorKind::IOError && message.contains(rocksdb_lock.as_str()) {
+        OpenFailure::Busy
+    } else {
+        OpenFailure::Damaged
+    }
+}
+
+/// Holds the cache directory's `flock` (exclusive, non-blocking).
+/// `Ok(None)` when the file system does not support `flock`: RocksDB's own
+/// lock still keeps a second process out, and [`classify_open_error`]
+/// still tells that apart from damage.
+fn take_lock(dir: &Path) -> Result<Option<Flock<File>>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|source| IndexError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, errno)) if errno == Errno::EWOULDBLOCK => Err(IndexError::Locked {
+            path: dir.to_owned(),
+        }),
+        Err(_) => Ok(None),
+    }
+}
+
+fn db_options() -> Options {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    // Bounded memory: a small memtable and few background jobs; the cache
+    // is on the backup's hot path but never large per operation.
+    opts.set_write_buffer_size(8 << 20);
+    opts.set_max_background_jobs(2);
+    opts.set_keep_log_file_num(2);
+    opts
+}
+
+fn open_db(opts: &Options, path: &Path) -> std::result::Result<DB, rocksdb::Error> {
+    let cfs = ALL_CFS
+        .into_iter()
+        .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    DB::open_cf_descriptors(opts, path, cfs)
+}
+
+/// `Locked` when the error is RocksDB's lock held by someone else, `Db`
+/// (damaged) otherwise.
+fn open_error(path: &Path, source: rocksdb::Error) -> IndexError {
+    let failure = classify_open_error(source.kind(), source.as_ref(), path);
+    match failure {
+        OpenFailure::Busy => IndexError::Locked {
+            path: path.to_owned(),
+        },
+        OpenFailure::Damaged => IndexError::Db {
+            path: path.to_owned(),
+            source,
+        },
+    }
+}
+
 /// The RocksDB-backed cache for one repository.
 pub struct IndexCache {
+    // Field order matters: the database closes before the lock is released.
     db: DB,
     path: PathBuf,
+    rebuilt: Option<String>,
+    _lock: Option<Flock<File>>,
 }
 
 impl IndexCache {
     /// Opens (or creates) the cache directory `path`, private to its owner.
+    ///
+    /// Fails with [`IndexError::Locked`] only when another handle (in this
+    /// or another process, or an older marmoset holding RocksDB's lock) has
+    /// the cache open; callers then work from a private cache. A damaged
+    /// cache is destroyed and recreated empty here, at the same path
+    /// ([`IndexCache::rebuilt`] says why), and the caller refills it from
+    /// the repository as it would a new one.
     pub fn open(path: &Path) -> Result<Self> {
         create_private_dir(path)?;
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.create_missing_column_families(true);
-        // Bounded memory: a small memtable and few background jobs; the cache
-        // is on the backup's hot path but never large per operation.
-        opts.set_write_buffer_size(8 << 20);
-        opts.set_max_background_jobs(2);
-        opts.set_keep_log_file_num(2);
-        let cfs = ALL_CFS
-            .into_iter()
-            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
-        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| {
-            if source.to_string().contains("lock") {
-                IndexError::Locked {
-                    path: path.to_owned(),
-                }
-            } else {
-                IndexError::Db {
-                    path: path.to_owned(),
-                    source,
-                }
+        let lock = take_lock(path)?;
+        let opts = db_options();
+        let (db, rebuilt) = match open_db(&opts, path).map_err(|e| open_error(path, e)) {
+            Ok(db) => (db, None),
+            Err(IndexError::Db { source, .. }) => {
+                // Damaged. `destroy` takes RocksDB's lock first, so it
+                // never deletes files under a live database.
+                DB::destroy(&opts, path).map_err(|e| open_error(path, e))?;
+                let db = open_db(&opts, path).map_err(|e| open_error(path, e))?;
+                (db, Some(source.into_string()))
             }
-        })?;
+            Err(e) => return Err(e),
+        };
         Ok(Self {
             db,
             path: path.to_owned(),
+            rebuilt,
+            _lock: lock,
         })
+    }
+
+    /// Why [`IndexCache::open`] found the cache damaged and recreated it
+    /// empty, or `None` when it opened the existing cache as it was.
+    pub fn rebuilt(&self) -> Option<&str> {
+        self.rebuilt.as_deref()
     }
 
     pub fn path(&self) -> &Path {
@@ -454,14 +567,143 @@ mod tests {
     }
 
     #[test]
-    fn second_open_reports_locked() -> Result<()> {
+    fn second_open_reports_locked_until_the_first_closes() -> Result<()> {
         let dir = std::env::temp_dir().join(format!("mrm-idx-l-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let _c = IndexCache::open(&dir)?;
+        let c = IndexCache::open(&dir)?;
+        c.insert_blobs(&[([1; 32], loc(1))], true)?;
         assert!(matches!(
             IndexCache::open(&dir),
             Err(IndexError::Locked { .. })
         ));
+        // Busy is not damage: the holder's entries are untouched.
+        assert_eq!(c.get_blob(&[1; 32])?, Some(loc(1)));
+        drop(c);
+        let c = IndexCache::open(&dir)?;
+        assert_eq!(c.rebuilt(), None);
+        assert_eq!(c.get_blob(&[1; 32])?, Some(loc(1)));
+        drop(c);
+        let _ = std::fs::remove_dir_all(&dir);
         Ok(())
+    }
+
+    /// Regression: a damaged cache ("Corruption: block checksum mismatch"
+    /// contains "lock") was taken for a busy one, so every run used a
+    /// private temporary cache and the shared one was never repaired.
+    #[test]
+    fn damaged_cache_is_rebuilt_not_taken_for_busy() -> Result<()> {
+        // "block" in the path as well: the old check matched it anywhere.
+        let dir = std::env::temp_dir().join(format!("mrm-idx-blockdev-{}", std::process::id()));
+        let io = |source| IndexError::Io {
+            path: dir.clone(),
+            source,
+        };
+        // A CURRENT that is not a manifest name (Corruption), and one that
+        // names a manifest which is not there (an I/O error, not a lock).
+        for damage in [&b"block checksum mismatch"[..], &b"MANIFEST-999999\n"[..]] {
+            let _ = std::fs::remove_dir_all(&dir);
+            {
+                let c = IndexCache::open(&dir)?;
+                assert_eq!(c.rebuilt(), None);
+                c.insert_blobs(&[([1; 32], loc(1))], true)?;
+                c.mark_index_file_loaded("abc")?;
+                c.flush()?;
+            }
+            std::fs::write(dir.join("CURRENT"), damage).map_err(io)?;
+            let opened = IndexCache::open(&dir);
+            assert!(
+                !matches!(opened, Err(IndexError::Locked { .. })),
+                "a damaged cache was reported as busy"
+            );
+            let c = opened?;
+            assert_eq!(c.path(), dir.as_path(), "rebuilt at the shared path");
+            assert!(c.rebuilt().is_some());
+            assert_eq!(c.get_blob(&[1; 32])?, None, "rebuilt empty");
+            assert!(c.loaded_index_files()?.is_empty());
+            assert!(c.packs()?.is_empty());
+            c.insert_blobs(&[([2; 32], loc(2))], true)?;
+            drop(c);
+            // Repaired for good: the next open finds it healthy.
+            let c = IndexCache::open(&dir)?;
+            assert_eq!(c.rebuilt(), None);
+            assert_eq!(c.get_blob(&[2; 32])?, Some(loc(2)));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    /// A process that holds only RocksDB's own lock (a marmoset from before
+    /// the `flock`) makes the cache busy; its files are never destroyed.
+    #[test]
+    fn database_held_without_our_lock_is_busy_not_wiped() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("mrm-idx-legacy-{}", std::process::id()));
+        let db_err = |source| IndexError::Db {
+            path: dir.clone(),
+            source,
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let c = IndexCache::open(&dir)?;
+            c.insert_blobs(&[([1; 32], loc(1))], true)?;
+        }
+        let legacy = open_db(&db_options(), &dir).map_err(db_err)?;
+        assert!(matches!(
+            IndexCache::open(&dir),
+            Err(IndexError::Locked { .. })
+        ));
+        drop(legacy);
+        let c = IndexCache::open(&dir)?;
+        assert_eq!(c.rebuilt(), None);
+        assert_eq!(c.get_blob(&[1; 32])?, Some(loc(1)));
+        drop(c);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    #[test]
+    fn block_checksum_mismatch_is_not_classified_as_lock() {
+        use rocksdb::ErrorKind;
+        let db = Path::new("/home/u/.cache/marmoset/blocklock");
+        let damaged = [
+            (
+                ErrorKind::Corruption,
+                "Corruption: block checksum mismatch: stored = 1, computed = 2, type = 1 \
+                 in /home/u/.cache/marmoset/blocklock/000012.sst offset 0 size 4096",
+            ),
+            (
+                ErrorKind::Corruption,
+                "Corruption: CURRENT file does not end with newline",
+            ),
+            (
+                ErrorKind::IOError,
+                "IO error: No such file or directory: While open a file for random read: \
+                 /home/u/.cache/marmoset/blocklock/000012.sst: No such file or directory",
+            ),
+            // Another database's LOCK is not this one's.
+            (
+                ErrorKind::IOError,
+                "IO error: While lock file: /elsewhere/LOCK: Resource temporarily unavailable",
+            ),
+        ];
+        for (kind, message) in damaged {
+            assert_eq!(
+                classify_open_error(kind, message, db),
+                OpenFailure::Damaged,
+                "{message}"
+            );
+        }
+        let busy = [
+            "IO error: While lock file: /home/u/.cache/marmoset/blocklock/LOCK: \
+             Resource temporarily unavailable",
+            "IO error: lock hold by current process, acquire time 1 acquiring thread 2: \
+             /home/u/.cache/marmoset/blocklock/LOCK: No locks available",
+        ];
+        for message in busy {
+            assert_eq!(
+                classify_open_error(ErrorKind::IOError, message, db),
+                OpenFailure::Busy,
+                "{message}"
+            );
+        }
     }
 }

@@ -12,8 +12,8 @@
 
 use std::path::PathBuf;
 
-use crate::backend::FileKind;
-use crate::id::Id;
+use crate::format::id::Id;
+use crate::format::paths::FileKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -25,6 +25,8 @@ pub enum Error {
     UnsupportedVersion { found: u32, supported: u32 },
     #[error("wrong password: no key in the repository opens with it")]
     WrongPassword,
+    #[error("wrong password, or the repository's key files are damaged: {reason}")]
+    NoUsableKey { reason: String },
     #[error("{kind} {name}: not found in the repository")]
     NotFound { kind: FileKind, name: String },
     #[error("backend {op} {kind} {name}: {source}")]
@@ -35,10 +37,19 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("{what}: authentication failed (corrupted or tampered data)")]
-    Decrypt { what: String },
-    #[error("{what}: {reason}")]
-    Corrupt { what: String, reason: String },
+    #[error("{object}{}: authentication failed (corrupted or tampered data)", in_pack(.pack))]
+    Decrypt {
+        /// What failed to authenticate: "blob <id>", "index <name>", ...
+        object: String,
+        /// The pack it was read from, when it lives in one.
+        pack: Option<String>,
+    },
+    #[error("{object}{}: {reason}", in_pack(.pack))]
+    Corrupt {
+        object: String,
+        pack: Option<String>,
+        reason: String,
+    },
     #[error("blob {id} is not in the index (missing data; run `marmoset check`)")]
     BlobNotFound { id: Id },
     #[error("{path}: {source}")]
@@ -104,12 +115,35 @@ impl Error {
         }
     }
 
-    pub(crate) fn corrupt(what: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn corrupt(object: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::Corrupt {
-            what: what.into(),
+            object: object.into(),
+            pack: None,
             reason: reason.into(),
+        }
+    }
+
+    /// Names the pack a blob's decryption or corruption error happened in.
+    pub(crate) fn in_pack(self, name: &str) -> Self {
+        match self {
+            Error::Decrypt { object, .. } => Error::Decrypt {
+                object,
+                pack: Some(name.to_string()),
+            },
+            Error::Corrupt { object, reason, .. } => Error::Corrupt {
+                object,
+                pack: Some(name.to_string()),
+                reason,
+            },
+            other => other,
         }
     }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+fn in_pack(pack: &Option<String>) -> String {
+    pack.as_ref()
+        .map(|p| format!(" in pack {p}"))
+        .unwrap_or_default()
+}

@@ -8,48 +8,57 @@
 //! What it must not know: command-line parsing, terminals, Kubernetes or
 //! FUSE. Those are thin shells (`tools/`, `agent/`, `fuse/`) over this API.
 //!
-//! Layers, each talking only to the one below (as in Kopia): backends move
-//! bytes by (kind, name) → [`Repository`] adds keys, blobs, packs and the
-//! index cache → trees and snapshots → the backup and restore pipelines.
+//! Four layers, one folder each; a layer imports only from the layers below
+//! it (check with `grep -rn 'crate::ops' src/{format,backend,repo}` and the
+//! like, which must find nothing):
+//!
+//! 1. [`format`]: what is on disk. Object kinds and paths, config, keys,
+//!    blobs, packs, index files, sealed files, trees, snapshots, leases and
+//!    plans: pure encode/decode over bytes.
+//! 2. [`backend`]: bytes by (kind, name). One trait per capability, the
+//!    fs and S3 backends, and wrappers that add caching, retries,
+//!    throttling and request metering to any backend.
+//! 3. [`repo`]: an open repository. Content (blobs, the index cache and
+//!    its sync, recovery and repair), manifests (snapshots, keys),
+//!    coordination (leases, plans, rescue: the GC protocol) and the tree
+//!    walker every whole-snapshot operation uses.
+//! 4. `ops`: what users run. backup, restore, check, repair, forget,
+//!    verify, browse (diff/find), stats, maintain.
+//!
+//! `error` and `util` are shared by all layers.
 
 pub mod backend;
-mod backup;
-pub mod blob;
-mod browse;
-mod check;
-mod chunker;
-mod crypto;
 mod error;
-mod forget;
 pub mod format;
-mod id;
-mod lease;
-mod maintain;
-pub mod pack;
-mod repo;
-mod restore;
-mod snapshot;
-mod tree;
+mod ops;
+pub mod repo;
 mod util;
-mod verify;
 
-pub use backup::{backup, BackupOptions, Progress};
-pub use blob::BlobType;
-pub use browse::{diff, find, Change, DiffEntry, FindMatch};
-pub use check::{check, repair_snapshots, CheckReport, ReadData, RepairSnapshotsReport};
-pub use crypto::{KeyFile, Keys};
+// Stable public paths: the shells use these names, not the folders.
+pub use format::{blob, pack};
+
+pub use backend::FileKind;
 pub use error::{Error, Result};
-pub use forget::{
+pub use format::blob::BlobType;
+pub use format::crypto::{KeyFile, Keys};
+pub use format::id::Id;
+pub use format::pack::PackEntry;
+pub use format::snapshot::{BackupSummary, Snapshot, SourceError};
+pub use format::tree::{Node, NodeKind, Tree, Xattr};
+pub use format::{ChunkerParams, Config, FORMAT_VERSION};
+pub use ops::backup::{backup, BackupOptions, Progress};
+pub use ops::browse::{diff, find, Change, DiffEntry, FindMatch};
+pub use ops::check::{
+    check, repair_snapshots, CheckProblem, CheckReport, ReadData, RepairSnapshotsReport,
+};
+pub use ops::forget::{
     apply_policy, forget, parse_duration, Decision, ForgetReport, GroupBy, RetentionPolicy,
     SnapshotFilter,
 };
-pub use format::{ChunkerParams, Config, FORMAT_VERSION};
-pub use id::Id;
-pub use lease::{LeaseInfo, LeaseKind};
-pub use maintain::{maintain, peak_rss_kib, MaintainOptions, MaintainReport, Plan};
-pub use pack::PackEntry;
+pub use ops::maintain::{maintain, peak_rss_kib, MaintainOptions, MaintainReport};
+pub use ops::restore::{restore, RestoreOptions, RestoreProgress, RestoreSummary};
+pub use ops::stats::{stats, StatsReport};
+pub use ops::verify::{verify, SourceVerdict, VerifyOptions, VerifyReport};
+pub use repo::coordination::lease::{LeaseInfo, LeaseKind};
+pub use repo::coordination::plans::Plan;
 pub use repo::{KeyInfo, OpenOptions, RepairIndexReport, Repository};
-pub use restore::{restore, RestoreOptions, RestoreProgress, RestoreSummary};
-pub use snapshot::{BackupSummary, Snapshot, SourceError};
-pub use tree::{Node, NodeKind, Tree, Xattr};
-pub use verify::{verify, SourceVerdict, VerifyOptions, VerifyReport};

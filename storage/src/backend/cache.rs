@@ -10,9 +10,12 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{Backend, DeleteBackend, FileKind, ListBackend, ObjectInfo, ReadBackend, WriteBackend};
+use super::{
+    Backend, Bytes, DeleteBackend, FileKind, ListBackend, ObjectInfo, ReadBackend, RequestStats,
+    WriteBackend,
+};
 use crate::error::Result;
-use crate::id::Id;
+use crate::format::id::Id;
 
 pub struct CachedBackend {
     inner: Arc<dyn Backend>,
@@ -89,7 +92,7 @@ impl ReadBackend for CachedBackend {
         self.inner.size(kind, name)
     }
 
-    fn stats(&self) -> Option<super::s3::BackendStats> {
+    fn stats(&self) -> Option<RequestStats> {
         self.inner.stats()
     }
 
@@ -117,10 +120,13 @@ impl WriteBackend for CachedBackend {
         self.inner.create()
     }
 
-    fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
-        self.inner.write(kind, name, data)?;
+    fn write(&self, kind: FileKind, name: &str, data: Bytes) -> Result<()> {
         if Self::cached(kind) {
-            self.store(kind, name, data);
+            // A clone of `Bytes` shares the buffer.
+            self.inner.write(kind, name, data.clone())?;
+            self.store(kind, name, &data);
+        } else {
+            self.inner.write(kind, name, data)?;
         }
         Ok(())
     }

@@ -4,85 +4,46 @@
 //! and byte ranges), [`ListBackend`], [`WriteBackend`] (atomic create/replace)
 //! and [`DeleteBackend`]. [`Backend`] is the union every repository needs.
 //! The repository layout (which kind lives in which folder) is defined once,
-//! in [`object_path`]. Every backend must pass [`conformance::run_all`].
+//! in [`object_path`]. Every backend, and the wrapped stack, must pass the conformance suite
+//! (`marmoset_testing::conformance`, run by `tests/integration/backends.rs`).
+//!
+//! Storages are plain: [`fs::FsBackend`] and [`s3::S3Backend`] make one
+//! attempt per call and count nothing. Everything else is a wrapper around
+//! any backend, one file each, stacked by [`open()`]:
+//!
+//! ```text
+//! base (fs | s3) → retry (remote only) → throttle (if limited) → metered → cache (remote only)
+//! ```
+//!
+//! * [`retry::RetryBackend`]: repeats calls whose error is
+//!   [`Error::retryable`](crate::Error::retryable), with capped exponential
+//!   backoff and full jitter.
+//! * [`throttle::ThrottleBackend`]: upload and download limits in bytes per
+//!   second, one token bucket per direction shared by every thread.
+//! * [`metered::MeteredBackend`]: request and byte counts by kind, reported
+//!   through [`ReadBackend::stats`] as [`RequestStats`].
+//! * [`cache::CachedBackend`]: local copies of immutable metadata objects.
+//!
+//! Writes take [`Bytes`], so a retried or cached write shares the one
+//! buffer instead of copying a pack.
 
 pub mod cache;
-pub mod conformance;
 pub mod fs;
+pub mod metered;
+mod open;
+pub mod retry;
 pub mod s3;
+pub mod throttle;
 
-use std::fmt;
+use std::sync::Arc;
 
 use crate::error::Result;
-
-/// The kinds of objects stored in a repository.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FileKind {
-    Config,
-    Key,
-    Pack,
-    Index,
-    Snapshot,
-    Lock,
-    /// Deferred deletions of maintenance (two-phase garbage collection).
-    Plan,
-}
-
-impl FileKind {
-    pub const ALL: [FileKind; 7] = [
-        FileKind::Config,
-        FileKind::Key,
-        FileKind::Pack,
-        FileKind::Index,
-        FileKind::Snapshot,
-        FileKind::Lock,
-        FileKind::Plan,
-    ];
-
-    /// Folder of this kind under the repository root (`None` for the config).
-    pub fn folder(self) -> Option<&'static str> {
-        match self {
-            FileKind::Config => None,
-            FileKind::Key => Some("keys"),
-            FileKind::Pack => Some("packs"),
-            FileKind::Index => Some("index"),
-            FileKind::Snapshot => Some("snapshots"),
-            FileKind::Lock => Some("locks"),
-            FileKind::Plan => Some("plans"),
-        }
-    }
-}
-
-impl fmt::Display for FileKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            FileKind::Config => "config",
-            FileKind::Key => "key",
-            FileKind::Pack => "pack",
-            FileKind::Index => "index",
-            FileKind::Snapshot => "snapshot",
-            FileKind::Lock => "lock",
-            FileKind::Plan => "plan",
-        })
-    }
-}
-
-/// Name of the single configuration object at the repository root.
-pub const CONFIG_NAME: &str = "marmoset.repository";
-
-/// The one place that maps (kind, name) to a relative object path.
-/// Packs are fanned out over 256 folders by the first two hex digits so no
-/// directory (or S3 listing page) grows without bound.
-pub fn object_path(kind: FileKind, name: &str) -> String {
-    match kind {
-        FileKind::Config => CONFIG_NAME.to_string(),
-        FileKind::Pack => {
-            let prefix = name.get(..2).unwrap_or("00");
-            format!("packs/{prefix}/{name}")
-        }
-        other => format!("{}/{name}", other.folder().unwrap_or("")),
-    }
-}
+pub use crate::format::paths::{object_path, FileKind, CONFIG_NAME};
+/// The buffer type of writes (re-exported so callers need no `bytes`
+/// dependency of their own).
+pub use bytes::Bytes;
+pub use metered::RequestStats;
+pub use open::{open, BackendOptions, Location};
 
 /// Reads whole objects or byte ranges.
 pub trait ReadBackend: Send + Sync {
@@ -93,8 +54,10 @@ pub trait ReadBackend: Send + Sync {
     fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>>;
     /// Size of one object, `NotFound` when it does not exist.
     fn size(&self, kind: FileKind, name: &str) -> Result<u64>;
-    /// Request and byte counters, for backends that bill by request.
-    fn stats(&self) -> Option<s3::BackendStats> {
+    /// Request and byte counters, where a [`metered::MeteredBackend`] (or
+    /// a [`retry::RetryBackend`], for its retries) is in the stack; plain
+    /// storages answer `None` and wrappers pass the question down.
+    fn stats(&self) -> Option<RequestStats> {
         None
     }
     /// How many objects callers should write in parallel.
@@ -140,7 +103,10 @@ pub trait ListBackend: Send + Sync {
 pub trait WriteBackend: Send + Sync {
     /// Prepares an empty repository location (folders, bucket prefix).
     fn create(&self) -> Result<()>;
-    fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()>;
+    /// Creates or atomically replaces one object. Every write is idempotent
+    /// (objects are content-addressed or replaced whole), so wrappers may
+    /// repeat it; `data` is shared, not copied, by each attempt.
+    fn write(&self, kind: FileKind, name: &str, data: Bytes) -> Result<()>;
 }
 
 /// Removes objects. Removing a missing object is not an error.
@@ -151,3 +117,54 @@ pub trait DeleteBackend: Send + Sync {
 /// Everything a repository needs from its storage.
 pub trait Backend: ReadBackend + ListBackend + WriteBackend + DeleteBackend {}
 impl<T: ReadBackend + ListBackend + WriteBackend + DeleteBackend> Backend for T {}
+
+// A shared backend is a backend, so wrappers can stack over an
+// `Arc<dyn Backend>` as well as over a concrete type.
+
+impl<T: ReadBackend + ?Sized> ReadBackend for Arc<T> {
+    fn location(&self) -> String {
+        (**self).location()
+    }
+    fn read(&self, kind: FileKind, name: &str) -> Result<Vec<u8>> {
+        (**self).read(kind, name)
+    }
+    fn read_range(&self, kind: FileKind, name: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
+        (**self).read_range(kind, name, offset, length)
+    }
+    fn size(&self, kind: FileKind, name: &str) -> Result<u64> {
+        (**self).size(kind, name)
+    }
+    fn stats(&self) -> Option<RequestStats> {
+        (**self).stats()
+    }
+    fn write_parallelism(&self) -> usize {
+        (**self).write_parallelism()
+    }
+    fn is_remote(&self) -> bool {
+        (**self).is_remote()
+    }
+}
+
+impl<T: ListBackend + ?Sized> ListBackend for Arc<T> {
+    fn list(&self, kind: FileKind) -> Result<Vec<(String, u64)>> {
+        (**self).list(kind)
+    }
+    fn list_info(&self, kind: FileKind) -> Result<Vec<ObjectInfo>> {
+        (**self).list_info(kind)
+    }
+}
+
+impl<T: WriteBackend + ?Sized> WriteBackend for Arc<T> {
+    fn create(&self) -> Result<()> {
+        (**self).create()
+    }
+    fn write(&self, kind: FileKind, name: &str, data: Bytes) -> Result<()> {
+        (**self).write(kind, name, data)
+    }
+}
+
+impl<T: DeleteBackend + ?Sized> DeleteBackend for Arc<T> {
+    fn remove(&self, kind: FileKind, name: &str) -> Result<()> {
+        (**self).remove(kind, name)
+    }
+}

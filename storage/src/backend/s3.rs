@@ -1,30 +1,58 @@
 //! S3-compatible object storage (AWS S3, Backblaze B2, MinIO, ...) through
-//! `aws-sdk-s3` on a private tokio runtime.
+//! `aws-sdk-s3`.
+//!
+//! One attempt per call: retries, bandwidth limits and request counts are
+//! the wrappers' business ([`super::retry`], [`super::throttle`],
+//! [`super::metered`], stacked by [`super::open()`]). What this module does is
+//! classify failures so those wrappers can act: 5xx, 429 and SlowDown,
+//! timeouts, connection resets and truncated bodies come back as
+//! [`Error::Backend`] errors that are [`Error::retryable`]; a missing object
+//! is [`Error::NotFound`]; 403 and a missing bucket are final, with bucket
+//! and key in the message. Objects are written with a single PUT, or above a
+//! threshold a multipart upload (at most `connections` parts in flight), so
+//! no reader ever sees half an object; a failed part aborts the upload and
+//! the whole write fails (the retry layer then writes it again).
+//!
+//! # Sync and async
 //!
 //! The backend traits are synchronous (the engine's pipelines are thread
-//! pools); each call blocks on the runtime, and parallelism comes from the
-//! callers' threads (8 pack uploaders by default, see `write_parallelism`).
-//! Every request goes through one retry loop with exponential backoff and
-//! full jitter for 5xx, SlowDown, timeouts, resets and truncated bodies;
-//! 403 / missing bucket fail at once with bucket and key in the message.
-//! Objects are written with a single PUT, or a multipart upload (parts in
-//! parallel) above a threshold, so no reader ever sees half an object.
+//! pools); each call blocks its thread on one tokio runtime shared by every
+//! S3 backend of the process, and parallelism comes from the callers'
+//! threads (8 pack uploaders by default, see `write_parallelism`). The rule
+//! for async callers: call storage from a blocking thread
+//! (`tokio::task::spawn_blocking`, as the agent does), never directly from
+//! an async task. A direct call still works — on a multi-threaded runtime
+//! the task's worker is handed over with `block_in_place`, on a
+//! current-thread runtime the call runs on a helper thread — but it blocks
+//! that task (and a current-thread runtime) until the request is done.
+//!
+//! The runtime is a process-wide static (`runtime()`) rather than one
+//! per backend: a runtime owned by the backend was dropped with the last
+//! repository handle, and tokio panics when a runtime is dropped inside an
+//! async context ("Cannot drop a runtime in a context where blocking is not
+//! allowed"), which is exactly where the agent drops its repository at
+//! shutdown. A static is never dropped, and one pool of a few threads
+//! serves every repository handle instead of four threads per handle.
+//! (Shutting each runtime down with `shutdown_background` in `Drop` would
+//! also avoid the panic, but keeps a thread pool per handle and silently
+//! abandons whatever the dropped runtime was still running.)
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
-use rand::Rng;
-use serde::Serialize;
-use tracing::{debug, warn};
+use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
+use tokio::task::JoinSet;
+use tracing::warn;
 
 use super::{
-    object_path, DeleteBackend, FileKind, ListBackend, ObjectInfo, ReadBackend, WriteBackend,
+    object_path, Bytes, DeleteBackend, FileKind, ListBackend, ObjectInfo, ReadBackend, WriteBackend,
 };
 use crate::error::{Error, Result};
 
@@ -42,15 +70,12 @@ pub struct S3Options {
     /// Send/validate checksums only when the API requires them (many
     /// S3-compatibles reject the newer default checksum headers).
     pub checksums_when_required: bool,
-    /// Parallel pack uploads.
+    /// Parallel pack uploads, and parts in flight per multipart upload.
     pub connections: usize,
     /// Objects above this size use multipart uploads.
     pub multipart_threshold: usize,
     pub part_size: usize,
-    pub max_attempts: u32,
-    /// Upload bandwidth limit in bytes per second (`None` = unlimited).
-    pub limit_upload: Option<u64>,
-    /// Per-attempt timeout.
+    /// Per-request timeout.
     pub timeout: Duration,
     /// Access key and secret; `None` = the standard AWS chain (env vars,
     /// profile, instance metadata).
@@ -70,8 +95,6 @@ impl std::fmt::Debug for S3Options {
             .field("connections", &self.connections)
             .field("multipart_threshold", &self.multipart_threshold)
             .field("part_size", &self.part_size)
-            .field("max_attempts", &self.max_attempts)
-            .field("limit_upload", &self.limit_upload)
             .field("timeout", &self.timeout)
             .field(
                 "static_credentials",
@@ -96,8 +119,6 @@ impl Default for S3Options {
             connections: 8,
             multipart_threshold: 64 << 20,
             part_size: 16 << 20,
-            max_attempts: 10,
-            limit_upload: None,
             timeout: Duration::from_secs(120),
             static_credentials: None,
         }
@@ -160,67 +181,69 @@ impl S3Options {
     }
 }
 
-/// Request counts and bytes, for the `--json` and human summaries.
-/// Backblaze bills class A (uploads, deletes: free), class B (downloads)
-/// and class C (listing and the rest) differently.
-#[derive(Debug, Default, Serialize, Clone)]
-pub struct BackendStats {
-    pub put: u64,
-    pub get: u64,
-    pub head: u64,
-    pub list: u64,
-    pub delete: u64,
-    pub multipart: u64,
-    pub retries: u64,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-    pub b2_class_a: u64,
-    pub b2_class_b: u64,
-    pub b2_class_c: u64,
+/// Worker threads of the shared runtime: requests are I/O, and most of
+/// them are driven by the calling threads inside `block_on`; the workers
+/// run the I/O driver and the parts of multipart uploads.
+fn runtime_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 4)
 }
 
-#[derive(Default)]
-struct Counters {
-    put: AtomicU64,
-    get: AtomicU64,
-    head: AtomicU64,
-    list: AtomicU64,
-    delete: AtomicU64,
-    multipart_other: AtomicU64,
-    retries: AtomicU64,
-    bytes_up: AtomicU64,
-    bytes_down: AtomicU64,
-}
-
-/// Token bucket shared by all uploads.
-struct Limiter {
-    rate: f64,
-    state: Mutex<(Instant, f64)>,
-}
-
-impl Limiter {
-    fn wait_time(&self, bytes: u64) -> Duration {
-        let mut g = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = Instant::now();
-        let (last, tokens) = *g;
-        // Allow a burst of one second's worth.
-        let tokens = (tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.rate);
-        let left = tokens - bytes as f64;
-        *g = (now, left);
-        if left >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-left / self.rate)
-        }
+/// The one tokio runtime of every S3 backend in the process, built on first
+/// use and never dropped (see the module documentation for why).
+fn runtime() -> Result<&'static Runtime> {
+    static RUNTIME: OnceLock<std::io::Result<Runtime>> = OnceLock::new();
+    let built = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(runtime_workers())
+            .enable_all()
+            .thread_name("marmoset-s3")
+            .build()
+    });
+    match built {
+        Ok(rt) => Ok(rt),
+        Err(e) => Err(Error::io(
+            "tokio runtime",
+            std::io::Error::new(e.kind(), e.to_string()),
+        )),
     }
 }
 
+/// Runs the future `make` returns to completion on `rt`, from synchronous
+/// code on any thread, without the panics of a plain `block_on` inside an
+/// async context:
+///
+/// * no tokio context (engine threads, `spawn_blocking` threads): blocks
+///   right here;
+/// * a multi-threaded runtime's context (an async task, or its
+///   `block_on`): `block_in_place` hands the worker's other tasks to another
+///   thread first (on a `spawn_blocking` thread it does nothing);
+/// * a current-thread runtime's context, where neither is allowed: on a
+///   scoped helper thread. The future is built there, so it need not be
+///   `Send`; only `make` and the output cross threads.
+fn block_on<M, F, T>(rt: &'static Runtime, make: M) -> T
+where
+    M: FnOnce() -> F + Send,
+    F: Future<Output = T>,
+    T: Send,
+{
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Err(_) => rt.block_on(make()),
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(|| rt.block_on(make())),
+        Ok(_) => std::thread::scope(|s| match s.spawn(move || rt.block_on(make())).join() {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }),
+    }
+}
+
+/// What a failed request means for the caller.
 enum Class {
     NotFound,
-    Retry,
+    /// Transient: the `io::ErrorKind` the error carries, one that
+    /// [`Error::retryable`] accepts.
+    Retry(std::io::ErrorKind),
     Fatal,
 }
 
@@ -228,6 +251,14 @@ struct Failure {
     class: Class,
     msg: String,
 }
+
+/// Transient: the server asks to come back later (5xx, 429, SlowDown).
+/// `WouldBlock` is EAGAIN, "resource temporarily unavailable".
+const TRY_LATER: std::io::ErrorKind = std::io::ErrorKind::WouldBlock;
+/// Transient: the connection failed, or a body arrived cut short.
+const CONNECTION: std::io::ErrorKind = std::io::ErrorKind::ConnectionReset;
+/// Transient: no answer in time.
+const TIMEOUT: std::io::ErrorKind = std::io::ErrorKind::TimedOut;
 
 fn classify<E>(e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Failure
 where
@@ -249,26 +280,29 @@ where
                 Class::Fatal
             } else if status == 404 || code == "NoSuchKey" || code == "NotFound" {
                 Class::NotFound
-            } else if status >= 500
-                || status == 429
-                || code == "SlowDown"
-                || code == "RequestTimeout"
-            {
-                Class::Retry
+            } else if code == "RequestTimeout" {
+                Class::Retry(TIMEOUT)
+            } else if status >= 500 || status == 429 || code == "SlowDown" {
+                Class::Retry(TRY_LATER)
             } else {
                 Class::Fatal
             };
             Failure { class, msg }
         }
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            Failure {
-                class: Class::Retry,
-                msg: format!(
-                    "{}",
-                    aws_smithy_types::error::display::DisplayErrorContext(&e)
-                ),
-            }
-        }
+        SdkError::TimeoutError(_) => Failure {
+            class: Class::Retry(TIMEOUT),
+            msg: format!(
+                "{}",
+                aws_smithy_types::error::display::DisplayErrorContext(&e)
+            ),
+        },
+        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => Failure {
+            class: Class::Retry(CONNECTION),
+            msg: format!(
+                "{}",
+                aws_smithy_types::error::display::DisplayErrorContext(&e)
+            ),
+        },
         _ => Failure {
             class: Class::Fatal,
             msg: format!(
@@ -279,64 +313,58 @@ where
     }
 }
 
+/// The SDK client for `opts` (credentials from the options or the standard
+/// AWS chain; the SDK's own retries off, the retry layer decides).
+async fn build_client(opts: &S3Options) -> Client {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(opts.region.clone()));
+    if let Some((key, secret)) = &opts.static_credentials {
+        loader = loader.credentials_provider(aws_credential_types::Credentials::new(
+            key.clone(),
+            secret.clone(),
+            None,
+            None,
+            "marmoset",
+        ));
+    }
+    let shared = loader.load().await;
+    let mut b = aws_sdk_s3::config::Builder::from(&shared)
+        .force_path_style(opts.path_style)
+        .retry_config(aws_config::retry::RetryConfig::disabled())
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .operation_attempt_timeout(opts.timeout)
+                .build(),
+        );
+    if let Some(ep) = &opts.endpoint {
+        b = b.endpoint_url(ep);
+    }
+    if opts.checksums_when_required {
+        b = b
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+    }
+    Client::from_conf(b.build())
+}
+
 pub struct S3Backend {
     client: Client,
-    rt: tokio::runtime::Runtime,
+    rt: &'static Runtime,
     opts: S3Options,
-    counters: Arc<Counters>,
-    limiter: Option<Limiter>,
+    multipart_uploads: AtomicU64,
 }
 
 impl S3Backend {
     pub fn new(opts: S3Options) -> Result<Self> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(4)
-            .enable_all()
-            .thread_name("marmoset-s3")
-            .build()
-            .map_err(|e| Error::io("tokio runtime", e))?;
-        let client = rt.block_on(async {
-            let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-                .region(aws_config::Region::new(opts.region.clone()));
-            if let Some((key, secret)) = &opts.static_credentials {
-                loader = loader.credentials_provider(aws_credential_types::Credentials::new(
-                    key.clone(),
-                    secret.clone(),
-                    None,
-                    None,
-                    "marmoset",
-                ));
-            }
-            let shared = loader.load().await;
-            let mut b = aws_sdk_s3::config::Builder::from(&shared)
-                .force_path_style(opts.path_style)
-                .retry_config(aws_config::retry::RetryConfig::disabled())
-                .timeout_config(
-                    aws_config::timeout::TimeoutConfig::builder()
-                        .connect_timeout(Duration::from_secs(10))
-                        .operation_attempt_timeout(opts.timeout)
-                        .build(),
-                );
-            if let Some(ep) = &opts.endpoint {
-                b = b.endpoint_url(ep);
-            }
-            if opts.checksums_when_required {
-                b = b
-                    .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-                    .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
-            }
-            Client::from_conf(b.build())
-        });
-        let limiter = opts.limit_upload.filter(|&r| r > 0).map(|r| Limiter {
-            rate: r as f64,
-            state: Mutex::new((Instant::now(), r as f64)),
-        });
+        let rt = runtime()?;
+        let for_client = opts.clone();
+        let client = block_on(rt, move || async move { build_client(&for_client).await });
         Ok(Self {
             client,
             rt,
             opts,
-            counters: Arc::default(),
-            limiter,
+            multipart_uploads: AtomicU64::new(0),
         })
     }
 
@@ -350,60 +378,29 @@ impl S3Backend {
     }
 
     fn err(&self, op: &'static str, kind: FileKind, name: &str, f: Failure) -> Error {
-        match f.class {
-            Class::NotFound => Error::NotFound {
-                kind,
-                name: name.to_string(),
-            },
-            _ => Error::Backend {
-                op,
-                kind,
-                name: name.to_string(),
-                source: std::io::Error::other(format!(
+        let io_kind = match f.class {
+            Class::NotFound => {
+                return Error::NotFound {
+                    kind,
+                    name: name.to_string(),
+                }
+            }
+            Class::Retry(k) => k,
+            Class::Fatal => std::io::ErrorKind::Other,
+        };
+        Error::Backend {
+            op,
+            kind,
+            name: name.to_string(),
+            source: std::io::Error::new(
+                io_kind,
+                format!(
                     "s3://{}/{}: {}",
                     self.opts.bucket,
                     self.key(kind, name),
                     f.msg
-                )),
-            },
-        }
-    }
-
-    /// Runs `attempt` until it succeeds, fails for good, or the attempts
-    /// are used up; backoff doubles from 200 ms (cap 20 s) with full jitter.
-    async fn retry<T, F, Fut>(&self, what: &str, mut attempt: F) -> std::result::Result<T, Failure>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<T, Failure>>,
-    {
-        let mut n = 0;
-        loop {
-            match attempt().await {
-                Ok(v) => return Ok(v),
-                Err(f) if matches!(f.class, Class::Retry) && n + 1 < self.opts.max_attempts => {
-                    n += 1;
-                    self.counters.retries.fetch_add(1, Ordering::Relaxed);
-                    let cap = (200u64 << n.min(7)).min(20_000);
-                    let ms = rand::thread_rng().gen_range(0..=cap);
-                    debug!(what, attempt = n, error = %f.msg, "retrying in {ms} ms");
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                }
-                Err(mut f) => {
-                    if matches!(f.class, Class::Retry) {
-                        f.msg = format!("{} (gave up after {} attempts)", f.msg, n + 1);
-                    }
-                    return Err(f);
-                }
-            }
-        }
-    }
-
-    async fn throttle(&self, bytes: u64) {
-        if let Some(l) = &self.limiter {
-            let wait = l.wait_time(bytes);
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
+                ),
+            ),
         }
     }
 
@@ -413,174 +410,131 @@ impl S3Backend {
         key: &str,
         range: Option<(u64, u64)>,
     ) -> std::result::Result<Vec<u8>, Failure> {
-        self.retry(key, || async {
-            self.counters.get.fetch_add(1, Ordering::Relaxed);
-            let mut req = self.client.get_object().bucket(&self.opts.bucket).key(key);
-            if let Some((first, last)) = range {
-                req = req.range(format!("bytes={first}-{last}"));
-            }
-            let out = req.send().await.map_err(classify)?;
-            let expected = out.content_length().and_then(|l| u64::try_from(l).ok());
-            let body = out.body.collect().await.map_err(|e| Failure {
-                class: Class::Retry,
-                msg: format!("body interrupted: {e}"),
-            })?;
-            let bytes = body.into_bytes().to_vec();
-            self.counters
-                .bytes_down
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            if expected.is_some_and(|e| e != bytes.len() as u64) {
-                return Err(Failure {
-                    class: Class::Retry,
-                    msg: format!("truncated body: {} of {:?} bytes", bytes.len(), expected),
-                });
-            }
-            Ok(bytes)
-        })
-        .await
-    }
-
-    async fn put(&self, key: &str, data: &[u8]) -> std::result::Result<(), Failure> {
-        if data.len() > self.opts.multipart_threshold {
-            return self.put_multipart(key, data).await;
+        let mut req = self.client.get_object().bucket(&self.opts.bucket).key(key);
+        if let Some((first, last)) = range {
+            req = req.range(format!("bytes={first}-{last}"));
         }
-        self.throttle(data.len() as u64).await;
-        self.retry(key, || async {
-            self.counters.put.fetch_add(1, Ordering::Relaxed);
-            self.client
-                .put_object()
-                .bucket(&self.opts.bucket)
-                .key(key)
-                .content_length(data.len() as i64)
-                .body(ByteStream::from(data.to_vec()))
-                .send()
-                .await
-                .map_err(classify)?;
-            self.counters
-                .bytes_up
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
-            Ok(())
-        })
-        .await
+        let out = req.send().await.map_err(classify)?;
+        let expected = out.content_length().and_then(|l| u64::try_from(l).ok());
+        let body = out.body.collect().await.map_err(|e| Failure {
+            class: Class::Retry(CONNECTION),
+            msg: format!("body interrupted: {e}"),
+        })?;
+        let bytes = body.into_bytes().to_vec();
+        if expected.is_some_and(|e| e != bytes.len() as u64) {
+            return Err(Failure {
+                class: Class::Retry(CONNECTION),
+                msg: format!("truncated body: {} of {:?} bytes", bytes.len(), expected),
+            });
+        }
+        Ok(bytes)
     }
 
-    async fn put_multipart(&self, key: &str, data: &[u8]) -> std::result::Result<(), Failure> {
-        let upload_id = self
-            .retry(key, || async {
-                self.counters
-                    .multipart_other
-                    .fetch_add(1, Ordering::Relaxed);
-                let out = self
+    /// The size S3 reports for `key` (`None` if it reports none).
+    async fn head(&self, key: &str) -> std::result::Result<Option<i64>, Failure> {
+        let out = self
+            .client
+            .head_object()
+            .bucket(&self.opts.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(out.content_length())
+    }
+
+    async fn head_bucket(&self) -> std::result::Result<(), Failure> {
+        self.client
+            .head_bucket()
+            .bucket(&self.opts.bucket)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str) -> std::result::Result<(), Failure> {
+        self.client
+            .delete_object()
+            .bucket(&self.opts.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> std::result::Result<(), Failure> {
+        if data.len() > self.opts.multipart_threshold {
+            return self.put_multipart(key, &data).await;
+        }
+        let len = data.len() as i64;
+        self.client
+            .put_object()
+            .bucket(&self.opts.bucket)
+            .key(key)
+            .content_length(len)
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn put_multipart(&self, key: &str, data: &Bytes) -> std::result::Result<(), Failure> {
+        self.multipart_uploads.fetch_add(1, Ordering::Relaxed);
+        let out = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.opts.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(classify)?;
+        let upload_id = out.upload_id().map(str::to_string).ok_or(Failure {
+            class: Class::Fatal,
+            msg: "no upload id".into(),
+        })?;
+        let completed = match self.upload_parts(key, &upload_id, data).await {
+            Ok(parts) => parts,
+            Err(f) => {
+                // Leave nothing half-written behind.
+                let _ = self
                     .client
-                    .create_multipart_upload()
+                    .abort_multipart_upload()
                     .bucket(&self.opts.bucket)
                     .key(key)
+                    .upload_id(&upload_id)
                     .send()
-                    .await
-                    .map_err(classify)?;
-                out.upload_id().map(str::to_string).ok_or(Failure {
-                    class: Class::Fatal,
-                    msg: "no upload id".into(),
-                })
-            })
-            .await?;
-        let parts: Vec<(i32, &[u8])> = data
-            .chunks(self.opts.part_size.max(5 << 20))
-            .enumerate()
-            .map(|(i, c)| (i as i32 + 1, c))
-            .collect();
-        let uploads = parts.iter().map(|(n, chunk)| {
-            let upload_id = upload_id.clone();
-            async move {
-                self.throttle(chunk.len() as u64).await;
-                self.retry(key, || async {
-                    self.counters.put.fetch_add(1, Ordering::Relaxed);
-                    let out = self
-                        .client
-                        .upload_part()
-                        .bucket(&self.opts.bucket)
-                        .key(key)
-                        .upload_id(&upload_id)
-                        .part_number(*n)
-                        .content_length(chunk.len() as i64)
-                        .body(ByteStream::from(chunk.to_vec()))
-                        .send()
-                        .await
-                        .map_err(classify)?;
-                    self.counters
-                        .bytes_up
-                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    Ok(CompletedPart::builder()
-                        .part_number(*n)
-                        .set_e_tag(out.e_tag().map(str::to_string))
-                        .build())
-                })
-                .await
+                    .await;
+                return Err(f);
             }
-        });
-        let results = futures_join_all(uploads).await;
-        let mut completed = Vec::new();
-        for r in results {
-            match r {
-                Ok(p) => completed.push(p),
-                Err(f) => {
-                    // Leave nothing half-written behind.
-                    let _ = self
-                        .client
-                        .abort_multipart_upload()
-                        .bucket(&self.opts.bucket)
-                        .key(key)
-                        .upload_id(&upload_id)
-                        .send()
-                        .await;
-                    return Err(f);
-                }
-            }
-        }
+        };
         let done = CompletedMultipartUpload::builder()
             .set_parts(Some(completed))
             .build();
-        self.retry(key, || async {
-            self.counters
-                .multipart_other
-                .fetch_add(1, Ordering::Relaxed);
-            let res = self
-                .client
-                .complete_multipart_upload()
-                .bucket(&self.opts.bucket)
-                .key(key)
-                .upload_id(&upload_id)
-                .multipart_upload(done.clone())
-                .send()
-                .await;
-            match res {
-                Ok(_) => Ok(()),
-                // Some S3-compatibles (moto, older MinIO) answer 200 with a
-                // differently named XML root the SDK refuses; the upload is
-                // complete, which the size check below confirms.
-                Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 200 => Ok(()),
-                Err(e) => Err(classify(e)),
-            }
-        })
-        .await?;
+        let res = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.opts.bucket)
+            .key(key)
+            .upload_id(&upload_id)
+            .multipart_upload(done)
+            .send()
+            .await;
+        match res {
+            Ok(_) => {}
+            // Some S3-compatibles (moto, older MinIO) answer 200 with a
+            // differently named XML root the SDK refuses; the upload is
+            // complete, which the size check below confirms.
+            Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 200 => {}
+            Err(e) => return Err(classify(e)),
+        }
         // Never report success for an object that is not whole.
-        let size = self
-            .retry(key, || async {
-                self.counters.head.fetch_add(1, Ordering::Relaxed);
-                let out = self
-                    .client
-                    .head_object()
-                    .bucket(&self.opts.bucket)
-                    .key(key)
-                    .send()
-                    .await
-                    .map_err(classify)?;
-                Ok(out.content_length().unwrap_or(-1))
-            })
-            .await?;
+        let size = self.head(key).await?.unwrap_or(-1);
         if size != data.len() as i64 {
             return Err(Failure {
-                class: Class::Retry,
+                class: Class::Retry(std::io::ErrorKind::ConnectionAborted),
                 msg: format!(
                     "multipart upload produced {size} bytes, expected {}",
                     data.len()
@@ -590,31 +544,64 @@ impl S3Backend {
         Ok(())
     }
 
-    pub fn stats(&self) -> BackendStats {
-        let c = &self.counters;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let (put, get, head, list, delete, mp) = (
-            l(&c.put),
-            l(&c.get),
-            l(&c.head),
-            l(&c.list),
-            l(&c.delete),
-            l(&c.multipart_other),
-        );
-        BackendStats {
-            put,
-            get,
-            head,
-            list,
-            delete,
-            multipart: mp,
-            retries: l(&c.retries),
-            bytes_up: l(&c.bytes_up),
-            bytes_down: l(&c.bytes_down),
-            b2_class_a: put + delete,
-            b2_class_b: get + head,
-            b2_class_c: list + mp,
+    /// Uploads the parts of `data`, at most `connections` at a time, each a
+    /// task on the shared runtime sharing `data`'s buffer. The first
+    /// failure stops the rest (they are aborted and waited for, so none
+    /// lands after the caller aborts the upload). Returns the parts in
+    /// order.
+    async fn upload_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        data: &Bytes,
+    ) -> std::result::Result<Vec<CompletedPart>, Failure> {
+        let part_size = self.opts.part_size.max(5 << 20);
+        let in_flight = self.opts.connections.max(1);
+        let mut running: JoinSet<std::result::Result<(i32, CompletedPart), Failure>> =
+            JoinSet::new();
+        let mut done: Vec<(i32, CompletedPart)> = Vec::new();
+        let mut start = 0usize;
+        let mut number = 1i32;
+        loop {
+            if start < data.len() && running.len() < in_flight {
+                let end = data.len().min(start.saturating_add(part_size));
+                running.spawn_on(
+                    upload_part(
+                        self.client.clone(),
+                        self.opts.bucket.clone(),
+                        key.to_string(),
+                        upload_id.to_string(),
+                        number,
+                        data.slice(start..end),
+                    ),
+                    self.rt.handle(),
+                );
+                start = end;
+                number += 1;
+                continue;
+            }
+            let failure = match running.join_next().await {
+                None => break,
+                Some(Ok(Ok(part))) => {
+                    done.push(part);
+                    continue;
+                }
+                Some(Ok(Err(f))) => f,
+                Some(Err(e)) => Failure {
+                    class: Class::Fatal,
+                    msg: format!("part upload task failed: {e}"),
+                },
+            };
+            running.shutdown().await;
+            return Err(failure);
         }
+        done.sort_by_key(|(n, _)| *n);
+        Ok(done.into_iter().map(|(_, part)| part).collect())
+    }
+
+    /// Multipart uploads started (each attempt of a retried write counts).
+    pub fn multipart_uploads(&self) -> u64 {
+        self.multipart_uploads.load(Ordering::Relaxed)
     }
 
     pub fn options(&self) -> &S3Options {
@@ -622,27 +609,32 @@ impl S3Backend {
     }
 }
 
-/// Runs futures concurrently on the current task (no extra dependency).
-async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let futs: Vec<_> = futs.map(Box::pin).collect();
-    let mut outs: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
-    let mut pending: Vec<(usize, std::pin::Pin<Box<F>>)> = futs.into_iter().enumerate().collect();
-    std::future::poll_fn(|cx| {
-        pending.retain_mut(|(i, f)| match f.as_mut().poll(cx) {
-            std::task::Poll::Ready(v) => {
-                outs[*i] = Some(v);
-                false
-            }
-            std::task::Poll::Pending => true,
-        });
-        if pending.is_empty() {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
-    outs.into_iter().flatten().collect()
+/// One part of a multipart upload: owns everything, so it can be a task.
+async fn upload_part(
+    client: Client,
+    bucket: String,
+    key: String,
+    upload_id: String,
+    number: i32,
+    chunk: Bytes,
+) -> std::result::Result<(i32, CompletedPart), Failure> {
+    let len = chunk.len() as i64;
+    let out = client
+        .upload_part()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(upload_id)
+        .part_number(number)
+        .content_length(len)
+        .body(ByteStream::from(chunk))
+        .send()
+        .await
+        .map_err(classify)?;
+    let part = CompletedPart::builder()
+        .part_number(number)
+        .set_e_tag(out.e_tag().map(str::to_string))
+        .build();
+    Ok((number, part))
 }
 
 impl ReadBackend for S3Backend {
@@ -657,8 +649,7 @@ impl ReadBackend for S3Backend {
 
     fn read(&self, kind: FileKind, name: &str) -> Result<Vec<u8>> {
         let key = self.key(kind, name);
-        self.rt
-            .block_on(self.get(&key, None))
+        block_on(self.rt, move || async move { self.get(&key, None).await })
             .map_err(|f| self.err("read", kind, name, f))
     }
 
@@ -675,10 +666,10 @@ impl ReadBackend for S3Backend {
         // Ranges come from index entries: a hostile offset must not wrap.
         let last = offset.checked_add(length - 1).ok_or_else(short)?;
         let key = self.key(kind, name);
-        let data = self
-            .rt
-            .block_on(self.get(&key, Some((offset, last))))
-            .map_err(|f| self.err("read", kind, name, f))?;
+        let data = block_on(self.rt, move || async move {
+            self.get(&key, Some((offset, last))).await
+        })
+        .map_err(|f| self.err("read", kind, name, f))?;
         if data.len() as u64 != length {
             return Err(short());
         }
@@ -687,27 +678,9 @@ impl ReadBackend for S3Backend {
 
     fn size(&self, kind: FileKind, name: &str) -> Result<u64> {
         let key = self.key(kind, name);
-        self.rt
-            .block_on(self.retry(&key, || async {
-                self.counters.head.fetch_add(1, Ordering::Relaxed);
-                let out = self
-                    .client
-                    .head_object()
-                    .bucket(&self.opts.bucket)
-                    .key(&key)
-                    .send()
-                    .await
-                    .map_err(classify)?;
-                Ok(out
-                    .content_length()
-                    .and_then(|l| u64::try_from(l).ok())
-                    .unwrap_or(0))
-            }))
-            .map_err(|f| self.err("stat", kind, name, f))
-    }
-
-    fn stats(&self) -> Option<BackendStats> {
-        Some(S3Backend::stats(self))
+        let size = block_on(self.rt, move || async move { self.head(&key).await })
+            .map_err(|f| self.err("stat", kind, name, f))?;
+        Ok(size.and_then(|l| u64::try_from(l).ok()).unwrap_or(0))
     }
 
     fn write_parallelism(&self) -> usize {
@@ -736,7 +709,7 @@ impl ListBackend for S3Backend {
 
 impl S3Backend {
     /// The one listing behind `list` and `list_info` (ListObjectsV2, page
-    /// after page).
+    /// after page; a failed page fails the listing).
     fn list_objects(&self, kind: FileKind) -> Result<Vec<ObjectInfo>> {
         let prefix = match kind {
             FileKind::Config => self.key(kind, ""),
@@ -749,42 +722,46 @@ impl S3Backend {
                 }
             }
         };
-        let result = self.rt.block_on(async {
-            let mut out = Vec::new();
-            let mut token: Option<String> = None;
-            loop {
-                let page = self
-                    .retry(&prefix, || async {
-                        self.counters.list.fetch_add(1, Ordering::Relaxed);
-                        self.client
-                            .list_objects_v2()
-                            .bucket(&self.opts.bucket)
-                            .prefix(&prefix)
-                            .set_continuation_token(token.clone())
-                            .send()
-                            .await
-                            .map_err(classify)
-                    })
-                    .await?;
-                for obj in page.contents() {
-                    let Some(key) = obj.key() else { continue };
-                    let name = key.rsplit('/').next().unwrap_or(key);
-                    if kind == FileKind::Config && key != prefix {
-                        continue;
-                    }
-                    out.push(ObjectInfo {
-                        name: name.to_string(),
-                        size: obj.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
-                        modified: obj.last_modified().and_then(to_chrono),
-                    });
+        block_on(self.rt, move || async move {
+            self.list_pages(kind, &prefix).await
+        })
+        .map_err(|f| self.err("list", kind, "", f))
+    }
+
+    async fn list_pages(
+        &self,
+        kind: FileKind,
+        prefix: &str,
+    ) -> std::result::Result<Vec<ObjectInfo>, Failure> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.opts.bucket)
+                .prefix(prefix)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(classify)?;
+            for obj in page.contents() {
+                let Some(key) = obj.key() else { continue };
+                let name = key.rsplit('/').next().unwrap_or(key);
+                if kind == FileKind::Config && key != prefix {
+                    continue;
                 }
-                token = page.next_continuation_token().map(str::to_string);
-                if token.is_none() {
-                    return Ok(out);
-                }
+                out.push(ObjectInfo {
+                    name: name.to_string(),
+                    size: obj.size().and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+                    modified: obj.last_modified().and_then(to_chrono),
+                });
             }
-        });
-        result.map_err(|f| self.err("list", kind, "", f))
+            token = page.next_continuation_token().map(str::to_string);
+            if token.is_none() {
+                return Ok(out);
+            }
+        }
     }
 }
 
@@ -797,36 +774,27 @@ impl WriteBackend for S3Backend {
     fn create(&self) -> Result<()> {
         // Buckets are provisioned by operators (credentials rarely allow
         // creating them); check it exists so the error comes early.
-        self.rt
-            .block_on(self.retry(&self.opts.bucket, || async {
-                self.counters.head.fetch_add(1, Ordering::Relaxed);
-                self.client
-                    .head_bucket()
-                    .bucket(&self.opts.bucket)
-                    .send()
-                    .await
-                    .map_err(classify)?;
-                Ok(())
-            }))
-            .map_err(|f| {
-                let msg = if matches!(f.class, Class::NotFound) {
-                    format!("bucket {} does not exist", self.opts.bucket)
-                } else {
-                    f.msg
-                };
-                Error::Backend {
-                    op: "create",
-                    kind: FileKind::Config,
-                    name: String::new(),
-                    source: std::io::Error::other(format!("s3://{}: {msg}", self.opts.bucket)),
-                }
-            })
+        block_on(self.rt, move || async move { self.head_bucket().await }).map_err(|f| {
+            let (io_kind, msg) = match f.class {
+                Class::NotFound => (
+                    std::io::ErrorKind::Other,
+                    format!("bucket {} does not exist", self.opts.bucket),
+                ),
+                Class::Retry(k) => (k, f.msg),
+                Class::Fatal => (std::io::ErrorKind::Other, f.msg),
+            };
+            Error::Backend {
+                op: "create",
+                kind: FileKind::Config,
+                name: String::new(),
+                source: std::io::Error::new(io_kind, format!("s3://{}: {msg}", self.opts.bucket)),
+            }
+        })
     }
 
-    fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> Result<()> {
+    fn write(&self, kind: FileKind, name: &str, data: Bytes) -> Result<()> {
         let key = self.key(kind, name);
-        self.rt
-            .block_on(self.put(&key, data))
+        block_on(self.rt, move || async move { self.put(&key, data).await })
             .map_err(|f| self.err("write", kind, name, f))
     }
 }
@@ -834,22 +802,12 @@ impl WriteBackend for S3Backend {
 impl DeleteBackend for S3Backend {
     fn remove(&self, kind: FileKind, name: &str) -> Result<()> {
         let key = self.key(kind, name);
-        let r = self.rt.block_on(self.retry(&key, || async {
-            self.counters.delete.fetch_add(1, Ordering::Relaxed);
-            self.client
-                .delete_object()
-                .bucket(&self.opts.bucket)
-                .key(&key)
-                .send()
-                .await
-                .map_err(classify)?;
-            Ok(())
-        }));
-        match r {
+        let shown = key.clone();
+        match block_on(self.rt, move || async move { self.delete(&key).await }) {
             Ok(()) => Ok(()),
             Err(f) if matches!(f.class, Class::NotFound) => Ok(()),
             Err(f) => {
-                warn!(key = %key, error = %f.msg, "delete failed");
+                warn!(key = %shown, error = %f.msg, "delete failed");
                 Err(self.err("remove", kind, name, f))
             }
         }
@@ -920,13 +878,86 @@ mod tests {
         assert_eq!(c, Some((1_700_000_000, 250_000_000)));
     }
 
+    /// Regression test for the agent's shutdown panic: a backend made and
+    /// dropped inside an async task (as the agent drops its repository in
+    /// `block_on`) must not drop a runtime there, and blocking calls from
+    /// async contexts of either runtime flavour must not panic.
     #[test]
-    fn limiter_spaces_out_uploads() {
-        let l = Limiter {
-            rate: 1000.0,
-            state: Mutex::new((Instant::now(), 1000.0)),
+    fn backends_are_made_and_dropped_inside_async_contexts_without_panics() -> Result<()> {
+        let o = S3Options {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            bucket: "b".into(),
+            static_credentials: Some(("k".into(), "s".into())),
+            ..S3Options::default()
         };
-        assert_eq!(l.wait_time(500), Duration::ZERO);
-        assert!(l.wait_time(1500) >= Duration::from_millis(900));
+        let current = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("runtime", e))?;
+        current.block_on(async {
+            let b = S3Backend::new(o.clone())?;
+            assert_eq!(b.multipart_uploads(), 0);
+            drop(b);
+            Ok::<(), Error>(())
+        })?;
+        let multi = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("runtime", e))?;
+        multi.block_on(async {
+            let b = S3Backend::new(o.clone())?;
+            drop(b);
+            Ok::<(), Error>(())
+        })?;
+        // And from a blocking thread, the way the agent calls storage.
+        let from_blocking = multi.block_on(async move {
+            tokio::task::spawn_blocking(move || S3Backend::new(o).map(drop)).await
+        });
+        assert!(matches!(from_blocking, Ok(Ok(()))));
+        Ok(())
+    }
+
+    #[test]
+    fn failures_map_to_retryable_errors_by_class() -> Result<()> {
+        let b = S3Backend::new(S3Options {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            bucket: "b".into(),
+            static_credentials: Some(("k".into(), "s".into())),
+            ..S3Options::default()
+        })?;
+        let f = |class| Failure {
+            class,
+            msg: "m".into(),
+        };
+        assert!(b
+            .err("read", FileKind::Pack, "p", f(Class::Retry(TRY_LATER)))
+            .retryable());
+        assert!(b
+            .err("read", FileKind::Pack, "p", f(Class::Retry(CONNECTION)))
+            .retryable());
+        assert!(b
+            .err("read", FileKind::Pack, "p", f(Class::Retry(TIMEOUT)))
+            .retryable());
+        assert!(b
+            .err(
+                "write",
+                FileKind::Pack,
+                "p",
+                f(Class::Retry(std::io::ErrorKind::ConnectionAborted))
+            )
+            .retryable());
+        assert!(!b
+            .err("read", FileKind::Pack, "p", f(Class::Fatal))
+            .retryable());
+        assert!(matches!(
+            b.err("read", FileKind::Pack, "p", f(Class::NotFound)),
+            Error::NotFound { .. }
+        ));
+        let shown = b
+            .err("read", FileKind::Pack, "p", f(Class::Fatal))
+            .to_string();
+        assert!(shown.contains("s3://b/"), "{shown}");
+        Ok(())
     }
 }

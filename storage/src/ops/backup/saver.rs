@@ -1,0 +1,206 @@
+//! The saver: blobs into packs, packs to the backend by the uploader
+//! threads, index files once their packs are durable. It also remembers
+//! which packs the backup relies on, for the checks before the snapshot.
+
+use super::*;
+
+pub(super) const PACK_QUEUE: usize = 1;
+pub(super) const FILE_CACHE_SEP: u8 = 0;
+/// Index files are written at least every this many packs, so an
+/// interrupted backup loses little index work (packs are found anyway).
+pub(super) const PACKS_PER_INDEX: usize = 8;
+
+/// Shared state of the blob-saving half of the pipeline.
+pub(super) struct Saver<'r> {
+    pub(super) repo: &'r Repository,
+    /// The backup's session lease: no index file is written once it may
+    /// have looked stale (its packs may be gone by then).
+    pub(super) session: &'r Lease,
+    pub(super) level: i32,
+    pub(super) pack_size: usize,
+    /// Room for a full pack plus its largest possible last blob and the
+    /// trailer, so sealing never reallocates (which would double memory).
+    pub(super) pack_capacity: usize,
+    pub(super) inflight: Mutex<HashSet<Id>>,
+    /// Indexed packs that the storage does not hold (replayed index files,
+    /// packs deleted since): their blobs are stored again, never reused.
+    pub(super) missing_packs: HashSet<[u8; 32]>,
+    /// Every pack holding a blob this backup references; all must still
+    /// exist when the snapshot is written.
+    pub(super) used_packs: Mutex<HashSet<[u8; 32]>>,
+    pub(super) packer: Mutex<PackBuilder>,
+    /// Taken (and so closed) once all blobs are queued.
+    pub(super) upload_tx: Mutex<Option<Sender<PackBuilder>>>,
+    pub(super) pending_index: Mutex<Vec<(Id, Vec<PackEntry>)>>,
+    /// Index files this backup wrote, with the packs each lists: withdrawn
+    /// if the lease is lost (their packs may be gone).
+    pub(super) written_index: Mutex<Vec<(String, Vec<Id>)>>,
+    pub(super) stats: Stats,
+    pub(super) progress: &'r Progress,
+    pub(super) abort: AtomicBool,
+    pub(super) first_error: Mutex<Option<Error>>,
+}
+
+#[derive(Default)]
+pub(super) struct Stats {
+    pub(super) bytes_added: AtomicU64,
+    pub(super) data_blobs: AtomicU64,
+    pub(super) tree_blobs: AtomicU64,
+    pub(super) packs: AtomicU64,
+}
+
+impl<'r> Saver<'r> {
+    pub(super) fn fail(&self, e: Error) {
+        let mut slot = crate::util::lock(&self.first_error);
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        self.abort.store(true, Ordering::SeqCst);
+    }
+
+    pub(super) fn aborted(&self) -> bool {
+        self.abort.load(Ordering::Relaxed)
+    }
+
+    /// Claims `id` for storing: false when the repository or this backup
+    /// already has it.
+    pub(super) fn claim(&self, id: &Id) -> Result<bool> {
+        if self.known(id)? {
+            return Ok(false);
+        }
+        let mut inflight = crate::util::lock(&self.inflight);
+        Ok(inflight.insert(*id))
+    }
+
+    /// Whether a pack that exists holds `id`; records that pack as used.
+    pub(super) fn known(&self, id: &Id) -> Result<bool> {
+        let Some(loc) = self.repo.index().get_blob(&id.0)? else {
+            return Ok(false);
+        };
+        if self.missing_packs.contains(&loc.pack) {
+            return Ok(false);
+        }
+        crate::util::lock(&self.used_packs).insert(loc.pack);
+        Ok(true)
+    }
+
+    pub(super) fn add_encoded(&self, blob: EncodedBlob) -> Result<()> {
+        let len = blob.ciphertext.len() as u64;
+        match blob.kind {
+            BlobType::Data => self.stats.data_blobs.fetch_add(1, Ordering::Relaxed),
+            _ => self.stats.tree_blobs.fetch_add(1, Ordering::Relaxed),
+        };
+        let full = {
+            let mut p = crate::util::lock(&self.packer);
+            p.add(blob)?;
+            if p.len() >= self.pack_size {
+                Some(std::mem::replace(
+                    &mut *p,
+                    PackBuilder::with_capacity(self.pack_capacity),
+                ))
+            } else {
+                None
+            }
+        };
+        self.stats.bytes_added.fetch_add(len, Ordering::Relaxed);
+        self.progress.bytes_added.fetch_add(len, Ordering::Relaxed);
+        if let Some(pack) = full {
+            self.send_pack(pack)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn send_pack(&self, pack: PackBuilder) -> Result<()> {
+        let tx = crate::util::lock(&self.upload_tx).clone();
+        tx.ok_or_else(|| Error::Aborted("pack writer closed".into()))?
+            .send(pack)
+            .map_err(|_| Error::Aborted("pack writer stopped".into()))
+    }
+
+    /// Stores a small blob (tree, chunk list) from the calling thread.
+    pub(super) fn save_blob(&self, kind: BlobType, data: &[u8]) -> Result<Id> {
+        let id = self.repo.keys().content_id(data);
+        if self.claim(&id)? {
+            self.add_encoded(blob::encode(self.repo.keys(), kind, id, data, self.level)?)?;
+        }
+        Ok(id)
+    }
+
+    pub(super) fn flush_packer(&self) -> Result<()> {
+        let last = std::mem::take(&mut *crate::util::lock(&self.packer));
+        if !last.is_empty() {
+            self.send_pack(last)?;
+        }
+        Ok(())
+    }
+
+    /// Uploader loop: seal, write, then make the blobs visible.
+    pub(super) fn upload_loop(&self, rx: Receiver<PackBuilder>) {
+        for builder in rx {
+            if self.aborted() {
+                continue;
+            }
+            if let Err(e) = self.upload_one(builder) {
+                self.fail(e);
+            }
+        }
+    }
+
+    pub(super) fn upload_one(&self, builder: PackBuilder) -> Result<()> {
+        let sealed = builder.seal(self.repo.keys())?;
+        let name = sealed.id.to_hex();
+        self.repo
+            .backend()
+            .write(FileKind::Pack, &name, sealed.bytes.into())?;
+        debug!(pack = %name, blobs = sealed.entries.len(), "pack written");
+        self.stats.packs.fetch_add(1, Ordering::Relaxed);
+        crate::util::lock(&self.used_packs).insert(sealed.id.0);
+        let item = vec![(sealed.id, sealed.entries)];
+        // Blobs become visible in the local cache right away for dedup;
+        // the repository index file follows in batches.
+        self.repo.cache_entries(&item, false)?;
+        {
+            let mut inflight = crate::util::lock(&self.inflight);
+            for e in &item[0].1 {
+                inflight.remove(&e.id);
+            }
+        }
+        let batch = {
+            let mut pending = crate::util::lock(&self.pending_index);
+            pending.extend(item);
+            if pending.len() >= PACKS_PER_INDEX {
+                std::mem::take(&mut *pending)
+            } else {
+                Vec::new()
+            }
+        };
+        if !batch.is_empty() {
+            self.session.check_alive()?;
+            self.write_index(&batch)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn write_index(&self, batch: &[(Id, Vec<PackEntry>)]) -> Result<()> {
+        let name = self.repo.write_index(batch)?;
+        let packs = batch.iter().map(|(p, _)| *p).collect();
+        crate::util::lock(&self.written_index).push((name, packs));
+        Ok(())
+    }
+
+    /// After the lease was lost: index files of this run that list a pack
+    /// that is gone are removed, so the repository stays consistent (packs
+    /// that remain are indexed again by the next backup's recovery).
+    pub(super) fn withdraw_index(&self) {
+        let present: HashSet<String> = match self.repo.backend().list(FileKind::Pack) {
+            Ok(l) => l.into_iter().map(|(n, _)| n).collect(),
+            Err(_) => return,
+        };
+        for (name, packs) in crate::util::lock(&self.written_index).iter() {
+            if packs.iter().any(|p| !present.contains(&p.to_hex())) {
+                warn!(index = %name, "withdrawing an index file whose packs are gone");
+                let _ = self.repo.backend().remove(FileKind::Index, name);
+            }
+        }
+    }
+}

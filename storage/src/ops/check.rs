@@ -1,0 +1,603 @@
+//! `check`: structural and (optionally) full data verification, and
+//! `repair snapshots`: rewrite snapshots without their unreadable parts.
+//!
+//! Check works from the repository alone (index files, packs, snapshots),
+//! never from the local cache, so a stale cache cannot hide damage.
+
+use std::collections::{HashMap, HashSet};
+
+use rand::seq::SliceRandom;
+use serde::Serialize;
+use tracing::warn;
+
+use crate::backend::{FileKind, CONFIG_NAME};
+use crate::error::{Error, Result};
+use crate::format::blob::{self, BlobType};
+use crate::format::crypto::KeyFile;
+use crate::format::id::Id;
+use crate::format::pack::{self, PackEntry, FOOTER_LEN};
+use crate::format::snapshot::Snapshot;
+use crate::format::tree::{self, Node, NodeKind, Tree};
+use crate::repo::walk::Walker;
+use crate::repo::Repository;
+
+/// Which packs `--read-data` reads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ReadData {
+    None,
+    All,
+    /// A random fraction (0..=1] of the packs.
+    Fraction(f64),
+    /// Part `n` of `m` (1-based): packs whose first id byte mod m == n-1,
+    /// so m weekly runs cover everything.
+    Part(u32, u32),
+}
+
+impl ReadData {
+    /// Parses `10%` or `n/m`.
+    pub fn parse_subset(s: &str) -> Result<Self> {
+        let bad = || Error::InvalidArgument(format!("invalid subset {s:?} (use e.g. 10% or 2/5)"));
+        if let Some(p) = s.strip_suffix('%') {
+            let f: f64 = p.trim().parse().map_err(|_| bad())?;
+            if !(f > 0.0 && f <= 100.0) {
+                return Err(bad());
+            }
+            return Ok(ReadData::Fraction(f / 100.0));
+        }
+        let (n, m) = s.split_once('/').ok_or_else(bad)?;
+        let (n, m): (u32, u32) = (
+            n.trim().parse().map_err(|_| bad())?,
+            m.trim().parse().map_err(|_| bad())?,
+        );
+        if m == 0 || n == 0 || n > m {
+            return Err(bad());
+        }
+        Ok(ReadData::Part(n, m))
+    }
+}
+
+/// One thing `check` found wrong (an error) or worth knowing (a warning).
+/// The text says which object and what; `--json` gives the fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CheckProblem {
+    #[error("config marmoset.repository is missing")]
+    MissingConfig,
+    #[error("key {key}: {reason}")]
+    BadKey { key: String, reason: String },
+    #[error("index {index}: {reason}")]
+    BadIndex { index: String, reason: String },
+    #[error("snapshot {snapshot}: {reason}")]
+    BadSnapshot { snapshot: String, reason: String },
+    /// A directory, file or entry within a snapshot's trees.
+    #[error("snapshot {snapshot}: {path}: {reason}")]
+    BadTree {
+        snapshot: String,
+        path: String,
+        reason: String,
+    },
+    #[error("pack {pack}: {reason}")]
+    BadPack { pack: String, reason: String },
+    /// A lease or plan that does not authenticate or is a replay.
+    #[error("{object} ignored: {reason} (someone with write access but no key?)")]
+    Ignored { object: String, reason: String },
+    #[error("pack {pack} is in no index (left by an interrupted backup, or being written); the next backup indexes it")]
+    UnindexedPack { pack: String },
+}
+
+fn pack_problem(pack: &str, reason: impl ToString) -> CheckProblem {
+    CheckProblem::BadPack {
+        pack: pack.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CheckReport {
+    pub errors: Vec<CheckProblem>,
+    pub warnings: Vec<CheckProblem>,
+    pub keys: u64,
+    pub index_files: u64,
+    pub packs: u64,
+    pub snapshots: u64,
+    pub trees: u64,
+    pub data_blobs_referenced: u64,
+    pub packs_read: u64,
+    pub blobs_read: u64,
+    pub bytes_read: u64,
+}
+
+impl CheckReport {
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+pub fn check(repo: &Repository, read_data: ReadData) -> Result<CheckReport> {
+    let mut r = CheckReport::default();
+    let backend = repo.backend();
+    // Config was verified (MAC) when the repository was opened.
+    if backend.size(FileKind::Config, CONFIG_NAME).is_err() {
+        r.errors.push(CheckProblem::MissingConfig);
+    }
+    for (name, _) in backend.list(FileKind::Key)? {
+        r.keys += 1;
+        match backend
+            .read(FileKind::Key, &name)
+            .map(|raw| serde_json::from_slice::<KeyFile>(&raw))
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => r.errors.push(CheckProblem::BadKey {
+                key: name.clone(),
+                reason: format!("malformed: {e}"),
+            }),
+            Err(e) => r.errors.push(CheckProblem::BadKey {
+                key: name.clone(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    let pack_sizes: HashMap<String, u64> = backend.list(FileKind::Pack)?.into_iter().collect();
+    r.packs = pack_sizes.len() as u64;
+    // Index: every entry must point inside an existing pack.
+    let mut index: HashMap<Id, (Id, PackEntry)> = HashMap::new();
+    let mut indexed_packs: HashMap<Id, Vec<PackEntry>> = HashMap::new();
+    for (name, _) in backend.list(FileKind::Index)? {
+        r.index_files += 1;
+        let packs = match repo.load_index_file(&name) {
+            Ok(p) => p,
+            Err(e) => {
+                r.errors.push(CheckProblem::BadIndex {
+                    index: name.clone(),
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+        };
+        for (pack, entries) in packs {
+            let pname = pack.to_hex();
+            match pack_sizes.get(&pname) {
+                None => r.errors.push(CheckProblem::BadIndex {
+                    index: name.clone(),
+                    reason: format!("pack {pname} is missing ({} blobs)", entries.len()),
+                }),
+                Some(&size) => {
+                    // Checked: index entries are repository-supplied numbers.
+                    let beyond = |e: &&PackEntry| {
+                        e.offset
+                            .checked_add(u64::from(e.length))
+                            .and_then(|end| end.checked_add(FOOTER_LEN))
+                            .is_none_or(|end| end > size)
+                    };
+                    if let Some(e) = entries.iter().find(beyond) {
+                        r.errors.push(CheckProblem::BadIndex {
+                            index: name.clone(),
+                            reason: format!("blob {} points beyond the end of pack {pname}", e.id),
+                        });
+                    }
+                }
+            }
+            for e in &entries {
+                index.entry(e.id).or_insert((pack, *e));
+            }
+            indexed_packs.entry(pack).or_insert(entries);
+        }
+    }
+    // Leases and plans written without the key are ignored by every
+    // command; check names them so an operator can look for the intruder.
+    let plans = crate::repo::coordination::plans::scan_plans(repo)?;
+    let mut planned = std::collections::HashSet::new();
+    for p in plans.plans {
+        planned.extend(p.plan.packs);
+    }
+    let mut rejected = plans.rejected;
+    for kind in [
+        crate::repo::coordination::lease::LeaseKind::Session,
+        crate::repo::coordination::lease::LeaseKind::Maintenance,
+    ] {
+        rejected.extend(
+            crate::repo::coordination::lease::scan(&**backend, repo.keys(), kind)?.rejected,
+        );
+    }
+    for (name, why) in rejected {
+        r.warnings.push(CheckProblem::Ignored {
+            object: name.clone(),
+            reason: why.clone(),
+        });
+    }
+    for name in pack_sizes.keys() {
+        let indexed = Id::from_hex(name).is_some_and(|id| indexed_packs.contains_key(&id));
+        if !indexed && !planned.contains(name) {
+            r.warnings
+                .push(CheckProblem::UnindexedPack { pack: name.clone() });
+        }
+    }
+
+    // Snapshots: every tree readable, every blob indexed.
+    let (snaps, bad) = repo.snapshots()?;
+    for (name, e) in bad {
+        r.errors.push(CheckProblem::BadSnapshot {
+            snapshot: name.clone(),
+            reason: e.to_string(),
+        });
+    }
+    r.snapshots = snaps.len() as u64;
+    let mut seen_trees = HashSet::new();
+    let mut seen_data: HashSet<Id> = HashSet::new();
+    for (id, snap) in &snaps {
+        check_snapshot(
+            repo,
+            id,
+            snap,
+            &index,
+            &mut seen_trees,
+            &mut seen_data,
+            &mut r,
+        );
+    }
+    r.data_blobs_referenced = seen_data.len() as u64;
+
+    if read_data != ReadData::None {
+        let mut selected: Vec<(&String, &u64)> = pack_sizes
+            .iter()
+            .filter(|(name, _)| match read_data {
+                ReadData::Part(n, m) => {
+                    Id::from_hex(name).is_some_and(|id| u32::from(id.0[0]) % m == n - 1)
+                }
+                _ => true,
+            })
+            .collect();
+        if let ReadData::Fraction(f) = read_data {
+            selected.shuffle(&mut rand::thread_rng());
+            let n = ((selected.len() as f64 * f).ceil() as usize).min(selected.len());
+            selected.truncate(n);
+        }
+        selected.sort();
+        for (name, _) in selected {
+            read_pack(repo, name, &indexed_packs, &mut r);
+        }
+    }
+    Ok(r)
+}
+
+fn check_snapshot(
+    repo: &Repository,
+    id: &Id,
+    snap: &Snapshot,
+    index: &HashMap<Id, (Id, PackEntry)>,
+    seen_trees: &mut HashSet<Id>,
+    seen_data: &mut HashSet<Id>,
+    r: &mut CheckReport,
+) {
+    let short = id.short();
+    let roots = snap
+        .root_parts()
+        .into_iter()
+        .filter(|t| seen_trees.insert(*t))
+        .map(|t| (t, "/".to_string()))
+        .collect();
+    let w = Walk {
+        repo,
+        short: &short,
+        index,
+    };
+    // The walk itself cannot fail: every problem is reported and the walk
+    // goes on with the rest.
+    let walked = Walker::new(repo).run(roots, |listing| {
+        r.trees += 1;
+        let path = listing.at;
+        let mut next = Vec::new();
+        match listing.tree {
+            Ok(t) => check_tree(&w, &path, t, seen_data, &mut next, r),
+            Err(e) => {
+                let msg = match e {
+                    Error::BlobNotFound { .. } => {
+                        format!("tree {} is missing (in no index)", listing.id)
+                    }
+                    e => e.to_string(),
+                };
+                r.errors.push(CheckProblem::BadTree {
+                    snapshot: short.clone(),
+                    path: path.clone(),
+                    reason: msg,
+                });
+            }
+        }
+        next.retain(|(t, _)| seen_trees.insert(*t));
+        Ok(next)
+    });
+    if let Err(e) = walked {
+        r.errors.push(CheckProblem::BadSnapshot {
+            snapshot: short.clone(),
+            reason: e.to_string(),
+        });
+    }
+}
+
+/// What every directory of one snapshot is checked against.
+struct Walk<'a> {
+    repo: &'a Repository,
+    short: &'a str,
+    index: &'a HashMap<Id, (Id, PackEntry)>,
+}
+
+/// Checks one directory's entries; subdirectories go to `next`.
+fn check_tree(
+    w: &Walk<'_>,
+    path: &str,
+    t: Tree,
+    seen_data: &mut HashSet<Id>,
+    next: &mut Vec<(Id, String)>,
+    r: &mut CheckReport,
+) {
+    let (repo, short, index) = (w.repo, w.short, w.index);
+    for node in t.nodes {
+        let child = format!(
+            "{}{}",
+            if path == "/" { "/" } else { "" },
+            child_path(path, &node)
+        );
+        if !node.has_safe_name() {
+            r.errors.push(CheckProblem::BadTree {
+                snapshot: short.to_string(),
+                path: path.to_string(),
+                reason: format!("unsafe entry name {:?}", node.name_lossy()),
+            });
+        }
+        match node.kind {
+            NodeKind::Dir => next.extend(node.subtree.iter().map(|s| (*s, child.clone()))),
+            NodeKind::File => {
+                let mut chunks = node.content.clone();
+                if node.indirect {
+                    chunks = Vec::new();
+                    for list in &node.content {
+                        match repo
+                            .load_blob(list)
+                            .and_then(|b| tree::decode_chunk_list(list, &b))
+                        {
+                            Ok(c) => chunks.extend(c),
+                            Err(e) => r.errors.push(CheckProblem::BadTree {
+                                snapshot: short.to_string(),
+                                path: child.clone(),
+                                reason: format!("chunk list: {e}"),
+                            }),
+                        }
+                    }
+                }
+                let mut size = 0u64;
+                for c in chunks {
+                    match index.get(&c) {
+                        Some((_, e)) => size += u64::from(e.raw_length),
+                        None => {
+                            r.errors.push(CheckProblem::BadTree {
+                                snapshot: short.to_string(),
+                                path: child.clone(),
+                                reason: format!("blob {c} is missing"),
+                            });
+                            size = node.size;
+                            break;
+                        }
+                    }
+                    seen_data.insert(c);
+                }
+                if size != node.size {
+                    r.errors.push(CheckProblem::BadTree {
+                        snapshot: short.to_string(),
+                        path: child.clone(),
+                        reason: format!("chunks add up to {size} bytes, not {}", node.size),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn child_path(parent: &str, node: &Node) -> String {
+    let p = parent.trim_end_matches('/');
+    format!("{p}/{}", node.name_lossy())
+        .trim_start_matches("//")
+        .to_string()
+}
+
+/// Reads a whole pack: hash, trailer, every blob authenticated and matched
+/// to its content id, and the trailer compared with the index.
+fn read_pack(
+    repo: &Repository,
+    name: &str,
+    indexed: &HashMap<Id, Vec<PackEntry>>,
+    r: &mut CheckReport,
+) {
+    r.packs_read += 1;
+    let bytes = match repo.backend().read(FileKind::Pack, name) {
+        Ok(b) => b,
+        Err(e) => {
+            r.errors.push(pack_problem(name, e));
+            return;
+        }
+    };
+    r.bytes_read += bytes.len() as u64;
+    if Id::of_bytes(&bytes).to_hex() != name {
+        r.errors.push(pack_problem(
+            name,
+            "content does not match its name (corrupted)",
+        ));
+    }
+    let size = bytes.len() as u64;
+    let entries = (|| -> Result<Vec<PackEntry>> {
+        if size < FOOTER_LEN {
+            return Err(Error::corrupt(format!("pack {name}"), "too short"));
+        }
+        let tlen = pack::trailer_len(name, &bytes[(size - FOOTER_LEN) as usize..], size)?;
+        let start = size - FOOTER_LEN - tlen;
+        pack::decode_trailer(
+            repo.keys(),
+            name,
+            &bytes[start as usize..(size - FOOTER_LEN) as usize],
+            start,
+        )
+    })();
+    let entries = match entries {
+        Ok(e) => e,
+        Err(e) => {
+            r.errors.push(pack_problem(name, e));
+            // Fall back to the index's view to still check each blob.
+            match Id::from_hex(name).and_then(|id| indexed.get(&id)) {
+                Some(e) => e.clone(),
+                None => return,
+            }
+        }
+    };
+    for e in &entries {
+        r.blobs_read += 1;
+        // Checked: a hostile trailer or index may hold any offset.
+        let raw = usize::try_from(e.offset).ok().and_then(|start| {
+            let end = start.checked_add(usize::try_from(e.length).ok()?)?;
+            bytes.get(start..end)
+        });
+        let Some(raw) = raw else {
+            r.errors.push(pack_problem(
+                name,
+                format!("blob {} lies outside the pack", e.id),
+            ));
+            continue;
+        };
+        if let Err(err) = blob::decode(repo.keys(), e.kind, &e.id, e.flags, e.raw_length, raw) {
+            r.errors.push(pack_problem(name, err));
+        }
+    }
+    if let Some(listed) = Id::from_hex(name).and_then(|id| indexed.get(&id)) {
+        let in_pack: HashSet<Id> = entries.iter().map(|e| e.id).collect();
+        if let Some(e) = listed.iter().find(|e| !in_pack.contains(&e.id)) {
+            r.errors.push(pack_problem(
+                name,
+                format!("index lists blob {} that the pack does not hold", e.id),
+            ));
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RepairSnapshotsReport {
+    pub dry_run: bool,
+    pub snapshots_checked: u64,
+    /// (old id, new id) of rewritten snapshots; new id empty in dry runs.
+    pub repaired: Vec<(String, String)>,
+    pub removed_entries: Vec<String>,
+}
+
+/// Rewrites every snapshot that references unreadable trees or missing
+/// blobs: damaged directories parts and files are dropped, everything else
+/// is kept; the new snapshot is tagged `repaired` and marked incomplete,
+/// the old manifest is removed.
+pub fn repair_snapshots(repo: &Repository, dry_run: bool) -> Result<RepairSnapshotsReport> {
+    let mut report = RepairSnapshotsReport {
+        dry_run,
+        ..Default::default()
+    };
+    let (snaps, bad) = repo.snapshots()?;
+    for (name, e) in bad {
+        warn!(snapshot = %name, error = %e, "unreadable snapshot manifest cannot be repaired");
+        report
+            .removed_entries
+            .push(format!("snapshot {name}: unreadable manifest ({e})"));
+    }
+    for (id, snap) in snaps {
+        report.snapshots_checked += 1;
+        let mut new_trees = Vec::new();
+        let mut removed = Vec::new();
+        let (parts, changed) =
+            repair_dir(repo, &snap.root_parts(), "", &mut new_trees, &mut removed)?;
+        if !changed {
+            continue;
+        }
+        report.removed_entries.extend(
+            removed
+                .into_iter()
+                .map(|p| format!("snapshot {}: {p}", id.short())),
+        );
+        if dry_run {
+            report.repaired.push((id.to_hex(), String::new()));
+            continue;
+        }
+        repo.save_blobs(&new_trees)?;
+        let mut new = snap.clone();
+        new.tree = parts.first().copied().unwrap_or_default();
+        new.tree_parts = if parts.len() > 1 { parts } else { Vec::new() };
+        new.incomplete = true;
+        if !new.tags.iter().any(|t| t == "repaired") {
+            new.tags.push("repaired".into());
+        }
+        let new_id = repo.save_snapshot(&new)?;
+        repo.backend().remove(FileKind::Snapshot, &id.to_hex())?;
+        report.repaired.push((id.to_hex(), new_id.to_hex()));
+    }
+    Ok(report)
+}
+
+fn repair_dir(
+    repo: &Repository,
+    parts: &[Id],
+    path: &str,
+    new_trees: &mut Vec<(BlobType, Vec<u8>)>,
+    removed: &mut Vec<String>,
+) -> Result<(Vec<Id>, bool)> {
+    let mut changed = false;
+    let mut out = Vec::new();
+    for part in parts {
+        let t = match repo.load_tree(part) {
+            Ok(t) => t,
+            Err(e) => {
+                removed.push(format!("{path}/: part of the listing unreadable ({e})"));
+                changed = true;
+                continue;
+            }
+        };
+        let mut nodes = Vec::with_capacity(t.nodes.len());
+        let mut part_changed = false;
+        for mut node in t.nodes {
+            let p = format!("{path}/{}", node.name_lossy());
+            match node.kind {
+                NodeKind::Dir => {
+                    let (sub, c) = repair_dir(repo, &node.subtree, &p, new_trees, removed)?;
+                    if c {
+                        part_changed = true;
+                        node.subtree = sub;
+                    }
+                    nodes.push(node);
+                }
+                NodeKind::File => match file_intact(repo, &node) {
+                    Ok(()) => nodes.push(node),
+                    Err(e) => {
+                        removed.push(format!("{p}: {e}"));
+                        part_changed = true;
+                    }
+                },
+                _ => nodes.push(node),
+            }
+        }
+        if part_changed {
+            changed = true;
+            let plain = Tree { nodes }.encode()?;
+            out.push(repo.keys().content_id(&plain));
+            new_trees.push((BlobType::Tree, plain));
+        } else {
+            out.push(*part);
+        }
+    }
+    if out.is_empty() {
+        // Keep the directory itself, empty.
+        let plain = Tree::default().encode()?;
+        out.push(repo.keys().content_id(&plain));
+        new_trees.push((BlobType::Tree, plain));
+    }
+    Ok((out, changed))
+}
+
+fn file_intact(repo: &Repository, node: &Node) -> Result<()> {
+    for c in repo.file_chunks(node)? {
+        repo.blob_location(&c)?;
+    }
+    Ok(())
+}

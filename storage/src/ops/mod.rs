@@ -1,0 +1,13 @@
+//! What users run, each over an open [`crate::Repository`]: backup,
+//! restore, check and repair, forget, verify, browse (diff/find), stats and
+//! maintenance. Operations use the repository and format layers; nothing
+//! below imports from here.
+
+pub mod backup;
+pub mod browse;
+pub mod check;
+pub mod forget;
+pub mod maintain;
+pub mod restore;
+pub mod stats;
+pub mod verify;

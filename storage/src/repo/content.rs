@@ -1,0 +1,414 @@
+//! Content: blobs in packs, and the index that finds them. Sync of the
+//! local index cache, reading and authenticating blobs, saving blobs and
+//! trees, and recovering or repairing the index from the packs themselves.
+
+use marmoset_index::BlobLocation;
+use tracing::{debug, info, warn};
+
+use super::Repository;
+use crate::backend::FileKind;
+use crate::error::{Error, Result};
+use crate::format;
+use crate::format::blob::{self, BlobType};
+use crate::format::id::Id;
+use crate::format::pack::{self, PackEntry, FOOTER_LEN};
+use crate::format::snapshot::Snapshot;
+use crate::format::tree::{self, Node, NodeKind, Tree};
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct RepairIndexReport {
+    pub packs: u64,
+    pub blobs: u64,
+    pub index_files_written: u64,
+    pub index_files_removed: u64,
+    pub unreadable_packs: Vec<String>,
+}
+
+impl Repository {
+    /// Brings the local cache up to date with the repository's index files.
+    /// If a file the cache loaded is gone (merged or removed by maintenance),
+    /// the blob part of the cache is rebuilt from scratch.
+    pub fn sync_index(&self) -> Result<()> {
+        let remote: std::collections::HashSet<String> = self
+            .backend
+            .list(FileKind::Index)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let loaded: std::collections::HashSet<String> =
+            self.index.loaded_index_files()?.into_iter().collect();
+        let to_load: Vec<&String> = if loaded.iter().any(|n| !remote.contains(n)) {
+            debug!("index files were removed remotely; rebuilding the blob cache");
+            self.index.clear_blobs()?;
+            remote.iter().collect()
+        } else {
+            remote.iter().filter(|n| !loaded.contains(*n)).collect()
+        };
+        for name in to_load {
+            match self.load_index_file(name) {
+                Ok(packs) => {
+                    self.cache_entries(&packs, true)?;
+                    self.index.mark_index_file_loaded(name)?;
+                }
+                // Unreadable index files are reported by `check`; their packs
+                // are found again by `repair index`.
+                Err(e) => warn!(index = %name, error = %e, "skipping unreadable index file"),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn load_index_file(&self, name: &str) -> Result<Vec<(Id, Vec<PackEntry>)>> {
+        let plain = self.load_file(FileKind::Index, name)?;
+        format::decode_index(name, &plain)
+    }
+
+    pub(crate) fn cache_entries(
+        &self,
+        packs: &[(Id, Vec<PackEntry>)],
+        committed: bool,
+    ) -> Result<()> {
+        let mut batch = Vec::new();
+        for (pack, entries) in packs {
+            for e in entries {
+                batch.push((
+                    e.id.0,
+                    BlobLocation {
+                        pack: pack.0,
+                        offset: e.offset,
+                        length: e.length,
+                        raw_length: e.raw_length,
+                        kind: e.kind as u8,
+                        flags: e.flags,
+                    },
+                ));
+            }
+        }
+        self.index.insert_blobs(&batch, committed)?;
+        Ok(())
+    }
+
+    /// Writes an index file for `packs` (only after the packs are durable).
+    pub fn write_index(&self, packs: &[(Id, Vec<PackEntry>)]) -> Result<String> {
+        let name = self.save_file(FileKind::Index, "index", &format::encode_index(packs))?;
+        self.cache_entries(packs, true)?;
+        self.index.mark_index_file_loaded(&name)?;
+        Ok(name)
+    }
+
+    /// Encrypts and stores a repository file; its name is the hash of the
+    /// stored bytes.
+    pub fn save_file(&self, kind: FileKind, label: &str, plaintext: &[u8]) -> Result<String> {
+        let bytes = format::seal_file(&self.keys, label, plaintext);
+        let name = Id::of_bytes(&bytes).to_hex();
+        self.backend.write(kind, &name, bytes.into())?;
+        Ok(name)
+    }
+
+    pub fn load_file(&self, kind: FileKind, name: &str) -> Result<Vec<u8>> {
+        let bytes = self.backend.read(kind, name)?;
+        if Id::of_bytes(&bytes).to_hex() != name {
+            return Err(Error::corrupt(
+                format!("{kind} {name}"),
+                "content does not match its name",
+            ));
+        }
+        format::open_file(&self.keys, &kind.to_string(), name, &bytes)
+    }
+
+    pub fn blob_location(&self, id: &Id) -> Result<BlobLocation> {
+        self.index
+            .get_blob(&id.0)?
+            .ok_or(Error::BlobNotFound { id: *id })
+    }
+
+    /// Reads, decrypts and verifies one blob.
+    pub fn load_blob(&self, id: &Id) -> Result<Vec<u8>> {
+        let loc = self.blob_location(id)?;
+        if self.backend.is_remote() && loc.kind != BlobType::Data as u8 {
+            return self.load_metadata_blob(id, &loc);
+        }
+        self.load_blob_at(id, &loc)
+    }
+
+    /// Trees and chunk lists of a remote repository are kept on local disk,
+    /// still encrypted, so browsing, `ls` and maintenance do not fetch them
+    /// again. A cached copy is authenticated on every use; a bad one is
+    /// dropped and fetched again.
+    fn load_metadata_blob(&self, id: &Id, loc: &BlobLocation) -> Result<Vec<u8>> {
+        let kind = BlobType::from_u8(loc.kind)
+            .ok_or_else(|| Error::corrupt(format!("blob {id}"), "unknown blob type in index"))?;
+        let path = self.index.path().with_extension("blobs").join(id.to_hex());
+        if let Ok(raw) = std::fs::read(&path) {
+            if let Ok(plain) = blob::decode(&self.keys, kind, id, loc.flags, loc.raw_length, &raw) {
+                return Ok(plain);
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        let pack = Id(loc.pack).to_hex();
+        let raw = self.read_blob_bytes(id, &pack, loc)?;
+        let plain = blob::decode(&self.keys, kind, id, loc.flags, loc.raw_length, &raw)
+            .map_err(|e| e.in_pack(&pack))?;
+        if let Some(dir) = path.parent() {
+            if std::fs::create_dir_all(dir).is_ok() {
+                let tmp = path.with_extension("tmp");
+                if std::fs::write(&tmp, &raw).is_ok() {
+                    let _ = std::fs::rename(&tmp, &path);
+                }
+            }
+        }
+        Ok(plain)
+    }
+
+    pub fn load_blob_at(&self, id: &Id, loc: &BlobLocation) -> Result<Vec<u8>> {
+        self.load_blob_with(id, loc, blob::decode)
+    }
+
+    /// Like [`Repository::load_blob`] but trusts the AEAD tag instead of
+    /// re-hashing the plaintext (see `blob::decode_authenticated`).
+    pub fn load_blob_authenticated(&self, id: &Id) -> Result<Vec<u8>> {
+        let loc = self.blob_location(id)?;
+        self.load_blob_with(id, &loc, blob::decode_authenticated)
+    }
+
+    fn load_blob_with(
+        &self,
+        id: &Id,
+        loc: &BlobLocation,
+        decode: blob::Decoder,
+    ) -> Result<Vec<u8>> {
+        let pack = Id(loc.pack).to_hex();
+        let kind = BlobType::from_u8(loc.kind)
+            .ok_or_else(|| Error::corrupt(format!("blob {id}"), "unknown blob type in index"))?;
+        let data = self.read_blob_bytes(id, &pack, loc)?;
+        decode(&self.keys, kind, id, loc.flags, loc.raw_length, &data).map_err(|e| e.in_pack(&pack))
+    }
+
+    fn read_blob_bytes(&self, id: &Id, pack: &str, loc: &BlobLocation) -> Result<Vec<u8>> {
+        self.backend
+            .read_range(FileKind::Pack, pack, loc.offset, u64::from(loc.length))
+            .map_err(|e| match e {
+                Error::NotFound { .. } => {
+                    Error::corrupt(format!("blob {id}"), format!("pack {pack} is missing"))
+                }
+                other => other,
+            })
+    }
+
+    /// Reads and authenticates a pack's trailer.
+    pub fn read_pack_trailer(&self, pack: &str, size: u64) -> Result<Vec<PackEntry>> {
+        if size < FOOTER_LEN {
+            return Err(Error::corrupt(
+                format!("pack {pack}"),
+                "too short to be a pack",
+            ));
+        }
+        let footer =
+            self.backend
+                .read_range(FileKind::Pack, pack, size - FOOTER_LEN, FOOTER_LEN)?;
+        let tlen = pack::trailer_len(pack, &footer, size)?;
+        let start = size - FOOTER_LEN - tlen;
+        let trailer = self.backend.read_range(FileKind::Pack, pack, start, tlen)?;
+        pack::decode_trailer(&self.keys, pack, &trailer, start)
+    }
+
+    /// Indexes packs that no index file mentions (left by an interrupted
+    /// backup), so their blobs are reused rather than uploaded again. Packs
+    /// planned for deletion by maintenance are never re-indexed, and if this
+    /// machine's cache knows blobs of packs that stay unindexed, the blob
+    /// cache is rebuilt so no backup dedups against them.
+    /// `packs` is a fresh listing of the repository's packs.
+    /// Returns how many packs were recovered.
+    pub fn recover_unindexed_packs(&self, packs: &[(String, u64)]) -> Result<usize> {
+        let known: std::collections::HashSet<[u8; 32]> = self.index.packs()?.into_iter().collect();
+        let planned = crate::repo::coordination::plans::planned_packs(self)?;
+        let mut found = Vec::new();
+        for (name, size) in packs {
+            let Some(id) = Id::from_hex(name) else {
+                continue;
+            };
+            if known.contains(&id.0) || planned.contains(name) {
+                continue;
+            }
+            match self.verified_pack_entries(&id, *size) {
+                Ok(entries) if entries.is_empty() => {}
+                Ok(entries) => found.push((id, entries)),
+                Err(e) => warn!(pack = %name, error = %e, "unindexed pack not trusted; ignored"),
+            }
+        }
+        if !found.is_empty() {
+            info!(
+                packs = found.len(),
+                "indexing packs left by an interrupted backup"
+            );
+            self.write_index(&found)?;
+        }
+        if !self.index.uncommitted_packs()?.is_empty() {
+            debug!("cache knows blobs of unindexed packs; rebuilding it");
+            self.index.clear_blobs()?;
+            self.sync_index()?;
+        }
+        Ok(found.len())
+    }
+
+    /// The entries of an unindexed pack that may be indexed: its trailer
+    /// authenticates, but so would the trailer of a genuine pack's copy
+    /// with bytes prepended (offsets are not bound to it), so every blob is
+    /// authenticated where the trailer says it lies. Blobs the index
+    /// already places in another pack are left out: a known-good location
+    /// is never replaced by a recovered one.
+    fn verified_pack_entries(&self, id: &Id, size: u64) -> Result<Vec<PackEntry>> {
+        let name = id.to_hex();
+        let entries = self.read_pack_trailer(&name, size)?;
+        let bytes = self.backend.read(FileKind::Pack, &name)?;
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            if let Some(loc) = self.index.get_blob(&e.id.0)? {
+                if loc.pack != id.0 {
+                    continue;
+                }
+            }
+            let start = usize::try_from(e.offset).ok();
+            let end = start.and_then(|s| s.checked_add(e.length as usize));
+            let raw = match (start, end) {
+                (Some(s), Some(t)) if t <= bytes.len() => &bytes[s..t],
+                _ => {
+                    return Err(Error::corrupt(
+                        format!("pack {name}"),
+                        "entry outside the pack",
+                    ))
+                }
+            };
+            blob::decode_authenticated(&self.keys, e.kind, &e.id, e.flags, e.raw_length, raw)
+                .map_err(|err| err.in_pack(&name))?;
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    /// Rebuilds all index files from pack trailers (`repair index`).
+    /// New index files are written before old ones are removed.
+    pub fn repair_index(&self) -> Result<RepairIndexReport> {
+        let old: Vec<String> = self
+            .backend
+            .list(FileKind::Index)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let mut packs = Vec::new();
+        let mut report = RepairIndexReport::default();
+        for (name, size) in self.backend.list(FileKind::Pack)? {
+            let Some(id) = Id::from_hex(&name) else {
+                continue;
+            };
+            match self.read_pack_trailer(&name, size) {
+                Ok(entries) => {
+                    report.blobs += entries.len() as u64;
+                    packs.push((id, entries));
+                }
+                Err(e) => {
+                    warn!(pack = %name, error = %e, "pack trailer unreadable");
+                    report.unreadable_packs.push(name);
+                }
+            }
+        }
+        report.packs = packs.len() as u64;
+        self.index.clear_blobs()?;
+        for part in packs.chunks(5000) {
+            self.write_index(part)?;
+            report.index_files_written += 1;
+        }
+        for name in old {
+            self.backend.remove(FileKind::Index, &name)?;
+            report.index_files_removed += 1;
+        }
+        Ok(report)
+    }
+
+    /// Stores blobs outside a backup (repair tools): one pack, then its
+    /// index file. Blobs already stored are skipped.
+    pub fn save_blobs(&self, blobs: &[(BlobType, Vec<u8>)]) -> Result<Vec<Id>> {
+        let mut builder = pack::PackBuilder::default();
+        let mut ids = Vec::new();
+        for (kind, data) in blobs {
+            let id = self.keys.content_id(data);
+            ids.push(id);
+            if !self.index.contains_blob(&id.0)? {
+                builder.add(blob::encode(
+                    &self.keys,
+                    *kind,
+                    id,
+                    data,
+                    self.config.compression_level,
+                )?)?;
+            }
+        }
+        if !builder.is_empty() {
+            let sealed = builder.seal(&self.keys)?;
+            self.backend
+                .write(FileKind::Pack, &sealed.id.to_hex(), sealed.bytes.into())?;
+            self.write_index(&[(sealed.id, sealed.entries)])?;
+        }
+        Ok(ids)
+    }
+
+    pub fn save_tree_blob(&self, tree: &Tree) -> Result<Id> {
+        let ids = self.save_blobs(&[(BlobType::Tree, tree.encode()?)])?;
+        ids.first()
+            .copied()
+            .ok_or_else(|| Error::corrupt("tree", "not stored"))
+    }
+
+    pub fn load_tree(&self, id: &Id) -> Result<Tree> {
+        Tree::decode(id, &self.load_blob(id)?)
+    }
+
+    /// All entries of a directory node, part after part.
+    pub fn dir_entries(&self, node: &Node) -> Result<Vec<Node>> {
+        let mut out = Vec::new();
+        for part in &node.subtree {
+            out.extend(self.load_tree(part)?.nodes);
+        }
+        Ok(out)
+    }
+
+    /// A file's chunk ids, resolving chunk-list blobs of huge files.
+    pub fn file_chunks(&self, node: &Node) -> Result<Vec<Id>> {
+        if !node.indirect {
+            return Ok(node.content.clone());
+        }
+        let mut out = Vec::new();
+        for list in &node.content {
+            out.extend(tree::decode_chunk_list(list, &self.load_blob(list)?)?);
+        }
+        Ok(out)
+    }
+
+    /// The root of a snapshot as a directory node.
+    pub fn root_node(&self, snap: &Snapshot) -> Node {
+        let mut n = Node::new(Vec::new(), NodeKind::Dir);
+        n.mode = 0o755;
+        n.subtree = snap.root_parts();
+        n
+    }
+
+    /// Finds the node at a `/`-separated path below a snapshot's root.
+    pub fn find_node(&self, snap: &Snapshot, path: &str) -> Result<Node> {
+        let mut node = self.root_node(snap);
+        for comp in path.split('/').filter(|c| !c.is_empty() && *c != ".") {
+            if node.kind != NodeKind::Dir {
+                return Err(Error::PathNotFound { path: path.into() });
+            }
+            let mut next = None;
+            for part in &node.subtree {
+                let t = self.load_tree(part)?;
+                if let Some(n) = t.nodes.into_iter().find(|n| n.name == comp.as_bytes()) {
+                    next = Some(n);
+                    break;
+                }
+            }
+            node = next.ok_or_else(|| Error::PathNotFound { path: path.into() })?;
+        }
+        Ok(node)
+    }
+}

@@ -1,0 +1,864 @@
+//! The agent against a fake Kubernetes API server on loopback, with real
+//! files laid out like the kubelet's pods directory and a real repository.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use marmoset_agent::lease::{LeaderLease, LAST_FULL};
+use marmoset_agent::status::Phase;
+use marmoset_agent::{Agent, AgentConfig, Cluster};
+use marmoset_storage::backend::fs::FsBackend;
+use marmoset_storage::{OpenOptions, Repository};
+use marmoset_testing::fake_api::{ExecResult, FakeApi};
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+const NODE: &str = "node-a";
+const AGENT_NS: &str = "marmoset";
+
+struct World {
+    api: FakeApi,
+    dir: TempDir,
+    repo: Arc<Repository>,
+}
+
+impl World {
+    fn kubelet(&self) -> PathBuf {
+        self.dir.path().join("kubelet")
+    }
+    fn host(&self) -> PathBuf {
+        self.dir.path().join("host")
+    }
+
+    fn config(&self, extra: &str) -> AgentConfig {
+        let text = format!(
+            r#"
+schedules:
+  - name: daily
+    cron: "0 2 * * *"
+    keep: 168h
+  - name: weekly
+    cron: "0 3 * * 0"
+    keep: 720h
+includedNamespaces: [default, monitoring, microservices, vertex-platform, argocd, cert-manager, gpu-operator, keel]
+excludedStorageClasses: [csi-s3]
+kubeletDir: {kubelet}
+hostPathPrefix: {host}
+stateDir: {state}
+metricsAddress: 127.0.0.1:0
+namespace: {AGENT_NS}
+threads: 2
+{extra}
+"#,
+            kubelet = self.kubelet().display(),
+            host = self.host().display(),
+            state = self.dir.path().join("state").display(),
+        );
+        AgentConfig::parse(&text, "test config").unwrap()
+    }
+
+    fn agent(&self, node: &str, extra: &str) -> Agent {
+        let cluster = Cluster::new(self.api.client(AGENT_NS), node, AGENT_NS);
+        Agent::new(self.config(extra), cluster, self.repo.clone()).unwrap()
+    }
+}
+
+fn pod(
+    ns: &str,
+    name: &str,
+    uid: &str,
+    node: &str,
+    phase: &str,
+    volumes: Value,
+    annotations: Value,
+) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "uid": uid, "annotations": annotations,
+                     "labels": {"app": name}},
+        "spec": {"nodeName": node, "containers": [{"name": "app", "image": "busybox"}, {"name": "sidecar", "image": "busybox"}],
+                 "volumes": volumes},
+        "status": {"phase": phase}
+    })
+}
+
+fn pvc(ns: &str, name: &str, pv: &str, class: &str, annotations: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": ns, "annotations": annotations},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": class, "volumeName": pv,
+                 "resources": {"requests": {"storage": "2Gi"}}},
+        "status": {"phase": "Bound"}
+    })
+}
+
+fn pv(name: &str, source: Value) -> Value {
+    let mut spec = json!({"capacity": {"storage": "2Gi"}, "accessModes": ["ReadWriteOnce"],
+                          "persistentVolumeReclaimPolicy": "Delete"});
+    for (k, v) in source.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name}, "spec": spec})
+}
+
+fn claim(vol: &str, claim: &str) -> Value {
+    json!({"name": vol, "persistentVolumeClaim": {"claimName": claim}})
+}
+
+/// Files of one volume, deterministic from `seed`.
+fn fill(dir: &Path, seed: u8, files: usize) {
+    std::fs::create_dir_all(dir.join("sub/deeper")).unwrap();
+    for i in 0..files {
+        let body: Vec<u8> = (0..(1000 + i * 3777))
+            .map(|j| (j as u8).wrapping_mul(seed).wrapping_add(i as u8))
+            .collect();
+        let p = if i % 3 == 0 {
+            dir.join("sub/deeper").join(format!("f{i}"))
+        } else {
+            dir.join(format!("f{i}.dat"))
+        };
+        std::fs::write(p, body).unwrap();
+    }
+}
+
+fn read_tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p);
+                out.insert(rel + "/", Vec::new());
+            } else {
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// The seed's kind of cluster, seen from node-a.
+async fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::start().await;
+    let kubelet = dir.path().join("kubelet");
+    let host = dir.path().join("host");
+    let pods = kubelet.join("pods");
+    // CSI volume of a database with hooks.
+    fill(
+        &pods.join("uid-pg/volumes/kubernetes.io~csi/pvc-1111/mount"),
+        3,
+        12,
+    );
+    // K3s local-path provisioner: a hostPath PV.
+    fill(
+        &host.join("var/lib/rancher/k3s/storage/pvc-2222_microservices_mongodb"),
+        5,
+        9,
+    );
+    // A local PV, mounted by the kubelet.
+    fill(
+        &pods.join("uid-prom/volumes/kubernetes.io~local-volume/pv-local-3333"),
+        7,
+        6,
+    );
+    // Volumes that must not be read.
+    fill(
+        &pods.join("uid-mongo/volumes/kubernetes.io~csi/pvc-cache/mount"),
+        9,
+        2,
+    );
+    fill(
+        &pods.join("uid-triton/volumes/kubernetes.io~csi/pvc-s3/mount"),
+        11,
+        2,
+    );
+    api.with(|s| {
+        s.add(pod(
+            "default", "postgresql-0", "uid-pg", NODE, "Running",
+            json!([claim("data", "postgresql-codetalk-pvc"), {"name": "tmp", "emptyDir": {}}]),
+            json!({
+                "pre.hook.backup.velero.io/container": "app",
+                "pre.hook.backup.velero.io/command": "[\"/bin/sh\", \"-c\", \"psql -c CHECKPOINT\"]",
+                "pre.hook.backup.velero.io/timeout": "2s",
+                "post.hook.backup.velero.io/command": "[\"/bin/sh\", \"-c\", \"echo thawed\"]",
+            }),
+        ));
+        s.add(pvc("default", "postgresql-codetalk-pvc", "pvc-1111", "csi-hostpath", json!({})));
+        s.add(pv("pvc-1111", json!({"csi": {"driver": "hostpath.csi.k8s.io", "volumeHandle": "h-1111"}})));
+
+        s.add(pod(
+            "microservices", "mongodb-0", "uid-mongo", NODE, "Running",
+            json!([claim("datadir", "mongodb"), claim("cache", "mongodb-cache"),
+                   {"name": "config", "configMap": {"name": "mongodb-config"}}]),
+            json!({"backup.velero.io/backup-volumes-excludes": "cache"}),
+        ));
+        s.add(pvc("microservices", "mongodb", "pvc-2222", "local-path", json!({})));
+        s.add(pv("pvc-2222", json!({"hostPath": {"path": "/var/lib/rancher/k3s/storage/pvc-2222_microservices_mongodb", "type": "DirectoryOrCreate"}})));
+        s.add(pvc("microservices", "mongodb-cache", "pvc-cache", "csi-hostpath", json!({})));
+        s.add(pv("pvc-cache", json!({"csi": {"driver": "hostpath.csi.k8s.io", "volumeHandle": "h-c"}})));
+
+        s.add(pod(
+            "monitoring", "prometheus-db-0", "uid-prom", NODE, "Running",
+            json!([claim("db", "prometheus-db-prometheus-0")]), json!({}),
+        ));
+        s.add(pvc("monitoring", "prometheus-db-prometheus-0", "pv-local-3333", "local-storage", json!({})));
+        s.add(pv("pv-local-3333", json!({"local": {"path": "/mnt/disks/ssd1"},
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [NODE]}]}]}}})));
+
+        // Skipped: excluded storage class, PVC opt-out.
+        s.add(pod(
+            "default", "triton-0", "uid-triton", NODE, "Running",
+            json!([claim("models", "triton-models-pvc")]), json!({}),
+        ));
+        s.add(pvc("default", "triton-models-pvc", "pvc-s3", "csi-s3", json!({})));
+        s.add(pv("pvc-s3", json!({"csi": {"driver": "ru.yandex.s3.csi", "volumeHandle": "models"}})));
+        s.add(pod(
+            "monitoring", "gotify-0", "uid-gotify", NODE, "Running",
+            json!([claim("data", "gotify-pvc")]), json!({}),
+        ));
+        s.add(pvc("monitoring", "gotify-pvc", "pvc-g", "local-path", json!({"marmoset.dev/exclude": "true"})));
+        s.add(pv("pvc-g", json!({"hostPath": {"path": "/var/lib/rancher/k3s/storage/pvc-g"}})));
+
+        // Ignored: other node, not running, namespace not included.
+        s.add(pod("default", "redis-0", "uid-redis0", "node-b", "Running", json!([claim("data", "redis-pvc")]), json!({})));
+        s.add(pod("default", "redis-1", "uid-redis1", NODE, "Pending", json!([claim("data", "redis-pvc")]), json!({})));
+        s.add(pvc("default", "redis-pvc", "pvc-r", "local-path", json!({})));
+        s.add(pv("pvc-r", json!({"hostPath": {"path": "/var/lib/rancher/k3s/storage/pvc-r"}})));
+        s.add(pod("kube-system", "etcd-0", "uid-etcd", NODE, "Running", json!([claim("data", "etcd-pvc")]), json!({})));
+        s.add(pvc("kube-system", "etcd-pvc", "pvc-e", "local-path", json!({})));
+        s.add(pv("pvc-e", json!({"hostPath": {"path": "/var/lib/rancher/k3s/storage/pvc-e"}})));
+    });
+    let backend = Arc::new(FsBackend::new(dir.path().join("repo")));
+    let repo = Repository::init(
+        backend,
+        b"agent test password",
+        marmoset_storage::Config::new(),
+        &OpenOptions {
+            cache_root: Some(dir.path().join("cache")),
+        },
+    )
+    .unwrap();
+    World {
+        api,
+        dir,
+        repo: Arc::new(repo),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_finds_this_nodes_volumes_and_honours_opt_outs() {
+    let w = world().await;
+    let cfg = w.config("");
+    let cluster = Cluster::new(w.api.client(AGENT_NS), NODE, AGENT_NS);
+    let plan = cluster.discover(&cfg).await.unwrap();
+    let got: Vec<(String, PathBuf)> = plan
+        .volumes()
+        .map(|v| (v.source(), v.path.clone()))
+        .collect();
+    let pods = w.kubelet().join("pods");
+    assert_eq!(
+        got,
+        vec![
+            (
+                "default/postgresql-codetalk-pvc".to_string(),
+                pods.join("uid-pg/volumes/kubernetes.io~csi/pvc-1111/mount")
+            ),
+            (
+                "microservices/mongodb".to_string(),
+                w.host()
+                    .join("var/lib/rancher/k3s/storage/pvc-2222_microservices_mongodb")
+            ),
+            (
+                "monitoring/prometheus-db-prometheus-0".to_string(),
+                pods.join("uid-prom/volumes/kubernetes.io~local-volume/pv-local-3333")
+            ),
+        ]
+    );
+    let mut skipped: Vec<String> = plan
+        .skipped
+        .iter()
+        .map(|s| format!("{}/{}/{}: {}", s.namespace, s.pod, s.volume, s.reason))
+        .collect();
+    skipped.sort();
+    assert_eq!(
+        skipped,
+        vec![
+            "default/triton-0/models: storage class csi-s3 is excluded",
+            "microservices/mongodb-0/cache: opted out by pod annotation",
+            "monitoring/gotify-0/data: PVC gotify-pvc opted out",
+        ]
+    );
+    let pg = plan.pods.iter().find(|p| p.pod == "postgresql-0").unwrap();
+    assert_eq!(
+        pg.hooks.pre.as_ref().unwrap().command,
+        ["/bin/sh", "-c", "psql -c CHECKPOINT"]
+    );
+    assert_eq!(
+        pg.hooks.pre.as_ref().unwrap().timeout,
+        Duration::from_secs(2)
+    );
+    // Pods were listed with the node's field selector, not fetched cluster-wide.
+    let reqs = w.api.with(|s| s.requests.clone());
+    assert!(
+        reqs.iter().any(|(m, p)| m == "GET"
+            && p.starts_with("/api/v1/pods?")
+            && p.contains("spec.nodeName%3Dnode-a")),
+        "{reqs:?}"
+    );
+    // Objects of excluded namespaces are never read.
+    assert!(
+        !reqs.iter().any(|(_, p)| p.contains("etcd-pvc")),
+        "{reqs:?}"
+    );
+
+    // Opt-in mode (defaultVolumesToFsBackup: false): only annotated volumes.
+    let cfg = w.config("defaultVolumesToBackup: false");
+    w.api.with(|s| {
+        let mut p = s
+            .get("v1", "Pod", Some("monitoring"), "prometheus-db-0")
+            .unwrap();
+        p["metadata"]["annotations"] = json!({"backup.velero.io/backup-volumes": "db"});
+        s.add(p);
+    });
+    let plan = cluster.discover(&cfg).await.unwrap();
+    let got: Vec<String> = plan.volumes().map(|v| v.source()).collect();
+    assert_eq!(got, vec!["monitoring/prometheus-db-prometheus-0"]);
+}
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+fn metric(text: &str, line_prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_once_makes_one_snapshot_per_volume_and_reports_it() {
+    let w = world().await;
+    let agent = w.agent(NODE, "");
+    let report = agent.run_once("daily").await.unwrap();
+    assert_eq!(report.failed(), 0, "{report:#?}");
+    assert_eq!(report.volumes.len(), 3);
+
+    // One snapshot per volume, named <namespace>/<pvc>, tagged, restorable.
+    let (snaps, bad) = w.repo.snapshots().unwrap();
+    assert!(bad.is_empty());
+    assert_eq!(snaps.len(), 3);
+    for v in &report.volumes {
+        let (_, snap) = snaps
+            .iter()
+            .find(|(id, _)| Some(id.to_hex()) == v.snapshot)
+            .expect("snapshot of the outcome exists");
+        assert_eq!(snap.source, v.target.source());
+        assert_eq!(snap.hostname, NODE);
+        for tag in [
+            "schedule=daily".to_string(),
+            format!("node={NODE}"),
+            format!("pod={}", v.target.pod),
+        ] {
+            assert!(snap.tags.contains(&tag), "{:?} lacks {tag}", snap.tags);
+        }
+        let target = w.dir.path().join("restore").join(v.target.pvc.clone());
+        let progress = marmoset_storage::RestoreProgress::default();
+        let summary =
+            marmoset_storage::restore(&w.repo, snap, "", &target, &Default::default(), &progress)
+                .unwrap();
+        assert!(summary.errors.is_empty());
+        assert_eq!(
+            read_tree(&target),
+            read_tree(&v.target.path),
+            "{}",
+            v.target.source()
+        );
+        assert!(v.bytes_read > 0 && v.bytes_added > 0);
+    }
+
+    // Hooks: pre before post, in the named container, with the commands.
+    let execs = w.api.with(|s| s.execs.clone());
+    let got: Vec<(String, String, String)> = execs
+        .iter()
+        .map(|e| (e.pod.clone(), e.container.clone(), e.command.join(" ")))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "postgresql-0".into(),
+                "app".into(),
+                "/bin/sh -c psql -c CHECKPOINT".into()
+            ),
+            // No container annotation: the pod's first container.
+            (
+                "postgresql-0".into(),
+                "app".into(),
+                "/bin/sh -c echo thawed".into()
+            ),
+        ]
+    );
+
+    // Events on each PVC, in its namespace.
+    let events = w.api.with(|s| s.all("Event"));
+    for v in &report.volumes {
+        let reasons: Vec<&str> = events
+            .iter()
+            .filter(|e| e["involvedObject"]["name"] == v.target.pvc.as_str())
+            .map(|e| e["reason"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            reasons,
+            ["BackupStarted", "BackupSucceeded"],
+            "{}",
+            v.target.pvc
+        );
+        let ev = events
+            .iter()
+            .find(|e| e["involvedObject"]["name"] == v.target.pvc.as_str())
+            .unwrap();
+        assert_eq!(ev["metadata"]["namespace"], v.target.namespace.as_str());
+        assert_eq!(ev["involvedObject"]["kind"], "PersistentVolumeClaim");
+        assert_eq!(ev["source"]["host"], NODE);
+    }
+
+    // A status object per volume in the agent's namespace.
+    for v in &report.volumes {
+        let name = format!("marmoset-status.{}.{}", v.target.namespace, v.target.pvc);
+        let cm = w
+            .api
+            .with(|s| s.get("v1", "ConfigMap", Some(AGENT_NS), &name))
+            .expect(&name);
+        assert_eq!(cm["data"]["phase"], "Succeeded");
+        assert_eq!(cm["data"]["schedule"], "daily");
+        assert_eq!(
+            cm["data"]["lastSnapshot"],
+            v.snapshot.clone().unwrap().as_str()
+        );
+        assert_eq!(cm["data"]["bytesRead"], v.bytes_read.to_string().as_str());
+        assert!(cm["data"]["lastSuccess"]
+            .as_str()
+            .unwrap()
+            .starts_with("20"));
+    }
+
+    // Metrics: a last-success timestamp per PVC, scraped over HTTP.
+    let (addr, server) = marmoset_agent::metrics::serve("127.0.0.1:0", agent.metrics())
+        .await
+        .unwrap();
+    let text = scrape(addr).await;
+    let now = chrono::Utc::now().timestamp() as f64;
+    for v in &report.volumes {
+        let labels = format!(
+            "{{namespace=\"{}\",pvc=\"{}\",schedule=\"daily\"}}",
+            v.target.namespace, v.target.pvc
+        );
+        let ts = metric(
+            &text,
+            &format!("marmoset_volume_last_success_timestamp_seconds{labels}"),
+        )
+        .unwrap_or_else(|| panic!("no success metric for {labels}:\n{text}"));
+        assert!((now - ts).abs() < 120.0);
+        let read = metric(&text, &format!("marmoset_volume_bytes_read_total{labels}")).unwrap();
+        assert_eq!(read as u64, v.bytes_read);
+        assert_eq!(
+            metric(
+                &text,
+                &format!("marmoset_volume_backup_failures_total{labels}")
+            ),
+            Some(0.0)
+        );
+    }
+    assert_eq!(metric(&text, "marmoset_schedule_runs_total"), Some(1.0));
+    server.abort();
+
+    // A restarted agent knows the last successes from the status objects.
+    let restarted = w.agent(NODE, "");
+    assert_eq!(restarted.restore_metrics().await.unwrap(), 3);
+    let text = restarted.metrics().render();
+    for v in &report.volumes {
+        let key = format!(
+            "marmoset_volume_last_success_timestamp_seconds{{namespace=\"{}\",pvc=\"{}\",schedule=\"daily\"}}",
+            v.target.namespace, v.target.pvc
+        );
+        let ts = metric(&text, &key).unwrap_or_else(|| panic!("{key} missing:\n{text}"));
+        assert!((now - ts).abs() < 120.0);
+    }
+    assert_eq!(
+        w.agent("node-b", "").restore_metrics().await.unwrap(),
+        0,
+        "other nodes' volumes are theirs"
+    );
+
+    // A second run adds (almost) nothing: the volumes are unchanged.
+    let again = agent.run_once("daily").await.unwrap();
+    assert_eq!(again.failed(), 0);
+    let added: u64 = again.volumes.iter().map(|v| v.bytes_added).sum();
+    let first: u64 = report.volumes.iter().map(|v| v.bytes_added).sum();
+    assert!(added * 10 < first, "re-run added {added} of {first}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hook_failures_follow_the_on_error_policy() {
+    let w = world().await;
+    // The pre hook fails; on-error defaults to Fail: the volume is not
+    // backed up, the post hook still runs (to thaw), and it is reported.
+    w.api.with(|s| {
+        s.exec_rules.push((
+            "CHECKPOINT".into(),
+            ExecResult::Exit(1, "psql: connection refused".into()),
+        ))
+    });
+    let agent = w.agent(NODE, "");
+    let report = agent.run_once("daily").await.unwrap();
+    let pg = report
+        .volumes
+        .iter()
+        .find(|v| v.target.pod == "postgresql-0")
+        .unwrap();
+    assert_eq!(pg.phase, Phase::Failed);
+    assert!(pg.snapshot.is_none());
+    assert!(
+        pg.error.as_deref().unwrap().contains("pre hook failed"),
+        "{:?}",
+        pg.error
+    );
+    assert_eq!(report.failed(), 1, "other pods are not affected");
+    let execs: Vec<String> = w
+        .api
+        .with(|s| s.execs.iter().map(|e| e.command.join(" ")).collect());
+    assert_eq!(execs.len(), 2, "{execs:?}");
+    assert!(execs[1].contains("thawed"));
+    let events = w.api.with(|s| s.all("Event"));
+    let hook_ev = events
+        .iter()
+        .find(|e| e["reason"] == "HookFailed")
+        .expect("HookFailed event");
+    assert_eq!(hook_ev["type"], "Warning");
+    assert_eq!(hook_ev["involvedObject"]["kind"], "Pod");
+    assert!(
+        hook_ev["message"]
+            .as_str()
+            .unwrap()
+            .contains("exit status 1"),
+        "{hook_ev}"
+    );
+    let cm = w
+        .api
+        .with(|s| {
+            s.get(
+                "v1",
+                "ConfigMap",
+                Some(AGENT_NS),
+                "marmoset-status.default.postgresql-codetalk-pvc",
+            )
+        })
+        .unwrap();
+    assert_eq!(cm["data"]["phase"], "Failed");
+    let (addr, server) = marmoset_agent::metrics::serve("127.0.0.1:0", agent.metrics())
+        .await
+        .unwrap();
+    let text = scrape(addr).await;
+    assert_eq!(metric(&text, "marmoset_hook_failures_total"), Some(1.0));
+    assert_eq!(
+        metric(&text, "marmoset_volume_backup_failures_total{namespace=\"default\",pvc=\"postgresql-codetalk-pvc\",schedule=\"daily\"}"),
+        Some(1.0)
+    );
+    assert!(
+        metric(&text, "marmoset_volume_last_success_timestamp_seconds{namespace=\"default\",pvc=\"postgresql-codetalk-pvc\"").is_none(),
+        "a failed volume has no success time"
+    );
+    server.abort();
+
+    // on-error Continue: the same failure is reported, the volume backed up.
+    w.api.with(|s| {
+        let mut p = s.get("v1", "Pod", Some("default"), "postgresql-0").unwrap();
+        p["metadata"]["annotations"]["pre.hook.backup.velero.io/on-error"] = json!("Continue");
+        s.add(p);
+    });
+    let report = agent.run_once("daily").await.unwrap();
+    assert_eq!(report.failed(), 0, "{report:#?}");
+    assert_eq!(report.hook_failures.len(), 1);
+
+    // A hook that never returns is cut off at its timeout (2s here).
+    w.api.with(|s| {
+        s.exec_rules.clear();
+        s.exec_rules.push(("CHECKPOINT".into(), ExecResult::Hang));
+        let mut p = s.get("v1", "Pod", Some("default"), "postgresql-0").unwrap();
+        p["metadata"]["annotations"]["pre.hook.backup.velero.io/on-error"] = json!("Fail");
+        s.add(p);
+    });
+    let started = std::time::Instant::now();
+    let report = agent.run_once("daily").await.unwrap();
+    let pg = report
+        .volumes
+        .iter()
+        .find(|v| v.target.pod == "postgresql-0")
+        .unwrap();
+    assert_eq!(pg.phase, Phase::Failed);
+    assert!(
+        pg.error.as_deref().unwrap().contains("timed out"),
+        "{:?}",
+        pg.error
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_that_is_not_mounted_fails_clearly_and_keeps_its_last_success() {
+    let w = world().await;
+    let agent = w.agent(NODE, "");
+    agent.run_once("daily").await.unwrap();
+    let mount = w
+        .kubelet()
+        .join("pods/uid-prom/volumes/kubernetes.io~local-volume/pv-local-3333");
+    std::fs::remove_dir_all(&mount).unwrap();
+    let report = agent.run_once("daily").await.unwrap();
+    let prom = report
+        .volumes
+        .iter()
+        .find(|v| v.target.pod == "prometheus-db-0")
+        .unwrap();
+    assert_eq!(prom.phase, Phase::Failed);
+    let err = prom.error.clone().unwrap();
+    assert!(
+        err.contains("not found") && err.contains("pv-local-3333"),
+        "{err}"
+    );
+    let cm = w
+        .api
+        .with(|s| {
+            s.get(
+                "v1",
+                "ConfigMap",
+                Some(AGENT_NS),
+                "marmoset-status.monitoring.prometheus-db-prometheus-0",
+            )
+        })
+        .unwrap();
+    assert_eq!(cm["data"]["phase"], "Failed");
+    assert!(
+        cm["data"]["lastSuccess"].is_string(),
+        "the earlier success is kept: {cm}"
+    );
+    assert!(cm["data"]["lastSnapshot"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_is_applied_per_schedule_and_node() {
+    let w = world().await;
+    let agent = w.agent(NODE, "");
+    let first = agent.run_once("daily").await.unwrap();
+    // Age copies of the snapshots: 200h-old daily and weekly ones of this
+    // node, and a 200h-old daily one from another node.
+    let (snaps, _) = w.repo.snapshots().unwrap();
+    let old = chrono::Utc::now() - chrono::Duration::hours(200);
+    let mut planted = Vec::new();
+    for (i, (_, s)) in snaps.iter().enumerate() {
+        let mut s = s.clone();
+        s.time = old;
+        match i {
+            0 => {
+                s.tags = s
+                    .tags
+                    .iter()
+                    .map(|t| t.replace("schedule=daily", "schedule=weekly"))
+                    .collect();
+            }
+            1 => {
+                s.tags = s
+                    .tags
+                    .iter()
+                    .map(|t| t.replace("node=node-a", "node=node-b"))
+                    .collect();
+            }
+            _ => {}
+        }
+        planted.push((i, w.repo.save_snapshot(&s).unwrap()));
+    }
+    let second = agent.run_once("daily").await.unwrap();
+    assert_eq!(second.failed(), 0);
+    assert_eq!(
+        second.snapshots_forgotten, 1,
+        "only this node's expired daily snapshot goes"
+    );
+    let (after, _) = w.repo.snapshots().unwrap();
+    let ids: Vec<_> = after.iter().map(|(id, _)| *id).collect();
+    assert!(ids.contains(&planted[0].1), "weekly kept (720h)");
+    assert!(ids.contains(&planted[1].1), "other node's kept");
+    assert!(
+        !ids.contains(&planted[2].1),
+        "expired daily of this node removed"
+    );
+    assert_eq!(after.len(), 3 + 2 + 3);
+    assert_eq!(first.volumes.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_runs_maintenance_and_the_lease_moves_when_it_expires() {
+    let w = world().await;
+    let a = w.agent("node-a", "maintenance:\n  leaseDuration: 10s");
+    let b = w.agent("node-b", "maintenance:\n  leaseDuration: 10s");
+    a.run_once("daily").await.unwrap();
+    let client = w.api.client(AGENT_NS);
+    let lease_a = lease(&client, "marmoset-maintenance", "node-a", 10);
+    let lease_b = lease(&client, "marmoset-maintenance", "node-b", 10);
+    // a wins the empty lease and, with no maintenance on record, runs a full one.
+    let report = a
+        .maintenance_round(&lease_a)
+        .await
+        .unwrap()
+        .expect("leader runs maintenance");
+    assert!(report.full);
+    assert!(report.snapshots >= 3);
+    assert!(
+        b.maintenance_round(&lease_b).await.unwrap().is_none(),
+        "b is not the holder"
+    );
+    assert!(
+        a.maintenance_round(&lease_a).await.unwrap().is_none(),
+        "nothing due right after"
+    );
+    let obj = lease_object(&w, "marmoset-maintenance").unwrap();
+    assert_eq!(obj["spec"]["holderIdentity"], "node-a");
+    assert!(obj["metadata"]["annotations"][LAST_FULL].is_string());
+
+    // Short leases for the takeover: a stops renewing, b takes over after expiry.
+    let short_a = lease(&client, "short", "node-a", 2);
+    let short_b = lease(&client, "short", "node-b", 2);
+    assert!(short_a.try_acquire_or_renew().await.unwrap().leader);
+    short_a.record(LAST_FULL, chrono::Utc::now()).await.unwrap();
+    let st = short_b.try_acquire_or_renew().await.unwrap();
+    assert!(!st.leader);
+    assert_eq!(st.holder.as_deref(), Some("node-a"));
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let st = short_b.try_acquire_or_renew().await.unwrap();
+    assert!(st.leader, "takeover after expiry");
+    assert!(
+        st.time(LAST_FULL).is_some(),
+        "the maintenance record moves with the lease"
+    );
+    assert!(
+        !short_a.try_acquire_or_renew().await.unwrap().leader,
+        "a lost it"
+    );
+    let obj = lease_object(&w, "short").unwrap();
+    assert_eq!(obj["spec"]["leaseTransitions"], 1);
+    // Releasing hands it over at once.
+    short_b.release().await.unwrap();
+    assert!(short_a.try_acquire_or_renew().await.unwrap().leader);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_candidates_never_both_win() {
+    let w = world().await;
+    let client = w.api.client(AGENT_NS);
+    let mut handles = Vec::new();
+    for n in 0..6 {
+        let c = client.clone();
+        handles.push(tokio::spawn(async move {
+            let l = lease(&c, "race", &format!("node-{n}"), 30);
+            l.try_acquire_or_renew().await.unwrap().leader
+        }));
+    }
+    let mut winners = 0;
+    for h in handles {
+        winners += usize::from(h.await.unwrap());
+    }
+    assert_eq!(winners, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_catches_up_an_interrupted_run_and_takes_the_maintenance_lease() {
+    let w = world().await;
+    // The state a killed agent leaves: the daily run started, never finished.
+    let state_dir = w.dir.path().join("state");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let started = chrono::Utc::now() - chrono::Duration::minutes(5);
+    std::fs::write(
+        state_dir.join(format!("agent-state-{NODE}.json")),
+        serde_json::to_vec(&json!({"schedules": {
+            "daily": {"last_started": started, "last_completed": started - chrono::Duration::days(1)},
+            "weekly": {"last_started": started, "last_completed": started}
+        }}))
+        .unwrap(),
+    )
+    .unwrap();
+    let agent = Arc::new(w.agent(NODE, "maintenance:\n  leaseDuration: 10s"));
+    // Stop once the state says the daily run completed.
+    let state_file = state_dir.join(format!("agent-state-{NODE}.json"));
+    let stop = async move {
+        for _ in 0..600 {
+            let done = std::fs::read(&state_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .is_some_and(|v| daily_completed(&v));
+            if done {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), agent.clone().run(stop))
+        .await
+        .expect("agent stops when asked")
+        .unwrap();
+    let (snaps, _) = w.repo.snapshots().unwrap();
+    assert_eq!(
+        snaps.len(),
+        3,
+        "the interrupted daily run was run again at start"
+    );
+    assert!(snaps
+        .iter()
+        .all(|(_, s)| s.tags.contains(&"schedule=daily".to_string())));
+    let state: Value = serde_json::from_slice(
+        &std::fs::read(state_dir.join(format!("agent-state-{NODE}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert!(daily_completed(&state), "{state}");
+    // The maintenance election ran alongside and the lease was released on shutdown.
+    let obj = lease_object(&w, "marmoset-maintenance").expect("lease created by the daemon");
+    assert!(obj["spec"]["holderIdentity"].is_null(), "released: {obj}");
+}
+
+fn daily_completed(state: &Value) -> bool {
+    let t = |k: &str| {
+        state["schedules"]["daily"][k]
+            .as_str()
+            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+    };
+    matches!((t("last_started"), t("last_completed")), (Some(s), Some(c)) if c >= s)
+}
+
+fn lease(client: &kube::Client, name: &str, node: &str, secs: u64) -> LeaderLease {
+    LeaderLease::new(
+        client.clone(),
+        AGENT_NS,
+        name,
+        node,
+        Duration::from_secs(secs),
+    )
+}
+
+fn lease_object(w: &World, name: &str) -> Option<Value> {
+    w.api
+        .with(|s| s.get("coordination.k8s.io/v1", "Lease", Some(AGENT_NS), name))
+}

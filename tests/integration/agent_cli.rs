@@ -1,0 +1,144 @@
+//! `marmoset agent` as the DaemonSet runs it: the binary, a kubeconfig
+//! pointing at a fake API server on loopback, an S3 repository on a real
+//! S3 server (moto), and files laid out like the kubelet's pods directory.
+//! Then the operator's restore path: `marmoset restore latest --source
+//! <namespace>/<pvc>`.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::fs;
+use std::process::Output;
+
+use marmoset_testing::fake_api;
+use marmoset_testing::s3_server::S3Server;
+use marmoset_testing::trees::{assert_same_tree, random_tree};
+use serde_json::json;
+
+use crate::integration::cli::Env;
+
+async fn run(cmd: std::process::Command) -> Output {
+    let mut cmd = cmd;
+    tokio::task::spawn_blocking(move || cmd.output().expect("spawn marmoset"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_once_backs_up_the_nodes_volumes_to_s3_and_they_restore() {
+    let Some(server) = S3Server::start() else {
+        return;
+    };
+    let env = Env::new();
+    let url = server.url("cluster");
+    env.s3_ok(&url, &["init"]);
+    let api = fake_api::FakeApi::start().await;
+    let kubelet = env.path("kubelet");
+    let data = kubelet.join("pods/uid-redis/volumes/kubernetes.io~csi/pvc-77/mount");
+    random_tree(&data, 7, 60);
+    api.with(|s| {
+        s.add(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "redis-0", "namespace": "default", "uid": "uid-redis"},
+            "spec": {"nodeName": "node-a", "containers": [{"name": "redis", "image": "redis:7"}],
+                     "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "redis-pvc"}}]},
+            "status": {"phase": "Running"}}));
+        s.add(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "redis-pvc", "namespace": "default"},
+            "spec": {"storageClassName": "csi-hostpath", "volumeName": "pvc-77"}}));
+        s.add(json!({"apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": "pvc-77"},
+            "spec": {"csi": {"driver": "hostpath.csi.k8s.io", "volumeHandle": "77"}}}));
+    });
+    let kubeconfig = env.path("kubeconfig");
+    fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\nusers:\n- name: agent\n  user:\n    token: test-token\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: agent\n    namespace: marmoset\ncurrent-context: fake\n",
+            api.addr
+        ),
+    )
+    .unwrap();
+    let config = env.path("agent.yaml");
+    fs::write(
+        &config,
+        format!(
+            "schedules:\n  - {{name: daily, cron: \"0 2 * * *\", keep: 168h}}\nkubeletDir: {}\nstateDir: {}\nnamespace: marmoset\n",
+            kubelet.display(),
+            env.path("state").display()
+        ),
+    )
+    .unwrap();
+    let agent = |extra: &[&str]| {
+        let mut c = env.s3_cmd(&url);
+        c.env("KUBECONFIG", &kubeconfig)
+            .env("NODE_NAME", "node-a")
+            .args(["--json", "agent", "--config"])
+            .arg(&config)
+            .args(extra);
+        c
+    };
+
+    let out = run(agent(&["--plan"])).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["volumes"][0]["source"], "default/redis-pvc");
+
+    let out = run(agent(&["--once", "daily"])).await;
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["volumes"][0]["phase"], "Succeeded", "{report}");
+    assert_eq!(report["volumes"][0]["source"], "default/redis-pvc");
+
+    // The operator's restore of a PVC's latest snapshot.
+    let target = env.path("restored");
+    env.s3_ok(
+        &url,
+        &[
+            "restore",
+            "latest",
+            "--source",
+            "default/redis-pvc",
+            "--target",
+            target.to_str().unwrap(),
+        ],
+    );
+    assert_same_tree(&data, &target);
+    let mut c = env.s3_cmd(&url);
+    c.args(["restore", "latest", "--source", "default/nope", "--target"])
+        .arg(env.path("x"));
+    let out = run(c).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("default/nope"));
+
+    // Unknown schedule: a clear error, exit code non-zero.
+    let out = run(agent(&["--once", "hourly"])).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("hourly") && err.contains("daily"), "{err}");
+    // Events and status reached the API server.
+    let reasons: Vec<String> = api.with(|s| {
+        s.all("Event")
+            .iter()
+            .map(|e| e["reason"].as_str().unwrap().to_string())
+            .collect()
+    });
+    assert!(
+        reasons.contains(&"BackupSucceeded".to_string()),
+        "{reasons:?}"
+    );
+    assert!(api
+        .with(|s| s.get(
+            "v1",
+            "ConfigMap",
+            Some("marmoset"),
+            "marmoset-status.default.redis-pvc"
+        ))
+        .is_some());
+}

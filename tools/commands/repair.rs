@@ -1,0 +1,56 @@
+//! `marmoset repair index|snapshots`: rebuild the index files from the pack
+//! trailers, or rewrite snapshots without their unreadable parts.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::cli::Global;
+use crate::output::print_json;
+use crate::repo_open::open;
+
+pub(super) fn index(g: &Global) -> Result<ExitCode> {
+    let repo = open(g)?;
+    let r = repo.repair_index()?;
+    if g.json {
+        print_json(&serde_json::to_value(&r)?)?;
+    } else {
+        println!(
+            "rebuilt index from {} packs ({} blobs): {} index files written, {} removed",
+            r.packs, r.blobs, r.index_files_written, r.index_files_removed
+        );
+        for p in &r.unreadable_packs {
+            eprintln!("warning: pack {p} is unreadable and was left out");
+        }
+    }
+    Ok(if r.unreadable_packs.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+pub(super) fn snapshots(g: &Global, dry_run: bool) -> Result<ExitCode> {
+    let repo = open(g)?;
+    let r = marmoset_storage::repair_snapshots(&repo, dry_run)?;
+    if g.json {
+        print_json(&serde_json::to_value(&r)?)?;
+    } else {
+        for e in &r.removed_entries {
+            println!("dropped {e}");
+        }
+        for (old, new) in &r.repaired {
+            if new.is_empty() {
+                println!("would repair snapshot {}", &old[..8]);
+            } else {
+                println!("snapshot {} replaced by {}", &old[..8], &new[..8]);
+            }
+        }
+        println!(
+            "{} snapshots checked, {} repaired",
+            r.snapshots_checked,
+            r.repaired.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

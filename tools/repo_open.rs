@@ -1,0 +1,117 @@
+//! Opening the repository from the global flags: the backend named by
+//! `--repo` (a directory, or an S3 URL with its connection flags) and the
+//! password from `--password-file`, `MARMOSET_PASSWORD` or a prompt.
+//!
+//! Every command and the agent open a repository the same way, so this
+//! lives beside them rather than inside `commands`: the agent can use it
+//! without importing the command dispatcher that calls it.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use marmoset_storage::backend::{self, Backend, BackendOptions};
+use marmoset_storage::{OpenOptions, Repository};
+
+use crate::cli::{Global, NewPassword};
+
+/// Opens the repository with the password from the flags, environment or
+/// a prompt.
+pub(crate) fn open(g: &Global) -> Result<Repository> {
+    let backend = open_backend(g)?;
+    let pw = password(g, false)?;
+    Ok(Repository::open(backend, &pw, &open_opts(g))?)
+}
+
+pub(crate) fn open_opts(g: &Global) -> OpenOptions {
+    OpenOptions {
+        cache_root: g.cache_dir.clone(),
+    }
+}
+
+/// The backend `--repo` names (`s3:URL`, or a directory, optionally
+/// `local:PATH` or `file://PATH`), with the engine's wrappers: retries for
+/// S3, the bandwidth limits, request metering and, for S3, the local copy
+/// of immutable metadata under the cache root.
+pub(crate) fn open_backend(g: &Global) -> Result<Arc<dyn Backend>> {
+    let Some(repo) = g.repo.as_deref() else {
+        bail!("no repository given: use --repo or MARMOSET_REPOSITORY");
+    };
+    Ok(backend::open(repo, &backend_options(g)?)?)
+}
+
+/// The connection and bandwidth flags.
+fn backend_options(g: &Global) -> Result<BackendOptions> {
+    let defaults = BackendOptions::default();
+    let multipart_threshold = g.s3_multipart_mib.max(5) << 20;
+    Ok(BackendOptions {
+        region: g
+            .s3_region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok()),
+        path_style: g.s3_path_style,
+        checksums_when_required: match g.s3_checksums.as_str() {
+            "when_required" => true,
+            "when_supported" => false,
+            other => bail!("--s3-checksums {other:?}: use when_required or when_supported"),
+        },
+        connections: g.s3_connections.max(1),
+        multipart_threshold,
+        part_size: multipart_threshold.clamp(5 << 20, 16 << 20),
+        limit_upload: g.limit_upload.map(|k| k * 1024),
+        limit_download: g.limit_download.map(|k| k * 1024),
+        cache_root: Some(g.cache_dir.clone().unwrap_or_else(default_cache_root)),
+        ..defaults
+    })
+}
+
+/// The engine's default, so both caches share one root: with no home it is
+/// a per-user folder in the temporary directory, never a shared name there;
+/// the engine checks the root is this user's own before the repository
+/// opens.
+fn default_cache_root() -> std::path::PathBuf {
+    OpenOptions::default_cache_root()
+}
+
+/// The repository password: `--password-file`, then `MARMOSET_PASSWORD`,
+/// then a prompt (asked twice when `confirm`).
+pub(crate) fn password(g: &Global, confirm: bool) -> Result<Vec<u8>> {
+    if let Some(p) = &g.password_file {
+        return read_password_file(p);
+    }
+    if let Ok(p) = std::env::var("MARMOSET_PASSWORD") {
+        return Ok(p.into_bytes());
+    }
+    prompt("repository password", confirm)
+}
+
+/// A new key's password: `--new-password-file` or a confirmed prompt.
+pub(crate) fn new_password(a: &NewPassword) -> Result<Vec<u8>> {
+    match &a.new_password_file {
+        Some(p) => read_password_file(p),
+        None => prompt("new password", true),
+    }
+}
+
+/// The first line of the file, without its line ending.
+fn read_password_file(path: &Path) -> Result<Vec<u8>> {
+    let raw =
+        std::fs::read(path).with_context(|| format!("reading password file {}", path.display()))?;
+    let line = raw.split(|&b| b == b'\n').next().unwrap_or(&[]);
+    Ok(line.strip_suffix(b"\r").unwrap_or(line).to_vec())
+}
+
+fn prompt(what: &str, confirm: bool) -> Result<Vec<u8>> {
+    let p = rpassword::prompt_password(format!("enter {what}: "))
+        .context("reading password from the terminal")?;
+    if confirm {
+        let again = rpassword::prompt_password(format!("enter {what} again: "))?;
+        if again != p {
+            bail!("passwords do not match");
+        }
+    }
+    if p.is_empty() {
+        bail!("empty password");
+    }
+    Ok(p.into_bytes())
+}
