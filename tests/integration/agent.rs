@@ -12,8 +12,10 @@ use marmoset_agent::lease::{LeaderLease, LAST_FULL};
 use marmoset_agent::status::Phase;
 use marmoset_agent::{Agent, AgentConfig, Cluster};
 use marmoset_storage::backend::fs::FsBackend;
+use marmoset_storage::backend::{self, Backend, BackendOptions};
 use marmoset_storage::{OpenOptions, Repository};
 use marmoset_testing::fake_api::{ExecResult, FakeApi};
+use marmoset_testing::s3_server::S3Server;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
@@ -147,6 +149,11 @@ fn read_tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
 /// The seed's kind of cluster, seen from node-a.
 async fn world() -> World {
     let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FsBackend::new(dir.path().join("repo")));
+    world_on(dir, backend).await
+}
+
+async fn world_on(dir: TempDir, backend: Arc<dyn Backend>) -> World {
     let api = FakeApi::start().await;
     let kubelet = dir.path().join("kubelet");
     let host = dir.path().join("host");
@@ -236,7 +243,6 @@ async fn world() -> World {
         s.add(pvc("kube-system", "etcd-pvc", "pvc-e", "local-path", json!({})));
         s.add(pv("pvc-e", json!({"hostPath": {"path": "/var/lib/rancher/k3s/storage/pvc-e"}})));
     });
-    let backend = Arc::new(FsBackend::new(dir.path().join("repo")));
     let repo = Repository::init(
         backend,
         b"agent test password",
@@ -861,4 +867,41 @@ fn lease(client: &kube::Client, name: &str, node: &str, secs: u64) -> LeaderLeas
 fn lease_object(w: &World, name: &str) -> Option<Value> {
     w.api
         .with(|s| s.get("coordination.k8s.io/v1", "Lease", Some(AGENT_NS), name))
+}
+
+/// Regression: every S3 backend owned a tokio runtime, and the agent's
+/// shutdown dropped the last repository handle inside the agent's own
+/// runtime, where tokio panics ("Cannot drop a runtime in a context where
+/// blocking is not allowed"). The agent runs against the S3 server, and
+/// the agent and the repository are dropped inside the async context.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_shutdown_with_an_s3_repository_does_not_panic() {
+    let Some(server) = S3Server::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let options = BackendOptions {
+        static_credentials: Some(("test".into(), "test".into())),
+        region: Some("us-east-1".into()),
+        cache_root: Some(dir.path().join("cache")),
+        ..BackendOptions::default()
+    };
+    let url = server.url("agent-shutdown");
+    let backend = tokio::task::spawn_blocking(move || {
+        let b = backend::open(&url, &options).unwrap();
+        b.create().unwrap();
+        b
+    })
+    .await
+    .unwrap();
+    let w = world_on(dir, backend).await;
+    let agent = w.agent(NODE, "");
+    let report = agent.run_once("daily").await.unwrap();
+    assert_eq!(report.failed(), 0, "{report:#?}");
+    let (snaps, _) = w.repo.snapshots().unwrap();
+    assert_eq!(snaps.len(), 3, "one snapshot per volume, in the S3 bucket");
+    let repo = Arc::downgrade(&w.repo);
+    drop(agent);
+    drop(w);
+    assert!(repo.upgrade().is_none(), "the last handle was dropped here");
 }
