@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use marmoset_storage::Overwrite;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -198,9 +199,20 @@ pub struct RestoreArgs {
     /// Skip paths matching a glob (repeatable).
     #[arg(long = "exclude", short = 'e')]
     pub excludes: Vec<String>,
-    /// Parallel readers.
+    /// Packs downloaded in parallel (default: 2 × cores; for S3, set it
+    /// near --s3-connections).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Files already in the target: `always` replace them, `if-changed`
+    /// keeps those whose size and mtime match and fetches only the
+    /// differing chunks of the others (an interrupted restore resumes),
+    /// `never` keeps them.
+    #[arg(long, default_value = "always", value_parser = parse_overwrite)]
+    pub overwrite: Overwrite,
+    /// Remove files and folders of restored directories that the snapshot
+    /// does not have, so the target ends up exactly as backed up.
+    #[arg(long)]
+    pub delete: bool,
     /// Do not restore ownership, even as root: everything belongs to the
     /// user running the restore.
     #[arg(long)]
@@ -213,6 +225,10 @@ pub struct RestoreArgs {
     /// root all of them, `security.*` included).
     #[arg(long)]
     pub no_xattrs: bool,
+}
+
+fn parse_overwrite(s: &str) -> Result<Overwrite, String> {
+    s.parse()
 }
 
 #[derive(Args, Debug)]

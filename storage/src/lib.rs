@@ -56,7 +56,7 @@ pub use ops::forget::{
     SnapshotFilter,
 };
 pub use ops::maintain::{maintain, peak_rss_kib, MaintainOptions, MaintainReport};
-pub use ops::restore::{restore, RestoreOptions, RestoreProgress, RestoreSummary};
+pub use ops::restore::{restore, Overwrite, RestoreOptions, RestoreProgress, RestoreSummary};
 pub use ops::stats::{stats, StatsReport};
 pub use ops::verify::{verify, SourceVerdict, VerifyOptions, VerifyReport};
 pub use repo::coordination::lease::{LeaseInfo, LeaseKind};

@@ -30,6 +30,8 @@ pub(super) fn run(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
         no_owner: a.no_owner,
         no_special: a.no_special,
         no_xattrs: a.no_xattrs,
+        overwrite: a.overwrite,
+        delete: a.delete,
     };
     let progress = Arc::new(RestoreProgress::default());
     let ticker = Ticker::start(
@@ -107,5 +109,18 @@ fn print_summary(summary: &RestoreSummary, target: &std::path::Path) {
         bytes(summary.bytes),
         summary.duration_secs,
         target.display()
+    );
+    if summary.files_unchanged > 0 || summary.deleted > 0 {
+        println!(
+            "{} files already correct, {} entries deleted",
+            summary.files_unchanged, summary.deleted
+        );
+    }
+    println!(
+        "downloaded {} in {} reads of {} packs ({} blobs)",
+        bytes(summary.bytes_downloaded),
+        summary.requests,
+        summary.packs,
+        summary.blobs_fetched
     );
 }

@@ -2,9 +2,13 @@
 //! local index cache, reading and authenticating blobs, saving blobs and
 //! trees, and recovering or repairing the index from the packs themselves.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+
 use marmoset_index::BlobLocation;
 use tracing::{debug, info, warn};
 
+use super::reads::coalesce;
 use super::Repository;
 use crate::backend::FileKind;
 use crate::error::{Error, Result};
@@ -138,7 +142,7 @@ impl Repository {
     fn load_metadata_blob(&self, id: &Id, loc: &BlobLocation) -> Result<Vec<u8>> {
         let kind = BlobType::from_u8(loc.kind)
             .ok_or_else(|| Error::corrupt(format!("blob {id}"), "unknown blob type in index"))?;
-        let path = self.index.path().with_extension("blobs").join(id.to_hex());
+        let path = self.metadata_blob_path(id);
         if let Ok(raw) = std::fs::read(&path) {
             if let Ok(plain) = blob::decode(&self.keys, kind, id, loc.flags, loc.raw_length, &raw) {
                 return Ok(plain);
@@ -149,15 +153,81 @@ impl Repository {
         let raw = self.read_blob_bytes(id, &pack, loc)?;
         let plain = blob::decode(&self.keys, kind, id, loc.flags, loc.raw_length, &raw)
             .map_err(|e| e.in_pack(&pack))?;
+        self.keep_metadata_blob(id, &raw);
+        Ok(plain)
+    }
+
+    /// Where a metadata blob of a remote repository is kept locally.
+    fn metadata_blob_path(&self, id: &Id) -> PathBuf {
+        self.index.path().with_extension("blobs").join(id.to_hex())
+    }
+
+    /// Keeps the raw (still encrypted) bytes of a metadata blob; it is
+    /// authenticated again whenever it is read back. Best effort.
+    fn keep_metadata_blob(&self, id: &Id, raw: &[u8]) {
+        let path = self.metadata_blob_path(id);
         if let Some(dir) = path.parent() {
             if std::fs::create_dir_all(dir).is_ok() {
-                let tmp = path.with_extension("tmp");
-                if std::fs::write(&tmp, &raw).is_ok() {
+                let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+                if std::fs::write(&tmp, raw).is_ok() {
                     let _ = std::fs::rename(&tmp, &path);
                 }
             }
         }
-        Ok(plain)
+    }
+
+    /// Fetches the metadata blobs (trees, chunk lists) among `ids` that a
+    /// remote repository has not got locally yet, with coalesced ranged
+    /// reads per pack instead of one request per blob. The tree walker
+    /// calls it for each batch of directories. Failures are left to the
+    /// individual loads that follow, which report them by blob.
+    pub fn prefetch_metadata(&self, ids: &[Id]) {
+        if !self.backend.is_remote() {
+            return;
+        }
+        let mut by_pack: HashMap<[u8; 32], Vec<(u64, u64, Id)>> = HashMap::new();
+        for id in ids {
+            if self.metadata_blob_path(id).exists() {
+                continue;
+            }
+            if let Ok(Some(loc)) = self.index.get_blob(&id.0) {
+                by_pack
+                    .entry(loc.pack)
+                    .or_default()
+                    .push((loc.offset, u64::from(loc.length), *id));
+            }
+        }
+        for (pack, items) in by_pack {
+            let pack = Id(pack).to_hex();
+            for range in coalesce(items) {
+                if range.items.len() < 2 {
+                    continue; // one blob: the load reads it as well
+                }
+                match self
+                    .backend
+                    .read_range(FileKind::Pack, &pack, range.offset, range.length)
+                {
+                    Ok(buf) => {
+                        for (offset, length, id) in &range.items {
+                            if let Some(raw) = range.slice(&buf, *offset, *length) {
+                                self.keep_metadata_blob(id, raw);
+                            }
+                        }
+                    }
+                    Err(e) => debug!(pack = %pack, error = %e, "metadata prefetch failed"),
+                }
+            }
+        }
+    }
+
+    /// Authenticates and decodes a blob's stored bytes, read by the caller
+    /// (the restore planner reads many blobs in one range).
+    pub fn open_blob(&self, id: &Id, loc: &BlobLocation, raw: &[u8]) -> Result<Vec<u8>> {
+        let pack = Id(loc.pack).to_hex();
+        let kind = BlobType::from_u8(loc.kind)
+            .ok_or_else(|| Error::corrupt(format!("blob {id}"), "unknown blob type in index"))?;
+        blob::decode(&self.keys, kind, id, loc.flags, loc.raw_length, raw)
+            .map_err(|e| e.in_pack(&pack))
     }
 
     pub fn load_blob_at(&self, id: &Id, loc: &BlobLocation) -> Result<Vec<u8>> {

@@ -10,6 +10,7 @@ mod cache_dir;
 pub mod content;
 pub mod coordination;
 pub mod manifests;
+pub mod reads;
 pub mod walk;
 
 use std::path::{Path, PathBuf};

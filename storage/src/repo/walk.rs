@@ -93,6 +93,9 @@ impl<'r> Walker<'r> {
     /// Loads a batch with up to `workers` threads, keeping its order.
     fn load<P: Send>(&self, batch: Vec<(Id, P)>) -> Result<Vec<Listing<P>>> {
         let repo = self.repo;
+        // Remote: the batch's trees arrive in a few coalesced reads.
+        let ids: Vec<Id> = batch.iter().map(|(id, _)| *id).collect();
+        repo.prefetch_metadata(&ids);
         let load_one = |(id, at): (Id, P)| Listing {
             tree: repo.load_tree(&id),
             id,

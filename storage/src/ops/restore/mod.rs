@@ -1,13 +1,20 @@
 //! Restore: a snapshot (or a path in it) into a target directory.
 //!
-//! The walk creates directories, links and special files and turns every
-//! regular file into chunk tasks (file, offset, blob). A bounded pool of
-//! workers reads each blob, authenticates it (MAC and content id) and writes
-//! it at its offset, so one huge file and many small ones both use every
-//! worker. All-zero chunks are left as holes. A file whose blob fails
-//! verification is removed and reported by name: restore never leaves a
-//! silently wrong file. Names that could escape the target (`..`, `/`,
-//! duplicates) are refused.
+//! The walk (the tree walker, breadth first) creates directories, links,
+//! special files and every regular file at its size, and records in a
+//! plan (`plan`) every (file, offset) each blob must go to. The plan is
+//! then fetched pack by pack (`fetch`): neighbouring blobs of a pack come
+//! in one ranged read, packs in parallel, and each blob is downloaded,
+//! authenticated (MAC and content id) and decompressed once, then written
+//! to all of its destinations. All-zero chunks are left as holes. A file
+//! whose blob fails verification or cannot be read is removed and
+//! reported by name: restore never leaves a silently wrong file. Names
+//! that could escape the target (`..`, `/`, duplicates) are refused.
+//!
+//! Over an existing directory (`existing`), `--overwrite if-changed` keeps
+//! files whose size and mtime match and fetches only the chunks that
+//! differ in the others (so an interrupted restore resumes), and
+//! `--delete` removes what the snapshot does not have.
 //!
 //! Nothing below the target is reached through a path the kernel resolves
 //! by itself: the target is opened once, and every directory below it is
@@ -20,18 +27,21 @@
 //! recorded mode only in the final pass, so an interrupted restore of a
 //! private tree is never left readable by others.
 
-use std::collections::HashMap;
-use std::ffi::OsStr;
+mod existing;
+mod fetch;
+mod plan;
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{bounded, Receiver};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use marmoset_index::BlobLocation;
 use nix::errno::Errno;
@@ -45,8 +55,12 @@ use crate::error::{Error, Result};
 use crate::format::id::Id;
 use crate::format::snapshot::{Snapshot, SourceError};
 use crate::format::tree::{Node, NodeKind};
+use crate::repo::walk::{Listing, Walker};
 use crate::repo::Repository;
 use crate::util::os_str;
+pub use existing::Overwrite;
+use fetch::{fetch_all, FetchStats, FileEntry};
+use plan::{Dest, Plan};
 
 /// What to restore, and how much of the snapshot's metadata to apply.
 ///
@@ -69,7 +83,7 @@ pub struct RestoreOptions {
     /// Restore only paths matching one of these globs (or below them).
     pub includes: Vec<String>,
     pub excludes: Vec<String>,
-    /// Parallel blob readers (default: 2 × cores, at least 4).
+    /// Packs fetched in parallel (default: 2 × cores).
     pub threads: Option<usize>,
     /// Do not restore ownership, even as root: everything belongs to the
     /// user running the restore.
@@ -81,6 +95,11 @@ pub struct RestoreOptions {
     pub no_special: bool,
     /// Restore no extended attributes at all.
     pub no_xattrs: bool,
+    /// What to do with files already in the target.
+    pub overwrite: Overwrite,
+    /// Remove entries of restored directories that the snapshot does not
+    /// have, so the target ends up exactly as backed up.
+    pub delete: bool,
 }
 
 #[derive(Debug, Default)]
@@ -96,6 +115,17 @@ pub struct RestoreSummary {
     pub links: u64,
     pub special: u64,
     pub bytes: u64,
+    /// Files already correct in the target (`--overwrite if-changed` or
+    /// `never`): nothing downloaded for them.
+    pub files_unchanged: u64,
+    /// Entries removed by `--delete`.
+    pub deleted: u64,
+    /// Packs read, ranged reads made, bytes they returned and blobs
+    /// fetched: each blob once, however many files share it.
+    pub packs: u64,
+    pub requests: u64,
+    pub bytes_downloaded: u64,
+    pub blobs_fetched: u64,
     pub duration_secs: f64,
     /// Files that could not be restored (damaged data, refused names, I/O).
     pub errors: Vec<SourceError>,
@@ -324,25 +354,6 @@ fn in_the_way(dir: &OwnedFd, name: &OsStr, rel: &Path, e: Errno) -> io::Error {
     )
 }
 
-/// One regular file being restored; finalized when its last chunk lands.
-struct FileState {
-    file: File,
-    /// Shown in messages.
-    path: PathBuf,
-    /// Below the target, to remove the file if its data is damaged.
-    rel: PathBuf,
-    node: Node,
-    remaining: AtomicUsize,
-    failed: Mutex<Option<String>>,
-}
-
-struct Task {
-    file: Arc<FileState>,
-    offset: u64,
-    id: Id,
-    loc: BlobLocation,
-}
-
 struct Shared<'r> {
     repo: &'r Repository,
     errors: Mutex<Vec<SourceError>>,
@@ -384,6 +395,11 @@ struct DirMeta {
 }
 
 /// Restores `subpath` of `snap` into `target`.
+///
+/// Two phases: the walk (breadth first, through the tree walker) creates
+/// directories, links, special files and every regular file at its size,
+/// and records in the plan which blob goes where; then the plan is fetched
+/// pack by pack in parallel (see `fetch`). Directory metadata comes last.
 pub fn restore(
     repo: &Repository,
     snap: &Snapshot,
@@ -403,7 +419,7 @@ pub fn restore(
     let threads = opts
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()) * 2)
-        .max(4);
+        .max(1);
     let shared = Shared {
         repo,
         errors: Mutex::new(Vec::new()),
@@ -414,50 +430,71 @@ pub fn restore(
         tree,
         target: target.to_path_buf(),
     };
-    let mut summary = RestoreSummary::default();
-    let mut dirs: Vec<DirMeta> = Vec::new();
-    std::thread::scope(|s| -> Result<()> {
-        let (tx, rx) = bounded::<Task>(threads * 16);
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                let rx = rx.clone();
-                let shared = &shared;
-                s.spawn(move || worker(shared, rx))
-            })
-            .collect();
-        drop(rx);
-        let mut walker = Walker {
-            shared: &shared,
-            filter: &filter,
-            tx,
-            summary: &mut summary,
-            dirs: &mut dirs,
-            hardlinks: HashMap::new(),
-            cur: None,
-            implicit: Vec::new(),
-        };
-        let top = Path::new("");
-        let r = if node.kind == NodeKind::Dir {
-            walker.dir_contents(&node, top, "", false)
-        } else {
-            let name = node.name_lossy();
-            walker.entry(node, top, &name, false)
-        };
-        drop(walker);
-        for w in workers {
-            let _ = w.join();
+    let mut r = Restorer {
+        shared: &shared,
+        filter: &filter,
+        opts,
+        summary: RestoreSummary::default(),
+        dirs: Vec::new(),
+        hardlinks: HashMap::new(),
+        cur: None,
+        implicit: Vec::new(),
+        unselected: HashMap::new(),
+        plan: Plan::default(),
+        files: Vec::new(),
+        listing: None,
+        keep: None,
+    };
+    let top = At {
+        rel_dir: PathBuf::new(),
+        rel: String::new(),
+        selected: false,
+    };
+    if node.kind == NodeKind::Dir {
+        let roots = r.children(&node, top);
+        Walker::new(repo).run(roots, |listing| r.listing(listing))?;
+        r.flush_delete();
+    } else {
+        let name = node.name_lossy();
+        r.entry(node, Path::new(""), &name, false);
+    }
+    let Restorer {
+        mut summary,
+        mut dirs,
+        plan,
+        files,
+        implicit,
+        unselected,
+        ..
+    } = r;
+    // Phase 2: the data, each blob fetched once.
+    let stats = FetchStats::default();
+    fetch_all(&shared, &files, plan.into_reads(), threads, &stats);
+    // Directories made only to reach selected entries get their recorded
+    // mode (not their owner) too.
+    for rel in implicit {
+        if let Some(node) = unselected.get(&rel) {
+            dirs.push(DirMeta {
+                rel,
+                node: node.clone(),
+                mode_only: true,
+            });
         }
-        r
-    })?;
-    // Directory metadata last, in walk order (a directory after everything
-    // below it), so restoring files inside a read-only or unsearchable
-    // directory, or touching its mtime, cannot undo it.
+    }
+    // Directory metadata last, deepest first, so restoring entries inside
+    // a read-only or unsearchable directory, or touching its mtime, cannot
+    // undo it.
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.rel.components().count()));
     for d in &dirs {
         if let Err(e) = apply_dir_meta(&shared.tree, d, shared.meta) {
             shared.error(&shared.shown(&d.rel), format!("metadata: {e}"));
         }
     }
     summary.bytes = shared.bytes.load(Ordering::Relaxed);
+    summary.packs = stats.packs.load(Ordering::Relaxed);
+    summary.requests = stats.requests.load(Ordering::Relaxed);
+    summary.bytes_downloaded = stats.bytes_downloaded.load(Ordering::Relaxed);
+    summary.blobs_fetched = stats.blobs.load(Ordering::Relaxed);
     summary.errors = shared
         .errors
         .into_inner()
@@ -480,73 +517,152 @@ fn create_real_dir(path: &Path) -> Result<()> {
     }
 }
 
-struct Walker<'a, 'r> {
-    shared: &'a Shared<'r>,
-    filter: &'a Filter,
-    tx: crossbeam_channel::Sender<Task>,
-    summary: &'a mut RestoreSummary,
-    dirs: &'a mut Vec<DirMeta>,
-    /// Inode → path (below the target) of its first restored name.
-    hardlinks: HashMap<u64, PathBuf>,
-    /// The directory written into last: consecutive entries mostly share
-    /// it. Only this one handle is kept open, however large the tree.
-    cur: Option<(PathBuf, Arc<OwnedFd>)>,
-    /// Directories made only as parents of selected entries, innermost
-    /// last; each is popped when the walk leaves it.
-    implicit: Vec<PathBuf>,
+/// Where a directory listing goes: its path below the target, the same
+/// path as the include/exclude globs see it, and whether it is selected.
+struct At {
+    rel_dir: PathBuf,
+    rel: String,
+    selected: bool,
 }
 
-impl Walker<'_, '_> {
-    /// `rel_dir`: the directory's path below the target; `rel`: the same
-    /// path as matched by the include and exclude globs.
-    fn dir_contents(
-        &mut self,
-        dir: &Node,
-        rel_dir: &Path,
-        rel: &str,
-        selected: bool,
-    ) -> Result<()> {
-        let mut prev: Option<Vec<u8>> = None;
-        for part in &dir.subtree {
-            let tree = match self.shared.repo.load_tree(part) {
-                Ok(t) => t,
-                Err(e) => {
-                    let path = self.shared.shown(rel_dir);
-                    self.shared
-                        .error(&path, format!("directory listing unreadable: {e}"));
-                    continue;
-                }
-            };
-            for node in tree.nodes {
-                if prev.as_ref() == Some(&node.name) {
-                    let path = self.shared.shown(rel_dir).join(node.name_lossy());
-                    self.shared.error(&path, "duplicate name in tree refused");
-                    continue;
-                }
-                prev = Some(node.name.clone());
-                let child_rel = if rel.is_empty() {
-                    node.name_lossy()
-                } else {
-                    format!("{rel}/{}", node.name_lossy())
-                };
-                self.entry(node, rel_dir, &child_rel, selected)?;
-            }
+/// The walk of a restore: creates what has no data and plans the rest.
+struct Restorer<'a, 'r> {
+    shared: &'a Shared<'r>,
+    filter: &'a Filter,
+    opts: &'a RestoreOptions,
+    summary: RestoreSummary,
+    dirs: Vec<DirMeta>,
+    /// Inode → path (below the target) of its first restored name.
+    hardlinks: HashMap<u64, PathBuf>,
+    /// The directory written into last: a listing's entries share it. Only
+    /// this one handle is kept open, however large the tree.
+    cur: Option<(PathBuf, Arc<OwnedFd>)>,
+    /// Directories made only as parents of selected entries.
+    implicit: Vec<PathBuf>,
+    /// Walked directories that are not themselves selected (with
+    /// includes), for the modes of those made as parents.
+    unselected: HashMap<PathBuf, Node>,
+    plan: Plan,
+    files: Vec<Arc<FileEntry>>,
+    /// The directory of the last listing and the last name in it: a
+    /// directory's listing parts come one after the other, in name order.
+    listing: Option<(PathBuf, Vec<u8>)>,
+    /// With `--delete`: the directory being listed and the names the
+    /// snapshot has in it; extras are removed once its listing is done.
+    keep: Option<(PathBuf, HashSet<OsString>)>,
+}
+
+impl Restorer<'_, '_> {
+    /// The listings below directory `node` at `at`. An empty directory has
+    /// none, so its extras are deleted right away.
+    fn children(&mut self, node: &Node, at: At) -> Vec<(Id, At)> {
+        if node.subtree.is_empty() && self.deletes(&at) {
+            self.delete_in(&at.rel_dir, &HashSet::new());
         }
-        Ok(())
+        node.subtree
+            .iter()
+            .map(|t| {
+                (
+                    *t,
+                    At {
+                        rel_dir: at.rel_dir.clone(),
+                        rel: at.rel.clone(),
+                        selected: at.selected,
+                    },
+                )
+            })
+            .collect()
     }
 
-    fn entry(&mut self, node: Node, parent: &Path, rel: &str, selected: bool) -> Result<()> {
+    fn deletes(&self, at: &At) -> bool {
+        self.opts.delete && (at.selected || !self.filter.has_includes)
+    }
+
+    /// One directory listing (part) from the walker.
+    fn listing(&mut self, l: Listing<At>) -> Result<Vec<(Id, At)>> {
         if self.shared.fatal.load(Ordering::Relaxed) {
             return Err(Error::Aborted("restore aborted".into()));
         }
+        let at = l.at;
+        let same_dir = matches!(&self.listing, Some((d, _)) if *d == at.rel_dir);
+        if !same_dir {
+            self.flush_delete();
+            self.listing = Some((at.rel_dir.clone(), Vec::new()));
+            if self.deletes(&at) {
+                self.keep = Some((at.rel_dir.clone(), HashSet::new()));
+            }
+        }
+        let tree = match l.tree {
+            Ok(t) => t,
+            Err(e) => {
+                let path = self.shared.shown(&at.rel_dir);
+                self.shared
+                    .error(&path, format!("directory listing unreadable: {e}"));
+                // Without the whole listing, nothing here may be deleted.
+                self.keep = None;
+                return Ok(Vec::new());
+            }
+        };
+        let mut next = Vec::new();
+        for node in tree.nodes {
+            if let Some((_, prev)) = &mut self.listing {
+                if !prev.is_empty() && *prev == node.name {
+                    let path = self.shared.shown(&at.rel_dir).join(node.name_lossy());
+                    self.shared.error(&path, "duplicate name in tree refused");
+                    continue;
+                }
+                prev.clone_from(&node.name);
+            }
+            if let Some((_, keep)) = &mut self.keep {
+                keep.insert(os_str(&node.name).to_os_string());
+            }
+            let child_rel = if at.rel.is_empty() {
+                node.name_lossy()
+            } else {
+                format!("{}/{}", at.rel, node.name_lossy())
+            };
+            if let Some(children) = self.entry(node, &at.rel_dir, &child_rel, at.selected) {
+                next.extend(children);
+            }
+        }
+        Ok(next)
+    }
+
+    /// Removes the extras of the directory whose listing just ended.
+    fn flush_delete(&mut self) {
+        if let Some((dir, keep)) = self.keep.take() {
+            self.delete_in(&dir, &keep);
+        }
+    }
+
+    fn delete_in(&mut self, rel_dir: &Path, keep: &HashSet<OsString>) {
+        let r = self
+            .dir(rel_dir, false)
+            .and_then(|d| existing::delete_extras(&d, keep));
+        match r {
+            Ok(n) => self.summary.deleted += n,
+            Err(e) => self
+                .shared
+                .error(&self.shared.shown(rel_dir), format!("--delete: {e}")),
+        }
+    }
+
+    /// One entry; a directory returns its listings to walk.
+    fn entry(
+        &mut self,
+        node: Node,
+        parent: &Path,
+        rel: &str,
+        selected: bool,
+    ) -> Option<Vec<(Id, At)>> {
         if !node.has_safe_name() {
             let path = self.shared.shown(parent).join(node.name_lossy());
             self.shared
                 .error(&path, "unsafe file name refused (path traversal)");
-            return Ok(());
+            return None;
         }
         if self.filter.excluded(rel) {
-            return Ok(());
+            return None;
         }
         let selected = selected || !self.filter.has_includes || self.filter.includes.is_match(rel);
         let rel_path = parent.join(os_str(&node.name));
@@ -555,13 +671,13 @@ impl Walker<'_, '_> {
             return self.dir_entry(node, rel_path, &path, rel, selected);
         }
         if !selected {
-            return Ok(());
+            return None;
         }
         let dir = match self.dir(parent, false) {
             Ok(d) => d,
             Err(e) => {
                 self.shared.error(&path, e.to_string());
-                return Ok(());
+                return None;
             }
         };
         let r = match node.kind {
@@ -571,7 +687,7 @@ impl Walker<'_, '_> {
         if let Err(e) = r {
             self.shared.error(&path, e.to_string());
         }
-        Ok(())
+        None
     }
 
     fn dir_entry(
@@ -581,30 +697,30 @@ impl Walker<'_, '_> {
         path: &Path,
         rel: &str,
         selected: bool,
-    ) -> Result<()> {
+    ) -> Option<Vec<(Id, At)>> {
         if selected {
             if let Err(e) = self.dir(&rel_path, true) {
                 self.shared.error(path, e.to_string());
-                return Ok(());
+                return None;
             }
             self.summary.dirs += 1;
         }
-        self.dir_contents(&node, &rel_path, rel, selected)?;
+        let at = At {
+            rel_dir: rel_path.clone(),
+            rel: rel.to_string(),
+            selected,
+        };
+        let children = self.children(&node, at);
         if selected {
             self.dirs.push(DirMeta {
                 rel: rel_path,
                 node,
                 mode_only: false,
             });
-        } else if self.implicit.last() == Some(&rel_path) {
-            self.implicit.pop();
-            self.dirs.push(DirMeta {
-                rel: rel_path,
-                node,
-                mode_only: true,
-            });
+        } else {
+            self.unselected.insert(rel_path, node);
         }
-        Ok(())
+        Some(children)
     }
 
     /// Handle of directory `rel` below the target, made (with its parents)
@@ -670,8 +786,15 @@ impl Walker<'_, '_> {
         apply_entry_meta(dir, name, node, self.shared.meta)
     }
 
+    /// A regular file: created at its size (or, with `--overwrite`, the
+    /// one there kept or updated in place) and its missing chunks planned.
     fn file(&mut self, node: Node, dir: &OwnedFd, rel: &Path, path: &Path) -> io::Result<()> {
         let name = os_str(&node.name);
+        let exists = nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok();
+        if exists && self.opts.overwrite == Overwrite::Never {
+            self.summary.files_unchanged += 1;
+            return Ok(());
+        }
         if node.links > 1 && node.inode != 0 {
             if let Some(first) = self.hardlinks.get(&node.inode).cloned() {
                 remove_existing(dir, name)?;
@@ -681,61 +804,108 @@ impl Walker<'_, '_> {
             }
             self.hardlinks.insert(node.inode, rel.to_path_buf());
         }
-        let (chunks, locs, size) = self.chunk_plan(&node)?;
-        remove_existing(dir, name)?;
-        let fd = nix::fcntl::openat(
-            dir,
-            name,
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(0o600),
-        )?;
-        let file = File::from(fd);
-        file.set_len(size)?;
+        let chunks = self.chunk_plan(&node)?;
+        let size: u64 = chunks.iter().map(|(_, l)| u64::from(l.raw_length)).sum();
         self.summary.files += 1;
-        let state = Arc::new(FileState {
-            file,
+        let existing = match self.opts.overwrite {
+            Overwrite::IfChanged if exists => existing::open_existing(dir, name, &node),
+            _ => None,
+        };
+        let (file, wanted) = match existing {
+            Some(e) if e.same_stat && size == node.size => {
+                self.summary.files_unchanged += 1;
+                return self.finish_now(node, rel, path, e.file, e.dev, e.ino);
+            }
+            Some(e) => {
+                let same = existing::matching_chunks(&e.file, self.shared.repo.keys(), &chunks);
+                e.file.set_len(size)?;
+                let wanted: Vec<bool> = same.iter().map(|s| !s).collect();
+                (e.file, wanted)
+            }
+            None => {
+                remove_existing(dir, name)?;
+                let fd = nix::fcntl::openat(
+                    dir,
+                    name,
+                    OFlag::O_WRONLY
+                        | OFlag::O_CREAT
+                        | OFlag::O_EXCL
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_CLOEXEC,
+                    Mode::from_bits_truncate(0o600),
+                )?;
+                let file = File::from(fd);
+                file.set_len(size)?;
+                (file, vec![true; chunks.len()])
+            }
+        };
+        let st = nix::sys::stat::fstat(&file)?;
+        let needed = wanted.iter().filter(|w| **w).count();
+        if needed == 0 {
+            self.summary.files_unchanged += 1;
+            return self.finish_now(node, rel, path, file, st.st_dev, st.st_ino);
+        }
+        // The fetchers reopen it; holding every file open would exhaust
+        // the descriptors on a large tree.
+        drop(file);
+        let idx = self.files.len();
+        let mut offset = 0;
+        for ((id, loc), want) in chunks.into_iter().zip(wanted) {
+            if want {
+                self.plan.add(id, loc, Dest { file: idx, offset });
+            }
+            offset += u64::from(loc.raw_length);
+        }
+        self.files.push(Arc::new(FileEntry {
             path: path.to_owned(),
             rel: rel.to_owned(),
             node,
-            remaining: AtomicUsize::new(chunks.len()),
+            dev: st.st_dev,
+            ino: st.st_ino,
+            remaining: AtomicUsize::new(needed),
             failed: Mutex::new(None),
-        });
-        if chunks.is_empty() {
-            finish_file(self.shared, &state);
-            return Ok(());
-        }
-        let mut offset = 0;
-        for (id, loc) in chunks.into_iter().zip(locs) {
-            let raw = u64::from(loc.raw_length);
-            self.tx
-                .send(Task {
-                    file: state.clone(),
-                    offset,
-                    id,
-                    loc,
-                })
-                .map_err(|_| io::Error::other("restore workers stopped"))?;
-            offset += raw;
-        }
+        }));
         Ok(())
     }
 
-    /// A file's chunk ids, their locations and its size.
-    fn chunk_plan(&self, node: &Node) -> io::Result<(Vec<Id>, Vec<BlobLocation>, u64)> {
+    /// A file with nothing to fetch: its metadata now.
+    fn finish_now(
+        &mut self,
+        node: Node,
+        rel: &Path,
+        path: &Path,
+        file: File,
+        dev: u64,
+        ino: u64,
+    ) -> io::Result<()> {
+        let entry = FileEntry {
+            path: path.to_owned(),
+            rel: rel.to_owned(),
+            node,
+            dev,
+            ino,
+            remaining: AtomicUsize::new(0),
+            failed: Mutex::new(None),
+        };
+        fetch::finish(self.shared, &entry, Some(file));
+        Ok(())
+    }
+
+    /// A file's chunk ids with their locations.
+    fn chunk_plan(&self, node: &Node) -> io::Result<Vec<(Id, BlobLocation)>> {
         let repo = self.shared.repo;
         let chunks = repo
             .file_chunks(node)
             .map_err(|e| io::Error::other(e.to_string()))?;
-        let mut locs = Vec::with_capacity(chunks.len());
-        let mut size = 0u64;
-        for id in &chunks {
-            let loc = repo
-                .blob_location(id)
-                .map_err(|e| io::Error::other(e.to_string()))?;
-            size += u64::from(loc.raw_length);
-            locs.push(loc);
-        }
-        Ok((chunks, locs, size))
+        chunks
+            .into_iter()
+            .map(|id| {
+                let loc = repo
+                    .blob_location(&id)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                Ok((id, loc))
+            })
+            .collect()
     }
 
     /// Hard link `name` in `dir` to `first` (a path below the target),
@@ -781,78 +951,6 @@ fn remove_entry(tree: &Beneath, rel: &Path) -> io::Result<()> {
     let dir = tree.open_dir(parent, false, &mut Vec::new())?;
     nix::unistd::unlinkat(&dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir)?;
     Ok(())
-}
-
-fn worker(shared: &Shared, rx: Receiver<Task>) {
-    for task in rx {
-        let already_failed = crate::util::lock(&task.file.failed).is_some();
-        if !already_failed {
-            if let Err(e) = write_chunk(shared, &task) {
-                let mut f = crate::util::lock(&task.file.failed);
-                if f.is_none() {
-                    *f = Some(e);
-                }
-            }
-        }
-        if task.file.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            finish_file(shared, &task.file);
-        }
-    }
-}
-
-fn write_chunk(shared: &Shared, task: &Task) -> std::result::Result<(), String> {
-    let data = shared
-        .repo
-        .load_blob_at(&task.id, &task.loc)
-        .map_err(|e| e.to_string())?;
-    // Holes stay holes: set_len already made the file zero, so zero runs
-    // (in 64 KiB blocks) are skipped and sparse files stay sparse.
-    const BLOCK: usize = 64 << 10;
-    let mut pos = 0;
-    while pos < data.len() {
-        let end = (pos + BLOCK).min(data.len());
-        // Extend over consecutive non-zero blocks to keep writes large.
-        let mut stop = pos;
-        while stop < data.len() {
-            let e = (stop + BLOCK).min(data.len());
-            if data[stop..e].iter().all(|&b| b == 0) {
-                break;
-            }
-            stop = e;
-        }
-        if stop > pos {
-            task.file
-                .file
-                .write_all_at(&data[pos..stop], task.offset + pos as u64)
-                .map_err(|e| format!("write: {e}"))?;
-            pos = stop;
-        } else {
-            pos = end;
-        }
-    }
-    shared.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-    shared
-        .progress
-        .bytes_written
-        .fetch_add(data.len() as u64, Ordering::Relaxed);
-    Ok(())
-}
-
-fn finish_file(shared: &Shared, state: &FileState) {
-    shared.progress.files_done.fetch_add(1, Ordering::Relaxed);
-    let failed = crate::util::lock(&state.failed).take();
-    if let Some(msg) = failed {
-        // Never leave a silently wrong file behind.
-        if let Err(e) = remove_entry(&shared.tree, &state.rel) {
-            warn!(path = %state.path.display(), error = %e, "damaged file not removed");
-        }
-        shared.error(&state.path, format!("damaged data, file removed: {msg}"));
-        return;
-    }
-    let times = fs::FileTimes::new().set_modified(mtime(&state.node));
-    if let Err(e) = apply_fd_meta(&state.file, &state.node, shared.meta, times) {
-        shared.error(&state.path, format!("metadata: {e}"));
-    }
 }
 
 fn mtime(node: &Node) -> SystemTime {

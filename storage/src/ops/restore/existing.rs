@@ -1,0 +1,165 @@
+//! Restoring over an existing directory: what to do with a file already
+//! there (`--overwrite`) and with entries the snapshot does not have
+//! (`--delete`). Everything here works from directory handles below the
+//! target; nothing follows a symlink.
+
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+
+use marmoset_index::BlobLocation;
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::Mode;
+use nix::unistd::UnlinkatFlags;
+
+use crate::format::crypto::Keys;
+use crate::format::id::Id;
+use crate::format::tree::Node;
+
+/// What to do with a file that already exists at a restored path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Overwrite {
+    /// Replace it (the default).
+    #[default]
+    Always,
+    /// Keep it when size and mtime match; otherwise compare its content
+    /// chunk by chunk and fetch only the chunks that differ. A restore
+    /// run again this way resumes: files already correct are not
+    /// downloaded again.
+    IfChanged,
+    /// Keep whatever is there.
+    Never,
+}
+
+impl std::str::FromStr for Overwrite {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "always" => Ok(Overwrite::Always),
+            "if-changed" => Ok(Overwrite::IfChanged),
+            "never" => Ok(Overwrite::Never),
+            other => Err(format!(
+                "--overwrite {other:?}: use always, if-changed or never"
+            )),
+        }
+    }
+}
+
+/// An existing regular file that may be kept, opened for writing.
+pub(super) struct Existing {
+    pub file: File,
+    pub dev: u64,
+    pub ino: u64,
+    /// Same size and mtime as recorded: taken as unchanged.
+    pub same_stat: bool,
+}
+
+/// Opens the regular file `name` in `dir` for update, if there is one and
+/// it may be written; `None` means "replace it" (absent, another kind of
+/// entry, or not writable).
+pub(super) fn open_existing(dir: &OwnedFd, name: &OsStr, node: &Node) -> Option<Existing> {
+    let fd = nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let st = nix::sys::stat::fstat(&fd).ok()?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_nlink > 1 {
+        // A hard-linked file is replaced, never changed in place: the
+        // other names may be outside what this restore owns.
+        return None;
+    }
+    let mtime_ns = st.st_mtime.saturating_mul(1_000_000_000) + st.st_mtime_nsec;
+    Some(Existing {
+        file: File::from(fd),
+        dev: st.st_dev,
+        ino: st.st_ino,
+        same_stat: u64::try_from(st.st_size).ok() == Some(node.size) && mtime_ns == node.mtime_ns,
+    })
+}
+
+/// Which chunks of an existing file already hold the snapshot's content:
+/// `true` at index i when the bytes at chunk i's offset hash to its id.
+pub(super) fn matching_chunks(
+    file: &File,
+    keys: &Keys,
+    chunks: &[(Id, BlobLocation)],
+) -> Vec<bool> {
+    let mut buf = Vec::new();
+    let mut offset = 0u64;
+    chunks
+        .iter()
+        .map(|(id, loc)| {
+            let len = loc.raw_length as usize;
+            buf.resize(len, 0);
+            let same = file.read_exact_at(&mut buf, offset).is_ok() && keys.content_id(&buf) == *id;
+            offset += u64::from(loc.raw_length);
+            same
+        })
+        .collect()
+}
+
+/// Removes every entry of `dir` whose name is not in `keep` (directories
+/// with everything below them); returns how many entries were removed.
+pub(super) fn delete_extras(dir: &OwnedFd, keep: &HashSet<OsString>) -> io::Result<u64> {
+    let mut removed = 0;
+    for name in list(dir)? {
+        if !keep.contains(&name) {
+            removed += remove_tree(dir, &name)?;
+        }
+    }
+    Ok(removed)
+}
+
+/// Names in `dir` (without `.` and `..`).
+fn list(dir: &OwnedFd) -> io::Result<Vec<OsString>> {
+    let mut d = nix::dir::Dir::openat(
+        dir,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut out = Vec::new();
+    for e in d.iter() {
+        let e = e?;
+        let n = e.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            out.push(OsStr::from_bytes(n).to_os_string());
+        }
+    }
+    Ok(out)
+}
+
+/// Removes `name` in `dir`: a directory is emptied through its own handle
+/// first (opened `O_NOFOLLOW`, so a symlink is removed, not followed).
+fn remove_tree(dir: &OwnedFd, name: &OsStr) -> io::Result<u64> {
+    match nix::unistd::unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) => return Ok(1),
+        Err(Errno::EISDIR | Errno::EPERM) => {}
+        Err(Errno::ENOENT) => return Ok(0),
+        Err(e) => return Err(e.into()),
+    }
+    let st = nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        return Err(Errno::EPERM.into());
+    }
+    let sub = nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut n = 0;
+    for child in list(&sub)? {
+        n += remove_tree(&sub, &child)?;
+    }
+    nix::unistd::unlinkat(dir, name, UnlinkatFlags::RemoveDir)?;
+    Ok(n + 1)
+}

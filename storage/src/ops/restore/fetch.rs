@@ -1,0 +1,269 @@
+//! Fetching the plan: packs in parallel, each a few ranged reads; every
+//! blob authenticated once and written to all of its destinations. A
+//! file is finished (metadata applied) when its last blob lands, or
+//! removed and reported if any of its blobs could not be read: restore
+//! never leaves a silently wrong file.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
+use tracing::warn;
+
+use super::plan::{Need, PackReads};
+use super::{apply_fd_meta, mtime, remove_entry, Shared};
+use crate::backend::FileKind;
+use crate::format::tree::Node;
+use crate::repo::reads::ReadRange;
+
+/// A regular file being restored: created by the walk, written by the
+/// fetchers, finished by whichever writes its last blob.
+pub(super) struct FileEntry {
+    /// Shown in messages.
+    pub path: PathBuf,
+    /// Below the target: the file is reopened by it, from the target's
+    /// handle, and checked to be the inode the walk created.
+    pub rel: PathBuf,
+    pub node: Node,
+    pub dev: u64,
+    pub ino: u64,
+    /// Blob destinations not yet written.
+    pub remaining: AtomicUsize,
+    pub failed: Mutex<Option<String>>,
+}
+
+/// Counters of the fetch, reported in the summary.
+#[derive(Debug, Default)]
+pub(super) struct FetchStats {
+    pub packs: AtomicU64,
+    pub requests: AtomicU64,
+    pub bytes_downloaded: AtomicU64,
+    pub blobs: AtomicU64,
+}
+
+/// Runs the plan's pack reads on `threads` workers.
+pub(super) fn fetch_all(
+    shared: &Shared,
+    files: &[Arc<FileEntry>],
+    reads: Vec<PackReads>,
+    threads: usize,
+    stats: &FetchStats,
+) {
+    let queue = Mutex::new(reads.into_iter());
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                let mut w = Writer {
+                    shared,
+                    files,
+                    open: None,
+                };
+                loop {
+                    let next = crate::util::lock(&queue).next();
+                    let Some(pack) = next else { break };
+                    stats.packs.fetch_add(1, Ordering::Relaxed);
+                    let name = pack.pack.to_hex();
+                    for range in pack.ranges {
+                        w.range(&name, range, stats);
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// One fetch worker: keeps the file it wrote last open, since consecutive
+/// blobs of a pack mostly belong to the same file.
+struct Writer<'a, 'r> {
+    shared: &'a Shared<'r>,
+    files: &'a [Arc<FileEntry>],
+    open: Option<(usize, File)>,
+}
+
+impl Writer<'_, '_> {
+    fn range(&mut self, pack: &str, range: ReadRange<Need>, stats: &FetchStats) {
+        let repo = self.shared.repo;
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        let buf = repo
+            .backend()
+            .read_range(FileKind::Pack, pack, range.offset, range.length);
+        let buf = match buf {
+            Ok(b) => b,
+            Err(e) => {
+                let why = format!("pack {pack}: {e}");
+                for (_, _, need) in range.items {
+                    self.fail_all(&need, &why);
+                }
+                return;
+            }
+        };
+        stats
+            .bytes_downloaded
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        for (offset, length, need) in &range.items {
+            let plain = range
+                .slice(&buf, *offset, *length)
+                .ok_or_else(|| format!("pack {pack}: short read at offset {offset}"))
+                .and_then(|raw| {
+                    repo.open_blob(&need.id, &need.loc, raw)
+                        .map_err(|e| e.to_string())
+                });
+            match plain {
+                Ok(data) => {
+                    stats.blobs.fetch_add(1, Ordering::Relaxed);
+                    self.write_all(need, &data);
+                }
+                Err(why) => self.fail_all(need, &why),
+            }
+        }
+    }
+
+    fn write_all(&mut self, need: &Need, data: &[u8]) {
+        for d in &need.dests {
+            let Some(entry) = self.files.get(d.file).cloned() else {
+                continue;
+            };
+            if crate::util::lock(&entry.failed).is_none() {
+                let r = self
+                    .file(d.file, &entry)
+                    .and_then(|f| write_sparse(f, data, d.offset));
+                match r {
+                    Ok(()) => {
+                        self.shared
+                            .progress
+                            .bytes_written
+                            .fetch_add(data.len() as u64, Ordering::Relaxed);
+                        self.shared
+                            .bytes
+                            .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => fail(&entry, format!("write: {e}")),
+                }
+            }
+            self.done_one(d.file, &entry);
+        }
+    }
+
+    fn fail_all(&mut self, need: &Need, why: &str) {
+        for d in &need.dests {
+            if let Some(entry) = self.files.get(d.file).cloned() {
+                fail(&entry, format!("blob {}: {why}", need.id));
+                self.done_one(d.file, &entry);
+            }
+        }
+    }
+
+    /// Counts one destination of `entry` written (or failed); the last one
+    /// finishes the file.
+    fn done_one(&mut self, idx: usize, entry: &Arc<FileEntry>) {
+        if entry.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let handle = match self.open.take() {
+            Some((i, f)) if i == idx => Some(f),
+            other => {
+                self.open = other;
+                None
+            }
+        };
+        finish(self.shared, entry, handle);
+    }
+
+    /// The file's handle, reopened below the target if another is cached.
+    fn file(&mut self, idx: usize, entry: &FileEntry) -> io::Result<&File> {
+        if !matches!(&self.open, Some((i, _)) if *i == idx) {
+            self.open = None;
+            self.open = Some((idx, reopen(self.shared, entry)?));
+        }
+        match &self.open {
+            Some((_, f)) => Ok(f),
+            None => Err(io::Error::other("file handle vanished")),
+        }
+    }
+}
+
+fn fail(entry: &FileEntry, why: String) {
+    let mut f = crate::util::lock(&entry.failed);
+    if f.is_none() {
+        *f = Some(why);
+    }
+}
+
+/// Opens the file the walk created, by name in its directory below the
+/// target, refusing anything else that took its place meanwhile.
+pub(super) fn reopen(shared: &Shared, entry: &FileEntry) -> io::Result<File> {
+    let (Some(parent), Some(name)) = (entry.rel.parent(), entry.rel.file_name()) else {
+        return Err(io::Error::other("restored file has no name"));
+    };
+    let dir: OwnedFd = shared.tree.open_dir(parent, false, &mut Vec::new())?;
+    let fd = nix::fcntl::openat(
+        &dir,
+        name,
+        OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+        Mode::empty(),
+    )?;
+    let st = nix::sys::stat::fstat(&fd)?;
+    if st.st_dev != entry.dev || st.st_ino != entry.ino {
+        return Err(io::Error::other(
+            "replaced by another file during the restore: left alone",
+        ));
+    }
+    Ok(File::from(fd))
+}
+
+/// Writes `data` at `offset`, leaving all-zero 64 KiB blocks as holes (the
+/// file was sized with `set_len`, so they read as zeros) so sparse files
+/// stay sparse; consecutive non-zero blocks go out as one write.
+fn write_sparse(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    const BLOCK: usize = 64 << 10;
+    let mut pos = 0;
+    while pos < data.len() {
+        let mut stop = pos;
+        while stop < data.len() {
+            let e = (stop + BLOCK).min(data.len());
+            if data[stop..e].iter().all(|&b| b == 0) {
+                break;
+            }
+            stop = e;
+        }
+        if stop > pos {
+            file.write_all_at(&data[pos..stop], offset + pos as u64)?;
+            pos = stop;
+        } else {
+            pos = (pos + BLOCK).min(data.len());
+        }
+    }
+    Ok(())
+}
+
+/// Applies a finished file's metadata, or removes a damaged one and
+/// reports it by name.
+pub(super) fn finish(shared: &Shared, entry: &FileEntry, handle: Option<File>) {
+    shared.progress.files_done.fetch_add(1, Ordering::Relaxed);
+    let failed = crate::util::lock(&entry.failed).take();
+    if let Some(msg) = failed {
+        drop(handle);
+        if let Err(e) = remove_entry(&shared.tree, &entry.rel) {
+            warn!(path = %entry.path.display(), error = %e, "damaged file not removed");
+        }
+        shared.error(&entry.path, format!("damaged data, file removed: {msg}"));
+        return;
+    }
+    let file = match handle.map_or_else(|| reopen(shared, entry), Ok) {
+        Ok(f) => f,
+        Err(e) => {
+            shared.error(&entry.path, format!("metadata: {e}"));
+            return;
+        }
+    };
+    let times = fs::FileTimes::new().set_modified(mtime(&entry.node));
+    if let Err(e) = apply_fd_meta(&file, &entry.node, shared.meta, times) {
+        shared.error(&entry.path, format!("metadata: {e}"));
+    }
+}
