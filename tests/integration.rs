@@ -27,6 +27,7 @@ mod integration {
     mod manifests;
     mod mount;
     mod reliability;
+    mod restore_plan;
     mod restore_safety;
     mod roundtrip;
     mod s3;

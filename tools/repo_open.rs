@@ -58,11 +58,22 @@ fn backend_options(g: &Global) -> Result<BackendOptions> {
         connections: g.s3_connections.max(1),
         multipart_threshold,
         part_size: multipart_threshold.clamp(5 << 20, 16 << 20),
-        limit_upload: g.limit_upload.map(|k| k * 1024),
-        limit_download: g.limit_download.map(|k| k * 1024),
+        limit_upload: kib_per_sec("--limit-upload", g.limit_upload)?,
+        limit_download: kib_per_sec("--limit-download", g.limit_download)?,
         cache_root: Some(g.cache_dir.clone().unwrap_or_else(default_cache_root)),
         ..defaults
     })
+}
+
+/// A bandwidth limit in KiB/s as bytes/s; 0 means unlimited.
+fn kib_per_sec(flag: &str, v: Option<u64>) -> Result<Option<u64>> {
+    match v {
+        None => Ok(None),
+        Some(k) => match k.checked_mul(1024) {
+            Some(b) => Ok(Some(b)),
+            None => bail!("{flag} {k}: too large (KiB/s)"),
+        },
+    }
 }
 
 /// The engine's default, so both caches share one root: with no home it is

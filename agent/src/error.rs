@@ -14,6 +14,16 @@ pub enum Error {
         message: String,
     },
 
+    /// A schedule field other than the cron expression is invalid (its
+    /// `keep` duration, its name).
+    #[error("schedule {schedule:?}: invalid {field} {value:?}: {reason}")]
+    InvalidSchedule {
+        schedule: String,
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+
     #[error("Kubernetes API, {what}: {source}")]
     Kube {
         what: String,

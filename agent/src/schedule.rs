@@ -44,9 +44,26 @@ impl Schedule {
             ));
         }
         let cron = Cron::from_str(&c.cron).map_err(|e| bad(e.to_string()))?;
-        let keep = marmoset_storage::parse_duration(&c.keep).map_err(|e| bad(e.to_string()))?;
+        let invalid = |field: &'static str, value: &str, reason: String| Error::InvalidSchedule {
+            schedule: c.name.clone(),
+            field,
+            value: value.to_owned(),
+            reason,
+        };
+        let keep = marmoset_storage::parse_duration(&c.keep).map_err(|e| {
+            let reason = match e {
+                // Already says "invalid duration ...": no "invalid argument".
+                marmoset_storage::Error::InvalidArgument(why) => why,
+                other => other.to_string(),
+            };
+            invalid("keep", &c.keep, reason)
+        })?;
         if !valid_tag_value(&c.name) {
-            return Err(bad("the name must be letters, digits, '-' or '_'".into()));
+            return Err(invalid(
+                "name",
+                &c.name,
+                "the name must be letters, digits, '-' or '_'".into(),
+            ));
         }
         Ok(Schedule {
             name: c.name.clone(),
@@ -141,5 +158,40 @@ mod tests {
             assert!(e.contains("daily") && e.contains(bad), "{e}");
         }
         assert!(sched("0 2 * * *", "forever").is_err());
+    }
+
+    /// Regression: a bad `keep` (or name) was reported as an invalid cron
+    /// expression.
+    #[test]
+    fn a_bad_keep_or_name_is_not_reported_as_a_cron_error() {
+        for keep in ["9999999999999h", "forever", "7x"] {
+            let e = sched("0 2 * * *", keep).unwrap_err();
+            assert!(
+                matches!(&e, Error::InvalidSchedule { field: "keep", .. }),
+                "{e:?}"
+            );
+            let msg = e.to_string();
+            assert!(
+                msg.contains("daily") && msg.contains("keep") && msg.contains(keep),
+                "{msg}"
+            );
+            assert!(!msg.contains("cron"), "{msg}");
+        }
+        let e = Schedule::from_config(&ScheduleConfig {
+            name: "nightly db".into(),
+            cron: "0 2 * * *".into(),
+            keep: "168h".into(),
+        })
+        .unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidSchedule { field: "name", .. }),
+            "{e:?}"
+        );
+        assert!(!e.to_string().contains("cron"), "{e}");
+        // A bad cron expression is still reported as one.
+        assert!(matches!(
+            sched("61 2 * * *", "168h"),
+            Err(Error::Cron { .. })
+        ));
     }
 }

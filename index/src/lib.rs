@@ -19,6 +19,12 @@
 //! that predates the `flock`). Any other failure to open means the cache is
 //! damaged: `open` destroys it and recreates it empty at the same path.
 //!
+//! Damage RocksDB only notices when it reads a block (a checksum mismatch in
+//! an `.sst` data block) surfaces later, on a query: that query fails with
+//! [`IndexError::Damaged`] and leaves a marker file, `marmoset.damaged`, in
+//! the directory; the next `open` that holds the lock finds the marker and
+//! rebuilds the cache exactly as for damage found while opening.
+//!
 //! Design trade-off: RocksDB keeps memory bounded for repositories with
 //! millions of blobs (an in-memory hash map would need ~100 bytes per blob),
 //! at the price of a C++ dependency and a directory per repository.
@@ -50,6 +56,14 @@ pub enum IndexError {
         #[source]
         source: std::io::Error,
     },
+    /// RocksDB reported corruption while reading or writing an open cache
+    /// (a block checksum mismatch, for instance). The cache has been marked
+    /// damaged; the next [`IndexCache::open`] rebuilds it empty.
+    #[error(
+        "local index cache at {path} is damaged ({detail}); it is rebuilt from the \
+         repository on the next run (or remove it)"
+    )]
+    Damaged { path: PathBuf, detail: String },
 }
 
 pub type Result<T> = std::result::Result<T, IndexError>;
@@ -176,6 +190,47 @@ fn create_private_dir(path: &Path) -> Result<()> {
 /// it inside the directory means removing the directory removes it too.
 const LOCK_FILE: &str = "marmoset.lock";
 
+/// The file a handle leaves in the cache directory when RocksDB reports
+/// corruption on a read or write (see [`IndexCache::open`]). It holds the
+/// error message, which becomes [`IndexCache::rebuilt`]'s reason.
+const DAMAGED_MARKER: &str = "marmoset.damaged";
+
+/// Marks the cache at `dir` damaged, best effort: if the marker cannot be
+/// written, the query that found the damage still fails with
+/// [`IndexError::Damaged`] and the next one finds it again.
+fn mark_damaged(dir: &Path, detail: &str) {
+    let _ = std::fs::write(dir.join(DAMAGED_MARKER), detail);
+}
+
+/// Why an earlier handle marked the cache at `dir` damaged, or `None` when
+/// it is not marked.
+fn damage_marker(dir: &Path) -> Option<String> {
+    match std::fs::read(dir.join(DAMAGED_MARKER)) {
+        Ok(detail) if detail.is_empty() => Some("marked damaged by an earlier run".to_string()),
+        Ok(detail) => Some(format!(
+            "marked damaged by an earlier run: {}",
+            String::from_utf8_lossy(&detail).trim()
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        // Present but unreadable: still a marker.
+        Err(e) => Some(format!("marked damaged by an earlier run ({e})")),
+    }
+}
+
+/// Removes the marker once the cache has been destroyed. A marker that
+/// cannot be removed is an error: it would rebuild the cache on every run.
+fn clear_damage_marker(dir: &Path) -> Result<()> {
+    let marker = dir.join(DAMAGED_MARKER);
+    match std::fs::remove_file(&marker) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(IndexError::Io {
+            path: marker,
+            source,
+        }),
+    }
+}
+
 /// What a failed RocksDB open means for the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum OpenFailure {
@@ -283,26 +338,40 @@ impl IndexCache {
     /// the cache open; callers then work from a private cache. A damaged
     /// cache is destroyed and recreated empty here, at the same path
     /// ([`IndexCache::rebuilt`] says why), and the caller refills it from
-    /// the repository as it would a new one.
+    /// the repository as it would a new one. So is a cache that an earlier
+    /// handle marked damaged ([`IndexError::Damaged`]).
     pub fn open(path: &Path) -> Result<Self> {
         create_private_dir(path)?;
+        // From here on no other marmoset handle has the cache open (or the
+        // file system has no `flock`, and RocksDB's lock, which `destroy`
+        // takes too, still keeps a live database's files safe).
         let lock = take_lock(path)?;
         let opts = db_options();
-        let (db, rebuilt) = match open_db(&opts, path).map_err(|e| open_error(path, e)) {
-            Ok(db) => (db, None),
-            Err(IndexError::Db { source, .. }) => {
-                // Damaged. `destroy` takes RocksDB's lock first, so it
-                // never deletes files under a live database.
-                DB::destroy(&opts, path).map_err(|e| open_error(path, e))?;
-                let db = open_db(&opts, path).map_err(|e| open_error(path, e))?;
-                (db, Some(source.into_string()))
-            }
-            Err(e) => return Err(e),
+        let damage = match damage_marker(path) {
+            Some(why) => why,
+            None => match open_db(&opts, path).map_err(|e| open_error(path, e)) {
+                Ok(db) => {
+                    return Ok(Self {
+                        db,
+                        path: path.to_owned(),
+                        rebuilt: None,
+                        _lock: lock,
+                    })
+                }
+                Err(IndexError::Db { source, .. }) => source.into_string(),
+                Err(e) => return Err(e),
+            },
         };
+        // Damaged. `destroy` takes RocksDB's lock first, so it never
+        // deletes files under a live database (a busy one is `Locked`, and
+        // its marker stays for the next open).
+        DB::destroy(&opts, path).map_err(|e| open_error(path, e))?;
+        clear_damage_marker(path)?;
+        let db = open_db(&opts, path).map_err(|e| open_error(path, e))?;
         Ok(Self {
             db,
             path: path.to_owned(),
-            rebuilt,
+            rebuilt: Some(damage),
             _lock: lock,
         })
     }
@@ -317,10 +386,22 @@ impl IndexCache {
         &self.path
     }
 
+    /// Maps every RocksDB error of an open cache (reads, writes,
+    /// iterators, flushes). Corruption found here is not fixed by retrying:
+    /// the cache is marked damaged so the next `open` rebuilds it.
     fn err(&self, source: rocksdb::Error) -> IndexError {
-        IndexError::Db {
-            path: self.path.clone(),
-            source,
+        if source.kind() == rocksdb::ErrorKind::Corruption {
+            let detail = source.into_string();
+            mark_damaged(&self.path, &detail);
+            IndexError::Damaged {
+                path: self.path.clone(),
+                detail,
+            }
+        } else {
+            IndexError::Db {
+                path: self.path.clone(),
+                source,
+            }
         }
     }
 
@@ -655,6 +736,113 @@ mod tests {
         let c = IndexCache::open(&dir)?;
         assert_eq!(c.rebuilt(), None);
         assert_eq!(c.get_blob(&[1; 32])?, Some(loc(1)));
+        drop(c);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    /// Regression: damage RocksDB only finds when it reads a data block
+    /// (not while opening) failed every query with `Db`, on every run.
+    #[test]
+    fn a_damaged_data_block_is_reported_and_rebuilt_on_next_open() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("mrm-idx-sst-{}", std::process::id()));
+        let io = |source| IndexError::Io {
+            path: dir.clone(),
+            source,
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        // Enough blobs for a table file of many data blocks.
+        let blobs: Vec<(RawId, BlobLocation)> = (0u32..4000)
+            .map(|i| {
+                let mut id = [0x5a; 32];
+                id[..4].copy_from_slice(&i.to_be_bytes());
+                let mut l = loc((i % 251) as u8);
+                l.offset = u64::from(i);
+                (id, l)
+            })
+            .collect();
+        {
+            let c = IndexCache::open(&dir)?;
+            c.insert_blobs(&blobs, true)?;
+            c.mark_index_file_loaded("abc")?;
+            c.flush()?;
+        }
+        // Flip bytes in the first data block of the largest table file (the
+        // blobs one), far from the footer and index RocksDB reads at open.
+        let mut tables = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(io)? {
+            let p = entry.map_err(io)?.path();
+            if p.extension().is_some_and(|e| e == "sst") {
+                tables.push((std::fs::metadata(&p).map_err(io)?.len(), p));
+            }
+        }
+        tables.sort();
+        let Some((len, sst)) = tables.pop() else {
+            panic!("flush wrote no table file in {}", dir.display());
+        };
+        assert!(len > 16 << 10, "{} is only {len} bytes", sst.display());
+        let mut bytes = std::fs::read(&sst).map_err(io)?;
+        for b in &mut bytes[100..104] {
+            *b ^= 0xff;
+        }
+        std::fs::write(&sst, &bytes).map_err(io)?;
+
+        let c = IndexCache::open(&dir)?;
+        assert_eq!(c.rebuilt(), None, "the damage is not visible at open");
+        let mut failure = None;
+        for (id, _) in &blobs {
+            if let Err(e) = c.get_blob(id) {
+                failure = Some(e);
+                break;
+            }
+        }
+        let failure = match failure {
+            Some(e) => e,
+            // Only if cached blocks answered every lookup: a scan reads all.
+            None => match c.for_each_blob(|_, _| {}) {
+                Err(e) => e,
+                Ok(()) => panic!("no query noticed the damage in {}", sst.display()),
+            },
+        };
+        let IndexError::Damaged { path, detail } = &failure else {
+            panic!("expected Damaged, got {failure:?}");
+        };
+        assert_eq!(path, &dir);
+        assert!(detail.contains("Corruption"), "{detail}");
+        let message = failure.to_string();
+        assert!(
+            message.contains("is rebuilt from the repository on the next run"),
+            "{message}"
+        );
+        assert!(dir.join(DAMAGED_MARKER).exists(), "marker written");
+        // Damaged until reopened.
+        assert!(matches!(
+            c.for_each_blob(|_, _| {}),
+            Err(IndexError::Damaged { .. })
+        ));
+        drop(c);
+
+        let c = IndexCache::open(&dir)?;
+        let why = c.rebuilt().map(str::to_owned);
+        assert!(
+            why.as_deref().is_some_and(|w| w.contains("Corruption")),
+            "{why:?}"
+        );
+        assert!(!dir.join(DAMAGED_MARKER).exists(), "marker removed");
+        assert_eq!(c.path(), dir.as_path(), "rebuilt at the shared path");
+        assert_eq!(c.get_blob(&blobs[0].0)?, None, "rebuilt empty");
+        let mut left = 0;
+        c.for_each_blob(|_, _| left += 1)?;
+        assert_eq!(left, 0);
+        assert!(c.packs()?.is_empty());
+        assert!(c.loaded_index_files()?.is_empty());
+        c.insert_blobs(&blobs[..10], true)?;
+        assert_eq!(c.get_blob(&blobs[3].0)?, Some(blobs[3].1));
+        drop(c);
+        // Repaired for good: the next open finds it healthy.
+        let c = IndexCache::open(&dir)?;
+        assert_eq!(c.rebuilt(), None);
+        assert_eq!(c.get_blob(&blobs[3].0)?, Some(blobs[3].1));
         drop(c);
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())

@@ -23,12 +23,18 @@ pub(crate) fn os_str(b: &[u8]) -> &std::ffi::OsStr {
     std::os::unix::ffi::OsStrExt::from_bytes(b)
 }
 
-/// The wall clock. `MARMOSET_CLOCK_OFFSET_SECS` shifts it, so reliability
-/// campaigns can run two processes whose clocks disagree.
+/// The wall clock. `MARMOSET_CLOCK_OFFSET_SECS` shifts it (by at most a
+/// century either way), so reliability campaigns can run two processes
+/// whose clocks disagree.
 pub fn now() -> chrono::DateTime<chrono::Utc> {
+    const CENTURY: i64 = 100 * 366 * 86_400;
     let offset = std::env::var("MARMOSET_CLOCK_OFFSET_SECS")
         .ok()
         .and_then(|v| v.parse::<i64>().ok())
-        .unwrap_or(0);
-    chrono::Utc::now() + chrono::Duration::seconds(offset)
+        .unwrap_or(0)
+        .clamp(-CENTURY, CENTURY);
+    let now = chrono::Utc::now();
+    chrono::Duration::try_seconds(offset)
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(now)
 }

@@ -20,6 +20,22 @@ impl FaultProxy {
     /// `probability` (seeded by `seed`), and every request is delayed by
     /// `delay_ms`.
     pub fn start(upstream: u16, probability: f64, seed: u64, delay_ms: u64) -> FaultProxy {
+        Self::spawn(upstream, probability, seed, delay_ms, false)
+    }
+
+    /// Like [`FaultProxy::start`], but only ranged reads (pack data) meet
+    /// faults: the repository still opens, its data cannot be read.
+    pub fn start_ranged_only(upstream: u16, probability: f64, seed: u64) -> FaultProxy {
+        Self::spawn(upstream, probability, seed, 0, true)
+    }
+
+    fn spawn(
+        upstream: u16,
+        probability: f64,
+        seed: u64,
+        delay_ms: u64,
+        ranged: bool,
+    ) -> FaultProxy {
         let port = free_port();
         let child = Command::new("python3")
             .arg(SCRIPT)
@@ -29,6 +45,7 @@ impl FaultProxy {
                 probability.to_string(),
                 seed.to_string(),
                 delay_ms.to_string(),
+                if ranged { "ranged" } else { "all" }.to_string(),
             ])
             .stdout(Stdio::null())
             .spawn()

@@ -176,6 +176,27 @@ impl Repository {
         }
     }
 
+    /// Fetches every tree blob of a remote repository that is not local
+    /// yet, a few coalesced reads per pack, as restic keeps its tree packs
+    /// cached: a walk then costs no request per directory level.
+    pub fn prefetch_all_trees(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.backend.is_remote() || self.trees_prefetched.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut ids = Vec::new();
+        let r = self.index.for_each_blob(|id, loc| {
+            if loc.kind == BlobType::Tree as u8 {
+                ids.push(Id(id));
+            }
+        });
+        if let Err(e) = r {
+            debug!(error = %e, "tree prefetch skipped");
+            return;
+        }
+        self.prefetch_metadata(&ids);
+    }
+
     /// Fetches the metadata blobs (trees, chunk lists) among `ids` that a
     /// remote repository has not got locally yet, with coalesced ranged
     /// reads per pack instead of one request per blob. The tree walker
@@ -200,9 +221,6 @@ impl Repository {
         for (pack, items) in by_pack {
             let pack = Id(pack).to_hex();
             for range in coalesce(items) {
-                if range.items.len() < 2 {
-                    continue; // one blob: the load reads it as well
-                }
                 match self
                     .backend
                     .read_range(FileKind::Pack, &pack, range.offset, range.length)

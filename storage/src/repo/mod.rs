@@ -74,6 +74,8 @@ pub struct Repository {
     index: IndexCache,
     _temp_cache: Option<TempCache>,
     key_name: String,
+    /// Whether this handle already made sure every tree is local.
+    trees_prefetched: std::sync::atomic::AtomicBool,
 }
 
 impl Repository {
@@ -163,6 +165,7 @@ impl Repository {
             index,
             _temp_cache: temp,
             key_name,
+            trees_prefetched: std::sync::atomic::AtomicBool::new(false),
         };
         repo.sync_index()?;
         Ok(repo)

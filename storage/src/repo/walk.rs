@@ -73,6 +73,7 @@ impl<'r> Walker<'r> {
     {
         let mut seen = HashSet::new();
         let mut queue: VecDeque<(Id, P)> = roots.into();
+        self.repo.prefetch_all_trees();
         while !queue.is_empty() {
             let mut batch = Vec::with_capacity(self.batch.min(queue.len()));
             while batch.len() < self.batch {

@@ -191,6 +191,7 @@ pub fn backup(
         missing_packs,
         used_packs: Mutex::new(HashSet::new()),
         packer: Mutex::new(PackBuilder::with_capacity(pack_capacity)),
+        tree_packer: Mutex::new(PackBuilder::default()),
         upload_tx: Mutex::new(Some(upload_tx)),
         pending_index: Mutex::new(Vec::new()),
         written_index: Mutex::new(Vec::new()),

@@ -29,6 +29,8 @@ pub(super) struct Saver<'r> {
     /// exist when the snapshot is written.
     pub(super) used_packs: Mutex<HashSet<[u8; 32]>>,
     pub(super) packer: Mutex<PackBuilder>,
+    /// Trees and chunk lists: packs of their own.
+    pub(super) tree_packer: Mutex<PackBuilder>,
     /// Taken (and so closed) once all blobs are queued.
     pub(super) upload_tx: Mutex<Option<Sender<PackBuilder>>>,
     pub(super) pending_index: Mutex<Vec<(Id, Vec<PackEntry>)>>,
@@ -90,14 +92,24 @@ impl<'r> Saver<'r> {
             BlobType::Data => self.stats.data_blobs.fetch_add(1, Ordering::Relaxed),
             _ => self.stats.tree_blobs.fetch_add(1, Ordering::Relaxed),
         };
+        // Trees and chunk lists go to packs of their own (as restic does):
+        // a remote restore or walk then fetches all metadata in a few whole
+        // reads, and data packs hold nothing else.
+        let is_data = blob.kind == BlobType::Data;
         let full = {
-            let mut p = crate::util::lock(&self.packer);
+            let mut p = crate::util::lock(if is_data {
+                &self.packer
+            } else {
+                &self.tree_packer
+            });
             p.add(blob)?;
             if p.len() >= self.pack_size {
-                Some(std::mem::replace(
-                    &mut *p,
-                    PackBuilder::with_capacity(self.pack_capacity),
-                ))
+                let fresh = if is_data {
+                    PackBuilder::with_capacity(self.pack_capacity)
+                } else {
+                    PackBuilder::default()
+                };
+                Some(std::mem::replace(&mut *p, fresh))
             } else {
                 None
             }
@@ -127,9 +139,11 @@ impl<'r> Saver<'r> {
     }
 
     pub(super) fn flush_packer(&self) -> Result<()> {
-        let last = std::mem::take(&mut *crate::util::lock(&self.packer));
-        if !last.is_empty() {
-            self.send_pack(last)?;
+        for packer in [&self.packer, &self.tree_packer] {
+            let last = std::mem::take(&mut *crate::util::lock(packer));
+            if !last.is_empty() {
+                self.send_pack(last)?;
+            }
         }
         Ok(())
     }

@@ -414,6 +414,7 @@ pub fn restore(
         excludes: globset(&opts.excludes)?,
         has_includes: !opts.includes.is_empty(),
     };
+    repo.prefetch_all_trees();
     let node = repo.find_node(snap, subpath)?;
     let tree = Beneath::open(target)?;
     let threads = opts
@@ -842,7 +843,9 @@ impl Restorer<'_, '_> {
         let st = nix::sys::stat::fstat(&file)?;
         let needed = wanted.iter().filter(|w| **w).count();
         if needed == 0 {
-            self.summary.files_unchanged += 1;
+            if exists && self.opts.overwrite == Overwrite::IfChanged && !chunks.is_empty() {
+                self.summary.files_unchanged += 1;
+            }
             return self.finish_now(node, rel, path, file, st.st_dev, st.st_ino);
         }
         // The fetchers reopen it; holding every file open would exhaust

@@ -1,0 +1,376 @@
+//! The restore planner: requests per pack, each blob fetched once, faults,
+//! and restoring over an existing directory (`--overwrite`, `--delete`,
+//! resuming an interrupted restore).
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use marmoset_storage::backend::{self, BackendOptions, FileKind};
+use marmoset_testing::fault_proxy::FaultProxy;
+use marmoset_testing::random::{random_bytes, rng};
+use marmoset_testing::s3_server::S3Server;
+use marmoset_testing::trees::{assert_same_tree, random_tree};
+use serde_json::Value;
+
+use crate::integration::cli::Env;
+
+fn json(out: &std::process::Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// How many objects of `kind` the S3 repository at `url` holds.
+fn objects(url: &str, kind: FileKind) -> u64 {
+    let options = BackendOptions {
+        static_credentials: Some(("test".into(), "test".into())),
+        region: Some("us-east-1".into()),
+        ..BackendOptions::default()
+    };
+    backend::open(url, &options)
+        .unwrap()
+        .list(kind)
+        .unwrap()
+        .len() as u64
+}
+
+#[test]
+fn s3_restore_reads_each_pack_once_and_a_shared_chunk_once() {
+    let Some(server) = S3Server::start() else {
+        return;
+    };
+    let env = Env::new();
+    let url = server.url("planned");
+    env.s3_ok(&url, &["init"]);
+    let src = env.path("src");
+    random_tree(&src, 31, 150);
+    // Three copies of the same incompressible data: stored once, written
+    // three times, downloaded once.
+    let shared = random_bytes(&mut rng(5), 6 << 20);
+    for name in ["a.bin", "b.bin", "c.bin"] {
+        fs::write(src.join(name), &shared).unwrap();
+    }
+    env.s3_ok(&url, &["backup", src.to_str().unwrap()]);
+    let stats = json(&env.s3_ok(&url, &["--json", "stats"]));
+    let packs = stats["packs"].as_u64().unwrap();
+    let pack_bytes = stats["pack_bytes"].as_u64().unwrap();
+    // A cold cache, as on a new machine: index files, snapshots and trees
+    // all come from the bucket.
+    fs::remove_dir_all(&env.cache).unwrap();
+    let dst = env.path("dst");
+    let out = env.s3_ok(
+        &url,
+        &[
+            "--json",
+            "restore",
+            "latest",
+            "--target",
+            dst.to_str().unwrap(),
+        ],
+    );
+    assert_same_tree(&src, &dst);
+    let v = json(&out);
+    let s = &v["summary"];
+    let b = &v["backend"];
+    let gets = b["get"].as_u64().unwrap() + b["get_range"].as_u64().unwrap();
+    let metadata = 1 + [FileKind::Key, FileKind::Index, FileKind::Snapshot]
+        .into_iter()
+        .map(|k| objects(&url, k))
+        .sum::<u64>();
+    assert!(
+        gets <= packs + metadata,
+        "{gets} GETs for {packs} packs and {metadata} metadata objects: {v}"
+    );
+    // Data: one ranged read per pack holding data (packs are smaller than
+    // the largest range), each blob once.
+    assert!(s["requests"].as_u64().unwrap() <= packs, "{v}");
+    assert!(
+        s["bytes_downloaded"].as_u64().unwrap() <= pack_bytes,
+        "never more than the repository holds: {v}"
+    );
+    assert!(
+        s["bytes"].as_u64().unwrap() >= 3 * shared.len() as u64,
+        "the shared data was written three times: {v}"
+    );
+}
+
+#[test]
+fn restore_with_all_pack_reads_failing_fails_cleanly_naming_them() {
+    let Some(server) = S3Server::start() else {
+        return;
+    };
+    let env = Env::new();
+    let direct = server.url("unreadable");
+    env.s3_ok(&direct, &["init"]);
+    let src = env.path("src");
+    random_tree(&src, 8, 40);
+    fs::write(src.join("big.bin"), random_bytes(&mut rng(2), 3 << 20)).unwrap();
+    env.s3_ok(&direct, &["backup", src.to_str().unwrap()]);
+    // Trees come to the local cache; then every read of pack data fails.
+    env.s3_ok(&direct, &["ls", "-R", "latest"]);
+    let proxy = FaultProxy::start_ranged_only(server.port, 1.0, 3);
+    let via = format!(
+        "s3:http://127.0.0.1:{}/{}/unreadable",
+        proxy.port, server.bucket
+    );
+    let dst = env.path("dst");
+    let out = env
+        .s3_cmd(&via)
+        .args([
+            "--json",
+            "restore",
+            "latest",
+            "--target",
+            dst.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&out);
+    let errors = v["summary"]["errors"].as_array().unwrap();
+    assert!(!errors.is_empty());
+    for e in errors {
+        let msg = e["error"].as_str().unwrap();
+        assert!(
+            msg.contains("damaged data, file removed") && msg.contains("pack "),
+            "names the pack that could not be read: {e}"
+        );
+    }
+    // No file with wrong content is left behind.
+    let big = dst.join("big.bin");
+    assert!(!big.exists() || fs::read(&big).unwrap() == fs::read(src.join("big.bin")).unwrap());
+    // The same restore straight from the bucket is complete.
+    let ok = env.path("ok");
+    env.s3_ok(
+        &direct,
+        &["restore", "latest", "--target", ok.to_str().unwrap()],
+    );
+    assert_same_tree(&src, &ok);
+}
+
+/// Sets a file's mtime to `secs` after the epoch.
+fn touch(p: &Path, secs: u64) {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+    fs::File::options()
+        .write(true)
+        .open(p)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
+
+#[test]
+fn overwrite_and_delete_on_a_target_with_extra_changed_and_identical_files() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("same.txt"), b"identical").unwrap();
+    fs::write(src.join("changed.txt"), b"original content").unwrap();
+    fs::write(
+        src.join("sub/grown.bin"),
+        random_bytes(&mut rng(1), 300_000),
+    )
+    .unwrap();
+    env.backup(&src, &[]);
+    let dst = env.path("dst");
+    env.ok(&["restore", "latest", "--target", dst.to_str().unwrap()]);
+    assert_same_tree(&src, &dst);
+    // The operator's target drifts: extra files and folders, a changed
+    // file, a truncated one, a symlink pointing out of the target.
+    let outside = env.path("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("keep-me"), b"not the restore's").unwrap();
+    let drift = |dst: &Path| {
+        fs::write(dst.join("changed.txt"), b"edited by someone").unwrap();
+        fs::write(dst.join("extra.txt"), b"not in the snapshot").unwrap();
+        fs::create_dir_all(dst.join("extra-dir/deeper")).unwrap();
+        fs::write(dst.join("extra-dir/deeper/f"), b"x").unwrap();
+        std::os::unix::fs::symlink(&outside, dst.join("sub/escape")).unwrap();
+        let f = fs::File::options()
+            .write(true)
+            .open(dst.join("sub/grown.bin"))
+            .unwrap();
+        f.set_len(1000).unwrap();
+    };
+    drift(&dst);
+
+    // never: what is there stays; nothing is deleted without --delete.
+    let v = env.json(&[
+        "restore",
+        "latest",
+        "--target",
+        dst.to_str().unwrap(),
+        "--overwrite",
+        "never",
+    ]);
+    assert_eq!(
+        fs::read(dst.join("changed.txt")).unwrap(),
+        b"edited by someone"
+    );
+    assert!(dst.join("extra.txt").exists());
+    assert_eq!(v["summary"]["files_unchanged"], 3, "{v}");
+    assert_eq!(v["summary"]["blobs_fetched"], 0, "{v}");
+
+    // if-changed + delete: exactly the snapshot again; the identical file
+    // is kept, only the differing files are fetched; the symlink is
+    // removed, not followed.
+    let v = env.json(&[
+        "restore",
+        "latest",
+        "--target",
+        dst.to_str().unwrap(),
+        "--overwrite",
+        "if-changed",
+        "--delete",
+    ]);
+    assert_same_tree(&src, &dst);
+    assert_eq!(v["summary"]["files_unchanged"], 1, "{v}");
+    assert_eq!(
+        v["summary"]["deleted"], 5,
+        "extra.txt, extra-dir (3 entries), the symlink: {v}"
+    );
+    assert_eq!(
+        fs::read(outside.join("keep-me")).unwrap(),
+        b"not the restore's"
+    );
+
+    // Run again: nothing to do, nothing downloaded.
+    let v = env.json(&[
+        "restore",
+        "latest",
+        "--target",
+        dst.to_str().unwrap(),
+        "--overwrite",
+        "if-changed",
+        "--delete",
+    ]);
+    assert_eq!(v["summary"]["files_unchanged"], 3, "{v}");
+    assert_eq!(v["summary"]["bytes_downloaded"], 0, "{v}");
+    assert_eq!(v["summary"]["deleted"], 0, "{v}");
+
+    // Same size and mtime but other content: if-changed keeps it (as
+    // restic does); always replaces everything.
+    fs::write(dst.join("same.txt"), b"IDENTICAL").unwrap();
+    let mtime = fs::metadata(src.join("same.txt"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let secs = mtime.duration_since(std::time::UNIX_EPOCH).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(dst.join("same.txt"))
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + secs)
+        .unwrap();
+    let v = env.json(&[
+        "restore",
+        "latest",
+        "--target",
+        dst.to_str().unwrap(),
+        "--overwrite",
+        "always",
+    ]);
+    assert_eq!(v["summary"]["files_unchanged"], 0, "{v}");
+    assert_same_tree(&src, &dst);
+
+    // A changed mtime with the same content is only a metadata fix.
+    touch(&dst.join("sub/grown.bin"), 1_000_000);
+    let v = env.json(&[
+        "restore",
+        "latest",
+        "--target",
+        dst.to_str().unwrap(),
+        "--overwrite",
+        "if-changed",
+    ]);
+    assert_eq!(v["summary"]["bytes_downloaded"], 0, "{v}");
+    assert_same_tree(&src, &dst);
+    // A read-only restored file is still updated (replaced).
+    fs::write(dst.join("changed.txt"), b"edited again, longer").unwrap();
+    fs::set_permissions(dst.join("changed.txt"), fs::Permissions::from_mode(0o444)).unwrap();
+    env.json(&[
+        "restore",
+        "latest",
+        "--target",
+        dst.to_str().unwrap(),
+        "--overwrite",
+        "if-changed",
+    ]);
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn an_interrupted_restore_resumes_without_fetching_what_is_already_there() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..4 {
+        fs::write(
+            src.join(format!("part{i}.bin")),
+            random_bytes(&mut rng(10 + i), 10 << 20),
+        )
+        .unwrap();
+    }
+    env.backup(&src, &[]);
+    let dst = env.path("dst");
+    // Slowly, one pack at a time, and killed once the first file is whole.
+    let mut child = env
+        .cmd()
+        .args([
+            "--limit-download",
+            "8192",
+            "restore",
+            "latest",
+            "--threads",
+            "1",
+            "--target",
+            dst.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let first: Vec<Vec<u8>> = (0..4)
+        .map(|i| fs::read(src.join(format!("part{i}.bin"))).unwrap())
+        .collect();
+    let started = Instant::now();
+    let whole = |dst: &Path| {
+        (0..4).any(|i| fs::read(dst.join(format!("part{i}.bin"))).is_ok_and(|b| b == first[i]))
+    };
+    while !whole(&dst) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "restore made no progress"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "restore ended before it was interrupted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let v = env.json(&[
+        "restore",
+        "latest",
+        "--target",
+        dst.to_str().unwrap(),
+        "--overwrite",
+        "if-changed",
+    ]);
+    assert_same_tree(&src, &dst);
+    let downloaded = v["summary"]["bytes_downloaded"].as_u64().unwrap();
+    let total = 40u64 << 20;
+    assert!(
+        downloaded <= total - (10 << 20),
+        "the whole file (at least) was not fetched again: {downloaded} of {total}: {v}"
+    );
+}
