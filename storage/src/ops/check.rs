@@ -254,11 +254,46 @@ pub fn check(repo: &Repository, read_data: ReadData) -> Result<CheckReport> {
             selected.truncate(n);
         }
         selected.sort();
-        for (name, _) in selected {
-            read_pack(repo, name, &indexed_packs, &mut r);
+        let names: Vec<&str> = selected.iter().map(|(n, _)| n.as_str()).collect();
+        for part in read_packs_parallel(repo, &names, &indexed_packs) {
+            r.packs_read += part.packs_read;
+            r.blobs_read += part.blobs_read;
+            r.bytes_read += part.bytes_read;
+            r.errors.extend(part.errors);
         }
     }
     Ok(r)
+}
+
+/// Packs read at once by `--read-data`: each is a whole-object read, so
+/// on S3 they overlap their round trips; memory is one pack per reader.
+const PACK_READERS: usize = 4;
+
+/// Reads `names` with [`PACK_READERS`] threads; one partial report per
+/// pack, in the order given, so the report does not depend on timing.
+fn read_packs_parallel(
+    repo: &Repository,
+    names: &[&str],
+    indexed: &HashMap<Id, Vec<PackEntry>>,
+) -> Vec<CheckReport> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<CheckReport>> =
+        names.iter().map(|_| Default::default()).collect();
+    std::thread::scope(|s| {
+        for _ in 0..PACK_READERS.min(names.len()) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(name) = names.get(i) else { break };
+                let mut part = CheckReport::default();
+                read_pack(repo, name, indexed, &mut part);
+                *crate::util::lock(&results[i]) = part;
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .collect()
 }
 
 fn check_snapshot(
