@@ -374,3 +374,51 @@ fn an_interrupted_restore_resumes_without_fetching_what_is_already_there() {
         "the whole file (at least) was not fetched again: {downloaded} of {total}: {v}"
     );
 }
+
+/// The FUSE prefetcher's read: a run of a file's chunks that sit side by
+/// side in a pack comes in one ranged request, each chunk authenticated.
+#[test]
+fn a_run_of_neighbouring_chunks_is_one_ranged_read() {
+    use std::sync::Arc;
+
+    use marmoset_storage::backend::fs::FsBackend;
+    use marmoset_storage::backend::metered::MeteredBackend;
+    use marmoset_storage::backend::ReadBackend;
+    use marmoset_storage::{OpenOptions, Repository};
+
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    let data = random_bytes(&mut rng(77), 9 << 20);
+    fs::write(src.join("seq.bin"), &data).unwrap();
+    env.backup(&src, &[]);
+    let metered = Arc::new(MeteredBackend::new(FsBackend::new(&env.repo)));
+    let repo = Repository::open(
+        metered.clone(),
+        crate::integration::cli::PASSWORD.as_bytes(),
+        &OpenOptions {
+            cache_root: Some(env.cache.clone()),
+        },
+    )
+    .unwrap();
+    let (snaps, _) = repo.snapshots().unwrap();
+    let node = repo.find_node(&snaps[0].1, "seq.bin").unwrap();
+    let chunks = repo.file_chunks(&node).unwrap();
+    assert!(chunks.len() >= 3, "several chunks: {}", chunks.len());
+    let before = metered.stats().unwrap();
+    let loaded = repo.load_blobs(&chunks);
+    let after = metered.stats().unwrap();
+    assert_eq!(
+        after.get_range - before.get_range,
+        1,
+        "{before:?} -> {after:?}"
+    );
+    assert_eq!(after.get - before.get, 0);
+    let mut by_id: std::collections::HashMap<_, _> = loaded.into_iter().collect();
+    let mut joined = Vec::new();
+    for id in &chunks {
+        joined.extend(by_id.remove(id).unwrap().unwrap());
+    }
+    assert!(joined == data, "every chunk authenticated and in order");
+}

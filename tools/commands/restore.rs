@@ -26,7 +26,12 @@ pub(super) fn run(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
     let opts = RestoreOptions {
         includes: a.includes,
         excludes: a.excludes,
-        threads: a.threads,
+        // Remote: as many packs in flight as connections.
+        threads: a.threads.or_else(|| {
+            repo.backend()
+                .is_remote()
+                .then_some(g.s3_connections.max(1))
+        }),
         no_owner: a.no_owner,
         no_special: a.no_special,
         no_xattrs: a.no_xattrs,

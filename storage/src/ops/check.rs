@@ -191,20 +191,25 @@ pub fn check(repo: &Repository, read_data: ReadData) -> Result<CheckReport> {
     for p in plans.plans {
         planned.extend(p.plan.packs);
     }
-    let mut rejected = plans.rejected;
+    // Named with their kind, as everywhere else: "plan <id>", "lock <id>".
+    let mut rejected: Vec<(String, String)> = plans
+        .rejected
+        .into_iter()
+        .map(|(n, why)| (format!("{} {n}", FileKind::Plan), why))
+        .collect();
     for kind in [
         crate::repo::coordination::lease::LeaseKind::Session,
         crate::repo::coordination::lease::LeaseKind::Maintenance,
     ] {
+        let scan = crate::repo::coordination::lease::scan(&**backend, repo.keys(), kind)?;
         rejected.extend(
-            crate::repo::coordination::lease::scan(&**backend, repo.keys(), kind)?.rejected,
+            scan.rejected
+                .into_iter()
+                .map(|(n, why)| (format!("{} {n}", FileKind::Lock), why)),
         );
     }
-    for (name, why) in rejected {
-        r.warnings.push(CheckProblem::Ignored {
-            object: name.clone(),
-            reason: why.clone(),
-        });
+    for (object, reason) in rejected {
+        r.warnings.push(CheckProblem::Ignored { object, reason });
     }
     for name in pack_sizes.keys() {
         let indexed = Id::from_hex(name).is_some_and(|id| indexed_packs.contains_key(&id));
@@ -305,7 +310,8 @@ fn check_snapshot(
     seen_data: &mut HashSet<Id>,
     r: &mut CheckReport,
 ) {
-    let short = id.short();
+    // The full id, as in `bad_snapshot`: problems are matched by tools.
+    let short = id.to_hex();
     let roots = snap
         .root_parts()
         .into_iter()
