@@ -422,3 +422,223 @@ fn a_run_of_neighbouring_chunks_is_one_ranged_read() {
     }
     assert!(joined == data, "every chunk authenticated and in order");
 }
+
+/// The data packs of a local repository (trees live in packs of their
+/// own): those `cat pack` lists with data blobs.
+fn data_packs(env: &Env) -> Vec<String> {
+    env.pack_names()
+        .into_iter()
+        .filter(|p| {
+            env.json(&["cat", "pack", p])
+                .to_string()
+                .contains("\"data\"")
+        })
+        .collect()
+}
+
+/// Regressions from the attack on the planner: zero runs over old bytes,
+/// hard links of damaged data, forged size+mtime on a set-id file,
+/// `never` for symlinks, and truncated packs.
+#[test]
+fn restoring_over_hostile_or_damaged_state_never_leaves_a_wrong_file() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    // Zero runs inside (written sparse into new files).
+    let mut holey = random_bytes(&mut rng(1), 1 << 20);
+    holey.extend(vec![0u8; 3 << 20]);
+    holey.extend(random_bytes(&mut rng(2), 1 << 20));
+    fs::write(src.join("holey.bin"), &holey).unwrap();
+    fs::write(src.join("tool"), b"#!/bin/sh\necho genuine!\n").unwrap();
+    fs::set_permissions(src.join("tool"), fs::Permissions::from_mode(0o4755)).unwrap();
+    std::os::unix::fs::symlink("holey.bin", src.join("link")).unwrap();
+    env.backup(&src, &[]);
+    let dst = env.path("dst");
+    env.ok(&["restore", "latest", "--target", dst.to_str().unwrap()]);
+
+    // 1. Same size, other bytes where the snapshot has zeros.
+    fs::write(
+        dst.join("holey.bin"),
+        random_bytes(&mut rng(9), holey.len()),
+    )
+    .unwrap();
+    // 2. Forged: other content, same size and mtime, on a setuid file.
+    let forged = b"#!/bin/sh\necho attacker\n";
+    assert_eq!(
+        forged.len(),
+        fs::metadata(src.join("tool")).unwrap().len() as usize
+    );
+    fs::write(dst.join("tool"), forged).unwrap();
+    let mtime = fs::metadata(src.join("tool")).unwrap().modified().unwrap();
+    fs::File::options()
+        .write(true)
+        .open(dst.join("tool"))
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    env.ok(&[
+        "restore",
+        "latest",
+        "--target",
+        dst.to_str().unwrap(),
+        "--overwrite",
+        "if-changed",
+    ]);
+    assert!(
+        fs::read(dst.join("holey.bin")).unwrap() == holey,
+        "old bytes left in a zero run"
+    );
+    assert_eq!(
+        fs::read(dst.join("tool")).unwrap(),
+        fs::read(src.join("tool")).unwrap()
+    );
+    assert_same_tree(&src, &dst);
+
+    // 3. never: a regular file where the snapshot has a symlink stays.
+    fs::remove_file(dst.join("link")).unwrap();
+    fs::write(dst.join("link"), b"user data").unwrap();
+    env.ok(&[
+        "restore",
+        "latest",
+        "--target",
+        dst.to_str().unwrap(),
+        "--overwrite",
+        "never",
+    ]);
+    assert_eq!(fs::read(dst.join("link")).unwrap(), b"user data");
+}
+
+#[test]
+fn damaged_data_removes_every_name_of_a_hard_link_and_spares_intact_blobs() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("a"), random_bytes(&mut rng(3), 300_000)).unwrap();
+    fs::hard_link(src.join("a"), src.join("d/a2")).unwrap();
+    env.backup(&src, &[]);
+    let packs = data_packs(&env);
+    assert_eq!(packs.len(), 1);
+    let p = env.pack_path(&packs[0]);
+    let mut bytes = fs::read(&p).unwrap();
+    bytes[200] ^= 0xff;
+    fs::write(&p, &bytes).unwrap();
+    let dst = env.path("dst");
+    let out = env
+        .cmd()
+        .args([
+            "--json",
+            "restore",
+            "latest",
+            "--target",
+            dst.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let v = json(&out);
+    let errors = v["summary"]["errors"].to_string();
+    assert!(
+        errors.contains("/a\"") && errors.contains("a2"),
+        "both names reported: {v}"
+    );
+    assert!(
+        !dst.join("a").exists() && !dst.join("d/a2").exists(),
+        "no zero-filled name left"
+    );
+
+    // A truncated pack: files wholly in the part that is left restore.
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..6u64 {
+        fs::write(
+            src.join(format!("f{i}")),
+            random_bytes(&mut rng(20 + i), 200_000),
+        )
+        .unwrap();
+    }
+    env.backup(&src, &[]);
+    let packs = data_packs(&env);
+    assert_eq!(packs.len(), 1);
+    let p = env.pack_path(&packs[0]);
+    let len = fs::metadata(&p).unwrap().len();
+    fs::File::options()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let dst = env.path("dst");
+    let out = env
+        .cmd()
+        .args([
+            "--json",
+            "restore",
+            "latest",
+            "--target",
+            dst.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let restored = (0..6)
+        .filter(|i| {
+            fs::read(dst.join(format!("f{i}")))
+                .is_ok_and(|b| b == fs::read(src.join(format!("f{i}"))).unwrap())
+        })
+        .count();
+    let lost = json(&out)["summary"]["errors"].as_array().unwrap().len();
+    assert!(
+        restored >= 2,
+        "intact blobs of a truncated pack are restored: {restored}"
+    );
+    assert_eq!(restored + lost, 6, "every file either exact or reported");
+}
+
+#[test]
+fn delete_never_crosses_into_a_mounted_filesystem() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to mount a tmpfs");
+        return;
+    }
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"x").unwrap();
+    env.backup(&src, &[]);
+    let dst = env.path("dst");
+    let mnt = dst.join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs", mnt.to_str().unwrap()])
+        .status()
+        .unwrap()
+        .success();
+    if !ok {
+        eprintln!("skipped: tmpfs mount refused");
+        return;
+    }
+    fs::write(mnt.join("important"), b"another filesystem").unwrap();
+    let out = env
+        .cmd()
+        .args([
+            "--json",
+            "restore",
+            "latest",
+            "--target",
+            dst.to_str().unwrap(),
+            "--delete",
+        ])
+        .output()
+        .unwrap();
+    let kept = fs::read(mnt.join("important"));
+    let _ = std::process::Command::new("umount").arg(&mnt).status();
+    assert_eq!(kept.unwrap(), b"another filesystem");
+    assert!(json(&out)["summary"]["errors"]
+        .to_string()
+        .contains("mount point"));
+}

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 
@@ -55,34 +55,77 @@ pub(super) struct Existing {
     pub file: File,
     pub dev: u64,
     pub ino: u64,
+    pub uid: u32,
+    pub gid: u32,
     /// Same size and mtime as recorded: taken as unchanged.
     pub same_stat: bool,
 }
 
-/// Opens the regular file `name` in `dir` for update, if there is one and
-/// it may be written; `None` means "replace it" (absent, another kind of
-/// entry, or not writable).
-pub(super) fn open_existing(dir: &OwnedFd, name: &OsStr, node: &Node) -> Option<Existing> {
-    let fd = nix::fcntl::openat(
+/// Opens `name` in `dir` with `flags` only if it is a regular file that
+/// `accept`s: the entry is first held by an `O_PATH` handle (which opens
+/// nothing: a fifo or device node is never opened for I/O) and checked,
+/// then reopened through `/proc/self/fd`, which reaches exactly that inode.
+/// `Ok(None)`: something else is there.
+pub(super) fn open_regular(
+    dir: &OwnedFd,
+    name: &OsStr,
+    flags: OFlag,
+    accept: impl Fn(&libc::stat) -> bool,
+) -> io::Result<Option<File>> {
+    let path = nix::fcntl::openat(
         dir,
         name,
-        OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::empty(),
-    )
-    .ok()?;
-    let st = nix::sys::stat::fstat(&fd).ok()?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_nlink > 1 {
-        // A hard-linked file is replaced, never changed in place: the
-        // other names may be outside what this restore owns.
-        return None;
+    )?;
+    let st = nix::sys::stat::fstat(&path)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG || !accept(&st) {
+        return Ok(None);
     }
+    let file = nix::fcntl::open(
+        format!("/proc/self/fd/{}", path.as_raw_fd()).as_str(),
+        flags | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let file = File::from(file);
+    let again = nix::sys::stat::fstat(&file)?;
+    if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino) {
+        return Ok(None);
+    }
+    Ok(Some(file))
+}
+
+/// Opens the regular file `name` in `dir` for update, if there is one and
+/// it may be written; `None` means "replace it" (absent, another kind of
+/// entry, hard-linked, or not writable).
+pub(super) fn open_existing(dir: &OwnedFd, name: &OsStr, node: &Node) -> Option<Existing> {
+    // A hard-linked file is replaced, never changed in place: the other
+    // names may be outside what this restore owns.
+    let file = open_regular(dir, name, OFlag::O_RDWR, |st| st.st_nlink == 1).ok()??;
+    let st = nix::sys::stat::fstat(&file).ok()?;
     let mtime_ns = st.st_mtime.saturating_mul(1_000_000_000) + st.st_mtime_nsec;
     Some(Existing {
-        file: File::from(fd),
+        file,
         dev: st.st_dev,
         ino: st.st_ino,
+        uid: st.st_uid,
+        gid: st.st_gid,
         same_stat: u64::try_from(st.st_size).ok() == Some(node.size) && mtime_ns == node.mtime_ns,
     })
+}
+
+impl Existing {
+    /// Whether size and mtime may stand for the content. Not when the
+    /// restore would then hand the file privileges on the strength of
+    /// metadata anyone who can write the target can forge: set-id bits,
+    /// file capabilities, or (restoring owners) another owner than
+    /// recorded. Those files are compared by content.
+    pub fn trusted(&self, node: &Node, chown: bool) -> bool {
+        let privileged =
+            node.mode & 0o6000 != 0 || node.xattrs.iter().any(|x| x.name.starts_with(b"security."));
+        let owner_differs = chown && (self.uid != node.uid || self.gid != node.gid);
+        !privileged && !owner_differs
+    }
 }
 
 /// Which chunks of an existing file already hold the snapshot's content:
@@ -106,13 +149,19 @@ pub(super) fn matching_chunks(
         .collect()
 }
 
-/// Removes every entry of `dir` whose name is not in `keep` (directories
-/// with everything below them); returns how many entries were removed.
-pub(super) fn delete_extras(dir: &OwnedFd, keep: &HashSet<OsString>) -> io::Result<u64> {
+/// Removes every entry of `dir` whose name is not in `keep` and not
+/// `protected` (directories with everything below them, never crossing
+/// into another filesystem); returns how many entries were removed.
+pub(super) fn delete_extras(
+    dir: &OwnedFd,
+    keep: &HashSet<OsString>,
+    protected: &dyn Fn(&OsStr) -> bool,
+) -> io::Result<u64> {
+    let dev = nix::sys::stat::fstat(dir)?.st_dev;
     let mut removed = 0;
     for name in list(dir)? {
-        if !keep.contains(&name) {
-            removed += remove_tree(dir, &name)?;
+        if !keep.contains(&name) && !protected(&name) {
+            removed += remove_tree(dir, &name, dev)?;
         }
     }
     Ok(removed)
@@ -139,7 +188,7 @@ fn list(dir: &OwnedFd) -> io::Result<Vec<OsString>> {
 
 /// Removes `name` in `dir`: a directory is emptied through its own handle
 /// first (opened `O_NOFOLLOW`, so a symlink is removed, not followed).
-fn remove_tree(dir: &OwnedFd, name: &OsStr) -> io::Result<u64> {
+fn remove_tree(dir: &OwnedFd, name: &OsStr, dev: u64) -> io::Result<u64> {
     match nix::unistd::unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
         Ok(()) => return Ok(1),
         Err(Errno::EISDIR | Errno::EPERM) => {}
@@ -150,6 +199,12 @@ fn remove_tree(dir: &OwnedFd, name: &OsStr) -> io::Result<u64> {
     if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
         return Err(Errno::EPERM.into());
     }
+    if st.st_dev != dev {
+        return Err(io::Error::other(format!(
+            "{}: a mount point (another filesystem): left alone",
+            name.to_string_lossy()
+        )));
+    }
     let sub = nix::fcntl::openat(
         dir,
         name,
@@ -157,8 +212,13 @@ fn remove_tree(dir: &OwnedFd, name: &OsStr) -> io::Result<u64> {
         Mode::empty(),
     )?;
     let mut n = 0;
+    // The handle must still be the directory stat'ed (not swapped).
+    let held = nix::sys::stat::fstat(&sub)?;
+    if (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino) {
+        return Err(io::Error::other("replaced during the restore: left alone"));
+    }
     for child in list(&sub)? {
-        n += remove_tree(&sub, &child)?;
+        n += remove_tree(&sub, &child, dev)?;
     }
     nix::unistd::unlinkat(dir, name, UnlinkatFlags::RemoveDir)?;
     Ok(n + 1)

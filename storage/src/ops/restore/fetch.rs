@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nix::fcntl::OFlag;
-use nix::sys::stat::Mode;
 use tracing::warn;
 
 use super::plan::{Need, PackReads};
@@ -33,9 +32,16 @@ pub(super) struct FileEntry {
     pub node: Node,
     pub dev: u64,
     pub ino: u64,
+    /// Created by this restore (sized with `set_len`, so all zeros): zero
+    /// runs may stay holes. An existing file updated in place has old
+    /// bytes there, which must be overwritten.
+    pub fresh: bool,
     /// Blob destinations not yet written.
     pub remaining: AtomicUsize,
     pub failed: Mutex<Option<String>>,
+    /// Other names of the same inode (hard links), below the target and
+    /// as shown: removed with it if its data is damaged.
+    pub links: Mutex<Vec<(PathBuf, PathBuf)>>,
 }
 
 /// Counters of the fetch, reported in the summary.
@@ -95,10 +101,28 @@ impl Writer<'_, '_> {
             .read_range(FileKind::Pack, pack, range.offset, range.length);
         let buf = match buf {
             Ok(b) => b,
-            Err(e) => {
+            // The storage is failing (the retry layer already gave up):
+            // asking blob by blob would only fail slower.
+            Err(e) if e.retryable() => {
                 let why = format!("pack {pack}: {e}");
                 for (_, _, need) in range.items {
                     self.fail_all(&need, &why);
+                }
+                return;
+            }
+            Err(e) => {
+                // A truncated or damaged pack may still hold most of the
+                // range intact: each blob is tried on its own.
+                warn!(pack, error = %e, "ranged read failed; reading its blobs one by one");
+                for (_, _, need) in range.items {
+                    stats.requests.fetch_add(1, Ordering::Relaxed);
+                    match repo.load_blob_at(&need.id, &need.loc) {
+                        Ok(data) => {
+                            stats.blobs.fetch_add(1, Ordering::Relaxed);
+                            self.write_all(&need, &data);
+                        }
+                        Err(e) => self.fail_all(&need, &format!("pack {pack}: {e}")),
+                    }
                 }
                 return;
             }
@@ -132,7 +156,7 @@ impl Writer<'_, '_> {
             if crate::util::lock(&entry.failed).is_none() {
                 let r = self
                     .file(d.file, &entry)
-                    .and_then(|f| write_sparse(f, data, d.offset));
+                    .and_then(|f| write_data(f, data, d.offset, entry.fresh));
                 match r {
                     Ok(()) => {
                         self.shared
@@ -202,25 +226,20 @@ pub(super) fn reopen(shared: &Shared, entry: &FileEntry) -> io::Result<File> {
         return Err(io::Error::other("restored file has no name"));
     };
     let dir: OwnedFd = shared.tree.open_dir(parent, false, &mut Vec::new())?;
-    let fd = nix::fcntl::openat(
-        &dir,
-        name,
-        OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
-        Mode::empty(),
-    )?;
-    let st = nix::sys::stat::fstat(&fd)?;
-    if st.st_dev != entry.dev || st.st_ino != entry.ino {
-        return Err(io::Error::other(
-            "replaced by another file during the restore: left alone",
-        ));
-    }
-    Ok(File::from(fd))
+    super::existing::open_regular(&dir, name, OFlag::O_WRONLY, |st| {
+        st.st_dev == entry.dev && st.st_ino == entry.ino
+    })?
+    .ok_or_else(|| io::Error::other("replaced by another file during the restore: left alone"))
 }
 
-/// Writes `data` at `offset`, leaving all-zero 64 KiB blocks as holes (the
-/// file was sized with `set_len`, so they read as zeros) so sparse files
-/// stay sparse; consecutive non-zero blocks go out as one write.
-fn write_sparse(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
+/// Writes `data` at `offset`. In a file this restore created (sized with
+/// `set_len`, so it reads as zeros) all-zero 64 KiB blocks are left as
+/// holes so sparse files stay sparse; consecutive non-zero blocks go out as
+/// one write. An existing file gets every byte.
+fn write_data(file: &File, data: &[u8], offset: u64, fresh: bool) -> io::Result<()> {
+    if !fresh {
+        return file.write_all_at(data, offset);
+    }
     const BLOCK: usize = 64 << 10;
     let mut pos = 0;
     while pos < data.len() {
@@ -249,10 +268,14 @@ pub(super) fn finish(shared: &Shared, entry: &FileEntry, handle: Option<File>) {
     let failed = crate::util::lock(&entry.failed).take();
     if let Some(msg) = failed {
         drop(handle);
-        if let Err(e) = remove_entry(&shared.tree, &entry.rel) {
-            warn!(path = %entry.path.display(), error = %e, "damaged file not removed");
+        let links = std::mem::take(&mut *crate::util::lock(&entry.links));
+        let names = std::iter::once((entry.rel.clone(), entry.path.clone())).chain(links);
+        for (rel, path) in names {
+            if let Err(e) = remove_entry(&shared.tree, &rel) {
+                warn!(path = %path.display(), error = %e, "damaged file not removed");
+            }
+            shared.error(&path, format!("damaged data, file removed: {msg}"));
         }
-        shared.error(&entry.path, format!("damaged data, file removed: {msg}"));
         return;
     }
     let file = match handle.map_or_else(|| reopen(shared, entry), Ok) {

@@ -534,7 +534,9 @@ struct Restorer<'a, 'r> {
     summary: RestoreSummary,
     dirs: Vec<DirMeta>,
     /// Inode → path (below the target) of its first restored name.
-    hardlinks: HashMap<u64, PathBuf>,
+    /// Inode → path (below the target) of its first restored name, and
+    /// its file-table entry while its data is still to come.
+    hardlinks: HashMap<u64, (PathBuf, Option<usize>)>,
     /// The directory written into last: a listing's entries share it. Only
     /// this one handle is kept open, however large the tree.
     cur: Option<(PathBuf, Arc<OwnedFd>)>,
@@ -637,9 +639,22 @@ impl Restorer<'_, '_> {
     }
 
     fn delete_in(&mut self, rel_dir: &Path, keep: &HashSet<OsString>) {
+        // Names the excludes match are not this restore's to delete (as
+        // with rsync's --delete).
+        let filter = self.filter;
+        let base = rel_dir.to_string_lossy().into_owned();
+        let protected = |name: &OsStr| {
+            let n = name.to_string_lossy();
+            let rel = if base.is_empty() {
+                n.into_owned()
+            } else {
+                format!("{base}/{n}")
+            };
+            filter.excluded(&rel)
+        };
         let r = self
             .dir(rel_dir, false)
-            .and_then(|d| existing::delete_extras(&d, keep));
+            .and_then(|d| existing::delete_extras(&d, keep, &protected));
         match r {
             Ok(n) => self.summary.deleted += n,
             Err(e) => self
@@ -765,6 +780,10 @@ impl Restorer<'_, '_> {
             return Ok(());
         }
         let name = os_str(&node.name);
+        let exists = nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok();
+        if exists && self.opts.overwrite == Overwrite::Never {
+            return Ok(());
+        }
         remove_existing(dir, name)?;
         // Created private; the recorded mode is set once the entry is known
         // to be what was created.
@@ -797,13 +816,17 @@ impl Restorer<'_, '_> {
             return Ok(());
         }
         if node.links > 1 && node.inode != 0 {
-            if let Some(first) = self.hardlinks.get(&node.inode).cloned() {
+            if let Some((first, entry)) = self.hardlinks.get(&node.inode).cloned() {
                 remove_existing(dir, name)?;
                 self.link(&first, dir, name)?;
+                // If the data turns out damaged, this name goes too.
+                if let Some(e) = entry.and_then(|i| self.files.get(i)) {
+                    crate::util::lock(&e.links).push((rel.to_path_buf(), path.to_path_buf()));
+                }
                 self.summary.files += 1;
                 return Ok(());
             }
-            self.hardlinks.insert(node.inode, rel.to_path_buf());
+            self.hardlinks.insert(node.inode, (rel.to_path_buf(), None));
         }
         let chunks = self.chunk_plan(&node)?;
         let size: u64 = chunks.iter().map(|(_, l)| u64::from(l.raw_length)).sum();
@@ -812,8 +835,11 @@ impl Restorer<'_, '_> {
             Overwrite::IfChanged if exists => existing::open_existing(dir, name, &node),
             _ => None,
         };
+        let fresh = existing.is_none();
         let (file, wanted) = match existing {
-            Some(e) if e.same_stat && size == node.size => {
+            Some(e)
+                if e.same_stat && size == node.size && e.trusted(&node, self.shared.meta.chown) =>
+            {
                 self.summary.files_unchanged += 1;
                 return self.finish_now(node, rel, path, e.file, e.dev, e.ino);
             }
@@ -859,14 +885,21 @@ impl Restorer<'_, '_> {
             }
             offset += u64::from(loc.raw_length);
         }
+        if let Some((_, slot)) = self.hardlinks.get_mut(&node.inode) {
+            if node.links > 1 && node.inode != 0 {
+                *slot = Some(idx);
+            }
+        }
         self.files.push(Arc::new(FileEntry {
             path: path.to_owned(),
             rel: rel.to_owned(),
             node,
             dev: st.st_dev,
             ino: st.st_ino,
+            fresh,
             remaining: AtomicUsize::new(needed),
             failed: Mutex::new(None),
+            links: Mutex::new(Vec::new()),
         }));
         Ok(())
     }
@@ -887,8 +920,10 @@ impl Restorer<'_, '_> {
             node,
             dev,
             ino,
+            fresh: false,
             remaining: AtomicUsize::new(0),
             failed: Mutex::new(None),
+            links: Mutex::new(Vec::new()),
         };
         fetch::finish(self.shared, &entry, Some(file));
         Ok(())
