@@ -423,6 +423,29 @@ fn a_run_of_neighbouring_chunks_is_one_ranged_read() {
     assert!(joined == data, "every chunk authenticated and in order");
 }
 
+/// Restores `latest` into `dst` where some files cannot be restored: exit
+/// code 3, and the JSON on stdout.
+fn restore_expecting_losses(env: &Env, dst: &Path) -> std::process::Output {
+    let out = env
+        .cmd()
+        .args([
+            "--json",
+            "restore",
+            "latest",
+            "--target",
+            dst.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// The data packs of a local repository (trees live in packs of their
 /// own): those `cat pack` lists with data blobs.
 fn data_packs(env: &Env) -> Vec<String> {
@@ -525,18 +548,7 @@ fn damaged_data_removes_every_name_of_a_hard_link_and_spares_intact_blobs() {
     bytes[200] ^= 0xff;
     fs::write(&p, &bytes).unwrap();
     let dst = env.path("dst");
-    let out = env
-        .cmd()
-        .args([
-            "--json",
-            "restore",
-            "latest",
-            "--target",
-            dst.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(3));
+    let out = restore_expecting_losses(&env, &dst);
     let v = json(&out);
     let errors = v["summary"]["errors"].to_string();
     assert!(
@@ -572,18 +584,7 @@ fn damaged_data_removes_every_name_of_a_hard_link_and_spares_intact_blobs() {
         .set_len(len / 2)
         .unwrap();
     let dst = env.path("dst");
-    let out = env
-        .cmd()
-        .args([
-            "--json",
-            "restore",
-            "latest",
-            "--target",
-            dst.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(3));
+    let out = restore_expecting_losses(&env, &dst);
     let restored = (0..6)
         .filter(|i| {
             fs::read(dst.join(format!("f{i}")))

@@ -194,7 +194,13 @@ fn list_dir(dir: &Path, out: &mut Vec<(String, fs::Metadata)>) -> std::io::Resul
         if name.starts_with(TMP_PREFIX) {
             continue;
         }
-        let meta = entry.metadata()?;
+        // Removed between the directory read and the stat (maintenance
+        // deleting while a backup lists): it is simply not there.
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(err),
+        };
         if meta.is_file() {
             out.push((name, meta));
         }
