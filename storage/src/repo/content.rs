@@ -140,19 +140,15 @@ impl Repository {
     /// again. A cached copy is authenticated on every use; a bad one is
     /// dropped and fetched again.
     fn load_metadata_blob(&self, id: &Id, loc: &BlobLocation) -> Result<Vec<u8>> {
-        let kind = BlobType::from_u8(loc.kind)
-            .ok_or_else(|| Error::corrupt(format!("blob {id}"), "unknown blob type in index"))?;
         let path = self.metadata_blob_path(id);
         if let Ok(raw) = std::fs::read(&path) {
-            if let Ok(plain) = blob::decode(&self.keys, kind, id, loc.flags, loc.raw_length, &raw) {
+            if let Ok(plain) = self.decode_with(id, loc, &raw, blob::decode) {
                 return Ok(plain);
             }
             let _ = std::fs::remove_file(&path);
         }
-        let pack = Id(loc.pack).to_hex();
-        let raw = self.read_blob_bytes(id, &pack, loc)?;
-        let plain = blob::decode(&self.keys, kind, id, loc.flags, loc.raw_length, &raw)
-            .map_err(|e| e.in_pack(&pack))?;
+        let raw = self.read_blob_bytes(id, &Id(loc.pack).to_hex(), loc)?;
+        let plain = self.decode_with(id, loc, &raw, blob::decode)?;
         self.keep_metadata_blob(id, &raw);
         Ok(plain)
     }
@@ -280,21 +276,13 @@ impl Repository {
     }
 
     fn open_blob_authenticated(&self, id: &Id, loc: &BlobLocation, raw: &[u8]) -> Result<Vec<u8>> {
-        let pack = Id(loc.pack).to_hex();
-        let kind = BlobType::from_u8(loc.kind)
-            .ok_or_else(|| Error::corrupt(format!("blob {id}"), "unknown blob type in index"))?;
-        blob::decode_authenticated(&self.keys, kind, id, loc.flags, loc.raw_length, raw)
-            .map_err(|e| e.in_pack(&pack))
+        self.decode_with(id, loc, raw, blob::decode_authenticated)
     }
 
     /// Authenticates and decodes a blob's stored bytes, read by the caller
     /// (the restore planner reads many blobs in one range).
     pub fn open_blob(&self, id: &Id, loc: &BlobLocation, raw: &[u8]) -> Result<Vec<u8>> {
-        let pack = Id(loc.pack).to_hex();
-        let kind = BlobType::from_u8(loc.kind)
-            .ok_or_else(|| Error::corrupt(format!("blob {id}"), "unknown blob type in index"))?;
-        blob::decode(&self.keys, kind, id, loc.flags, loc.raw_length, raw)
-            .map_err(|e| e.in_pack(&pack))
+        self.decode_with(id, loc, raw, blob::decode)
     }
 
     pub fn load_blob_at(&self, id: &Id, loc: &BlobLocation) -> Result<Vec<u8>> {
@@ -314,11 +302,24 @@ impl Repository {
         loc: &BlobLocation,
         decode: blob::Decoder,
     ) -> Result<Vec<u8>> {
-        let pack = Id(loc.pack).to_hex();
+        let data = self.read_blob_bytes(id, &Id(loc.pack).to_hex(), loc)?;
+        self.decode_with(id, loc, &data, decode)
+    }
+
+    /// The one place a blob's stored bytes become plaintext: its type from
+    /// the index, `decode` (hash-checked or tag-trusting), and the pack
+    /// named in any error.
+    fn decode_with(
+        &self,
+        id: &Id,
+        loc: &BlobLocation,
+        raw: &[u8],
+        decode: blob::Decoder,
+    ) -> Result<Vec<u8>> {
         let kind = BlobType::from_u8(loc.kind)
             .ok_or_else(|| Error::corrupt(format!("blob {id}"), "unknown blob type in index"))?;
-        let data = self.read_blob_bytes(id, &pack, loc)?;
-        decode(&self.keys, kind, id, loc.flags, loc.raw_length, &data).map_err(|e| e.in_pack(&pack))
+        decode(&self.keys, kind, id, loc.flags, loc.raw_length, raw)
+            .map_err(|e| e.in_pack(&Id(loc.pack).to_hex()))
     }
 
     fn read_blob_bytes(&self, id: &Id, pack: &str, loc: &BlobLocation) -> Result<Vec<u8>> {
