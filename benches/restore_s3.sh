@@ -4,13 +4,17 @@
 # connections, on the same data and the same server.
 #
 #   benches/restore_s3.sh [--quick]
-#   SIZE_MIB=512 DELAYS="0 20 80" CONNS="1 2 4 8 16" benches/restore_s3.sh
+#   SIZE_MIB=512 DELAYS="0 20 80" CONNS="1 2 4 8 16" WINDOW_KIB=1024 benches/restore_s3.sh
 #
 # The S3 server is s3s-fs (a Rust S3 server on a directory) when on PATH or
 # in /opt/s3s/bin (`cargo install s3s-fs --features binary --root /opt/s3s`,
 # once, outside CI), else moto (Python; it saturates two cores near
 # 130 MiB/s, so only the ratios at higher delays mean much). In front of it,
-# testing's `delay_proxy` (tokio) adds DELAY ms to every request. Prints a
+# testing's `delay_proxy` (tokio) adds DELAY ms to every request and, as a
+# TCP window does, carries at most WINDOW_KIB (default 1024; 0 for
+# unlimited) per connection per round trip, so one connection moves
+# WINDOW/DELAY per second at most and parallel connections fill the link.
+# Prints a
 # markdown table: times, marmoset/restic ratios, and GETs per restored GiB
 # against packs per GiB. Ratios, not absolute times, are the result.
 set -euo pipefail
@@ -24,6 +28,7 @@ if [ "$QUICK" = 1 ]; then
 else
     SIZE_MIB=${SIZE_MIB:-256}; DELAYS=${DELAYS:-"0 20 80"}; CONNS=${CONNS:-"1 2 4 8 16"}
 fi
+WINDOW_KIB=${WINDOW_KIB:-1024}
 
 apt_need restic python3 bc curl
 cargo build --release --workspace --all-targets -q
@@ -78,7 +83,11 @@ echo "| delay ms | conns | backup marmoset s | restic s | ratio | restore marmos
 echo "|---|---|---|---|---|---|---|---|---|---|"
 for d in $DELAYS; do
     PX=$(port)
-    "$PROXY_BIN" "$PX" "$S3" "$d" >/dev/null & P=$!
+    if [ "$WINDOW_KIB" -gt 0 ] && [ "$d" -gt 0 ]; then
+        "$PROXY_BIN" "$PX" "$S3" "$d" "$WINDOW_KIB" >/dev/null & P=$!
+    else
+        "$PROXY_BIN" "$PX" "$S3" "$d" >/dev/null & P=$!
+    fi
     PIDS="$PIDS $P"
     for _ in $(seq 1 50); do curl -s -o /dev/null "http://127.0.0.1:$PX/" && break; sleep 0.1; done
     for n in $CONNS; do
@@ -87,19 +96,21 @@ for d in $DELAYS; do
         RR="s3:http://127.0.0.1:$PX/bench/r-$run"
         "$M" -q --repo "$MR" --cache-dir "$W/mc-$run" init >/dev/null
         mb=$(secs "$M" -q --repo "$MR" --cache-dir "$W/mc-$run" --s3-connections "$n" backup "$W/data")
-        rm -rf "$W/out"
-        # A cold cache, as on the machine that needs its data back.
+        # A cold cache, as on the machine that needs its data back. Each
+        # restore gets a target of its own, removed only at the end: ext4
+        # makes creating files slow for half a minute where many were just
+        # deleted, which would tax whichever tool runs next.
         rm -rf "$W/mc-$run"
         s=$(date +%s.%N)
-        "$M" --json --repo "$MR" --cache-dir "$W/mc-$run" --s3-connections "$n" restore latest --threads "$n" --target "$W/out" >"$W/restore.json"
+        "$M" --json --repo "$MR" --cache-dir "$W/mc-$run" --s3-connections "$n" restore latest --threads "$n" --target "$W/out/m-$run" >"$W/restore.json"
         e=$(date +%s.%N); mr=$(echo "$e - $s" | bc -l)
-        diff -r "$W/data" "$W/out" >/dev/null
+        diff -r "$W/data" "$W/out/m-$run" >/dev/null
         gets=$(python3 -c 'import json,sys; v=json.load(open(sys.argv[1])); b=v["backend"]; print(b["get"]+b["get_range"])' "$W/restore.json")
         packs=$("$M" --json --repo "$MR" --cache-dir "$W/mc-$run" stats | python3 -c 'import json,sys; print(json.load(sys.stdin)["packs"])')
         restic -r "$RR" init >/dev/null 2>&1
         rb=$(secs restic -r "$RR" -o s3.connections="$n" backup "$W/data")
-        rm -rf "$W/out"
-        rr=$(secs restic -r "$RR" -o s3.connections="$n" restore latest --target "$W/out")
+        rr=$(secs restic -r "$RR" -o s3.connections="$n" restore latest --target "$W/out/r-$run")
+        diff -r "$W/data" "$W/out/r-$run$W/data" >/dev/null
         gib=$(echo "$SIZE_MIB / 1024" | bc -l)
         printf '| %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.0f | %.0f |\n' "$d" "$n" \
             "$mb" "$rb" "$(echo "$mb / $rb" | bc -l)" "$mr" "$rr" "$(echo "$mr / $rr" | bc -l)" \
@@ -108,5 +119,5 @@ for d in $DELAYS; do
     kill "$P" 2>/dev/null || true
 done
 echo
-echo "(${SIZE_MIB} MiB: a third small files, two large near-duplicates; server: $SERVER on loopback; delay added per request by delay_proxy; restic $(restic version | awk '{print $2}'))"
+echo "(${SIZE_MIB} MiB: a third small files, two large near-duplicates; server: $SERVER on loopback; delay_proxy adds the delay per request and per ${WINDOW_KIB} KiB window per connection (0: no window); restic $(restic version | awk '{print $2}'))"
 rm -rf "$W"

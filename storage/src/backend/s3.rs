@@ -260,6 +260,10 @@ const CONNECTION: std::io::ErrorKind = std::io::ErrorKind::ConnectionReset;
 /// Transient: no answer in time.
 const TIMEOUT: std::io::ErrorKind = std::io::ErrorKind::TimedOut;
 
+/// Largest buffer reserved up front from a response's Content-Length; a
+/// larger body still arrives, growing the buffer as it goes.
+const MAX_PREALLOCATION: u64 = 64 << 20;
+
 fn classify<E>(e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Failure
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -416,11 +420,19 @@ impl S3Backend {
         }
         let out = req.send().await.map_err(classify)?;
         let expected = out.content_length().and_then(|l| u64::try_from(l).ok());
-        let body = out.body.collect().await.map_err(|e| Failure {
+        // The body is copied once, as it arrives, into a buffer of the
+        // announced size: collecting it first and then flattening cost two
+        // more copies and two fresh buffers of a pack's size per request.
+        // The announced size is only a hint (capped), never trusted.
+        let hint = expected.map_or(0, |e| e.min(MAX_PREALLOCATION) as usize);
+        let mut bytes = Vec::with_capacity(hint);
+        let mut body = out.body;
+        while let Some(chunk) = body.try_next().await.map_err(|e| Failure {
             class: Class::Retry(CONNECTION),
             msg: format!("body interrupted: {e}"),
-        })?;
-        let bytes = body.into_bytes().to_vec();
+        })? {
+            bytes.extend_from_slice(&chunk);
+        }
         if expected.is_some_and(|e| e != bytes.len() as u64) {
             return Err(Failure {
                 class: Class::Retry(CONNECTION),

@@ -78,6 +78,25 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
+thread_local! {
+    /// Likewise one decompression context per thread (restore and the
+    /// mount decode thousands of blobs a second).
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Decompresses a blob body that must expand to exactly `raw_length`.
+fn decompress(body: &[u8], raw_length: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        let dec = match d.as_mut() {
+            Some(dec) => dec,
+            None => d.insert(zstd::bulk::Decompressor::new()?),
+        };
+        dec.decompress(body, raw_length)
+    })
+}
+
 fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
     COMPRESSORS.with(|c| {
         let mut c = c.borrow_mut();
@@ -141,7 +160,7 @@ pub fn decode_authenticated(
     let what = || format!("blob {id}");
     let body = keys.decrypt(data, &blob_aad(kind as u8, id), what)?;
     let plain = if flags & FLAG_ZSTD != 0 {
-        zstd::bulk::decompress(&body, raw_length as usize)
+        decompress(&body, raw_length as usize)
             .map_err(|e| Error::corrupt(what(), format!("zstd: {e}")))?
     } else {
         body

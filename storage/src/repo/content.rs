@@ -33,6 +33,12 @@ impl Repository {
     /// If a file the cache loaded is gone (merged or removed by maintenance),
     /// the blob part of the cache is rebuilt from scratch.
     pub fn sync_index(&self) -> Result<()> {
+        self.sync_index_names().map(drop)
+    }
+
+    /// [`Repository::sync_index`], returning the names of the index files
+    /// the storage listed (what the caller now starts from).
+    pub fn sync_index_names(&self) -> Result<std::collections::HashSet<String>> {
         let remote: std::collections::HashSet<String> = self
             .backend
             .list(FileKind::Index)?
@@ -59,7 +65,7 @@ impl Repository {
                 Err(e) => warn!(index = %name, error = %e, "skipping unreadable index file"),
             }
         }
-        Ok(())
+        Ok(remote)
     }
 
     pub fn load_index_file(&self, name: &str) -> Result<Vec<(Id, Vec<PackEntry>)>> {

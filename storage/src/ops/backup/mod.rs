@@ -153,17 +153,29 @@ pub fn backup(
         &format!("backup {}", abs[0].display()),
     )?;
     crate::repo::coordination::clock::refuse_clock_skew(session.storage_now()?)?;
-    repo.sync_index()?;
+    // The snapshots (for the parent) are read beside the index and pack
+    // listings: over a WAN each read is a round trip. Packs are listed
+    // after the index: a pack is written before any index file naming it,
+    // so every indexed pack missing from the listing is really gone.
+    let (index_at_start, packs, snapshots) = std::thread::scope(|s| {
+        let snapshots = s.spawn(|| repo.snapshots());
+        let index = repo.sync_index_names();
+        let packs = index
+            .as_ref()
+            .ok()
+            .map(|_| repo.backend().list(FileKind::Pack));
+        let snapshots = snapshots
+            .join()
+            .map_err(|_| Error::Aborted("listing snapshots panicked".into()))?;
+        Ok::<_, Error>((index?, packs.transpose()?.unwrap_or_default(), snapshots?))
+    })?;
     // One listing serves both: recovery adds no pack.
-    let packs = repo.backend().list(FileKind::Pack)?;
     let recovered = repo.recover_unindexed_packs(&packs)?;
     if recovered > 0 {
         debug!(recovered, "reusing packs of an interrupted backup");
     }
     let missing_packs = missing_packs(repo, &packs)?;
-    let index_at_start = index_names(repo)?;
-    let parent = repo
-        .snapshots()?
+    let parent = snapshots
         .0
         .into_iter()
         .rev()

@@ -53,35 +53,92 @@ pub(super) struct FetchStats {
     pub blobs: AtomicU64,
 }
 
-/// Runs the plan's pack reads on `threads` workers.
+/// What a download thread hands to the decoders: a range and its bytes,
+/// or why they could not be read.
+struct Fetched {
+    pack: String,
+    range: ReadRange<Need>,
+    data: crate::Result<Vec<u8>>,
+}
+
+/// Runs the plan: `downloads` threads read ranges (one request each) while
+/// `decoders` threads authenticate, decompress and write what arrived, so a
+/// connection never idles while the CPU works and the CPU never waits for
+/// a whole pack before starting. At most `decoders` read ranges wait in
+/// between: memory is bounded by (downloads + 2 × decoders) ranges of at
+/// most `reads::MAX_RANGE`, whatever the size of the restore.
 pub(super) fn fetch_all(
     shared: &Shared,
     files: &[Arc<FileEntry>],
     reads: Vec<PackReads>,
-    threads: usize,
+    downloads: usize,
     stats: &FetchStats,
 ) {
-    let queue = Mutex::new(reads.into_iter());
+    stats.packs.fetch_add(reads.len() as u64, Ordering::Relaxed);
+    let downloads = downloads.max(1);
+    let decoders = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let queue = Mutex::new(schedule(reads).into_iter());
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Fetched>(decoders);
+    let rx = Mutex::new(rx);
     std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| {
+        for _ in 0..downloads {
+            let tx = tx.clone();
+            let queue = &queue;
+            s.spawn(move || loop {
+                let next = crate::util::lock(queue).next();
+                let Some((pack, range)) = next else { break };
+                stats.requests.fetch_add(1, Ordering::Relaxed);
+                let data = shared.repo.backend().read_range(
+                    FileKind::Pack,
+                    &pack,
+                    range.offset,
+                    range.length,
+                );
+                if let Ok(buf) = &data {
+                    stats
+                        .bytes_downloaded
+                        .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                }
+                if tx.send(Fetched { pack, range, data }).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        for _ in 0..decoders {
+            let rx = &rx;
+            s.spawn(move || {
                 let mut w = Writer {
                     shared,
                     files,
                     open: None,
                 };
                 loop {
-                    let next = crate::util::lock(&queue).next();
-                    let Some(pack) = next else { break };
-                    stats.packs.fetch_add(1, Ordering::Relaxed);
-                    let name = pack.pack.to_hex();
-                    for range in pack.ranges {
-                        w.range(&name, range, stats);
-                    }
+                    // The lock is held only while waiting for the next
+                    // range, never while decoding it.
+                    let next = crate::util::lock(rx).recv();
+                    let Ok(f) = next else { break };
+                    w.range(&f.pack, f.range, f.data, stats);
                 }
             });
         }
     });
+}
+
+/// The order ranges are read in: largest first, so that long reads do not
+/// end up alone at the end while other connections idle. Ranges are never
+/// split to use more connections: one request per pack is the budget (a
+/// request is a round trip over a WAN, and B2 bills it).
+fn schedule(reads: Vec<PackReads>) -> Vec<(String, ReadRange<Need>)> {
+    let mut ranges: Vec<(String, ReadRange<Need>)> = reads
+        .into_iter()
+        .flat_map(|p| {
+            let name = p.pack.to_hex();
+            p.ranges.into_iter().map(move |r| (name.clone(), r))
+        })
+        .collect();
+    ranges.sort_by(|a, b| b.1.length.cmp(&a.1.length).then(a.0.cmp(&b.0)));
+    ranges
 }
 
 /// One fetch worker: keeps the file it wrote last open, since consecutive
@@ -93,12 +150,14 @@ struct Writer<'a, 'r> {
 }
 
 impl Writer<'_, '_> {
-    fn range(&mut self, pack: &str, range: ReadRange<Need>, stats: &FetchStats) {
+    fn range(
+        &mut self,
+        pack: &str,
+        range: ReadRange<Need>,
+        buf: crate::Result<Vec<u8>>,
+        stats: &FetchStats,
+    ) {
         let repo = self.shared.repo;
-        stats.requests.fetch_add(1, Ordering::Relaxed);
-        let buf = repo
-            .backend()
-            .read_range(FileKind::Pack, pack, range.offset, range.length);
         let buf = match buf {
             Ok(b) => b,
             // The storage is failing (the retry layer already gave up):
@@ -127,9 +186,6 @@ impl Writer<'_, '_> {
                 return;
             }
         };
-        stats
-            .bytes_downloaded
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         for (offset, length, need) in &range.items {
             let plain = range
                 .slice(&buf, *offset, *length)
@@ -288,5 +344,50 @@ pub(super) fn finish(shared: &Shared, entry: &FileEntry, handle: Option<File>) {
     let times = fs::FileTimes::new().set_modified(mtime(&entry.node));
     if let Err(e) = apply_fd_meta(&file, &entry.node, shared.meta, times) {
         shared.error(&entry.path, format!("metadata: {e}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use marmoset_index::BlobLocation;
+
+    use super::super::plan::{Dest, Plan};
+    use super::*;
+    use crate::format::id::Id;
+
+    /// A plan of `packs` packs (ids from `first`), each of `blobs`
+    /// adjacent 1 MiB blobs.
+    fn plan(first: u8, packs: u8, blobs: u8) -> Vec<PackReads> {
+        let mut p = Plan::default();
+        for pack in first..first + packs {
+            for b in 0..blobs {
+                let loc = BlobLocation {
+                    pack: [pack; 32],
+                    offset: u64::from(b) << 20,
+                    length: 1 << 20,
+                    raw_length: 1 << 20,
+                    kind: 0,
+                    flags: 0,
+                };
+                let dest = Dest {
+                    file: 0,
+                    offset: (u64::from(pack) * u64::from(blobs) + u64::from(b)) << 20,
+                };
+                p.add(Id([pack.wrapping_mul(31).wrapping_add(b); 32]), loc, dest);
+            }
+        }
+        p.into_reads()
+    }
+
+    #[test]
+    fn one_read_per_pack_largest_first() {
+        let mut reads = plan(0, 3, 4);
+        reads.extend(plan(9, 1, 16));
+        let ranges = schedule(reads);
+        assert_eq!(ranges.len(), 4, "one read per pack, never split");
+        assert_eq!(ranges[0].1.length, 16 << 20, "the largest read goes first");
+        assert_eq!(ranges[0].0, Id([9; 32]).to_hex());
+        let items: usize = ranges.iter().map(|(_, r)| r.items.len()).sum();
+        assert_eq!(items, 28, "every blob is read exactly once");
     }
 }
