@@ -199,8 +199,9 @@ pub struct RestoreArgs {
     /// Skip paths matching a glob (repeatable).
     #[arg(long = "exclude", short = 'e')]
     pub excludes: Vec<String>,
-    /// Packs downloaded in parallel (default: 2 × cores; for S3, set it
-    /// near --s3-connections).
+    /// Packs downloaded in parallel (default: --s3-connections for S3,
+    /// 2 × cores for a local repository). Decoding and writing use every
+    /// core whatever this is.
     #[arg(long)]
     pub threads: Option<usize>,
     /// Files already in the target: `always` replace them, `if-changed`

@@ -93,6 +93,24 @@ fn s3_restore_reads_each_pack_once_and_a_shared_chunk_once() {
         s["bytes"].as_u64().unwrap() >= 3 * shared.len() as u64,
         "the shared data was written three times: {v}"
     );
+    // One connection feeding the pool of decoders: the same result, and
+    // still one read per pack.
+    let one = env.path("one");
+    let out = env.s3_ok(
+        &url,
+        &[
+            "--json",
+            "restore",
+            "latest",
+            "--threads",
+            "1",
+            "--target",
+            one.to_str().unwrap(),
+        ],
+    );
+    assert_same_tree(&src, &one);
+    let v = json(&out);
+    assert!(v["summary"]["requests"].as_u64().unwrap() <= packs, "{v}");
 }
 
 #[test]

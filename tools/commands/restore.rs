@@ -26,12 +26,7 @@ pub(super) fn run(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
     let opts = RestoreOptions {
         includes: a.includes,
         excludes: a.excludes,
-        // Remote: as many packs in flight as connections.
-        threads: a.threads.or_else(|| {
-            repo.backend()
-                .is_remote()
-                .then_some(g.s3_connections.max(1))
-        }),
+        threads: a.threads,
         no_owner: a.no_owner,
         no_special: a.no_special,
         no_xattrs: a.no_xattrs,

@@ -8,6 +8,8 @@
 pub const MAX_GAP: u64 = 1 << 20;
 /// Largest single ranged read.
 pub const MAX_RANGE: u64 = 32 << 20;
+/// Largest read from a local repository: one `pread` costs no round trip.
+pub const LOCAL_RANGE: u64 = 4 << 20;
 
 /// One ranged read of a pack and the items (blobs) it yields.
 #[derive(Debug)]
@@ -30,14 +32,22 @@ impl<T> ReadRange<T> {
 /// Sorts items (`offset`, `length`, payload) of one pack by offset and
 /// merges neighbours into ranges. Overlapping items (only a hostile index
 /// has them) start a new range, so every item lies wholly in its range.
-pub fn coalesce<T>(mut items: Vec<(u64, u64, T)>) -> Vec<ReadRange<T>> {
+pub fn coalesce<T>(items: Vec<(u64, u64, T)>) -> Vec<ReadRange<T>> {
+    coalesce_within(items, MAX_RANGE)
+}
+
+/// Like [`coalesce`], with ranges of at most `max_range` bytes (a single
+/// larger item still gets a range of its own). A local repository gains
+/// nothing from long reads and reads [`LOCAL_RANGE`] at a time, which keeps
+/// a restore's buffers small.
+pub fn coalesce_within<T>(mut items: Vec<(u64, u64, T)>, max_range: u64) -> Vec<ReadRange<T>> {
     items.sort_by_key(|i| i.0);
     let mut out: Vec<ReadRange<T>> = Vec::new();
     for (start, len, t) in items {
         if let Some(r) = out.last_mut() {
             let end = r.offset + r.length;
             let grown = start.saturating_add(len).saturating_sub(r.offset);
-            if start >= end && start - end <= MAX_GAP && grown <= MAX_RANGE {
+            if start >= end && start - end <= MAX_GAP && grown <= max_range {
                 r.length = grown;
                 r.items.push((start, len, t));
                 continue;

@@ -376,7 +376,7 @@ mod tests {
                 p.add(Id([pack.wrapping_mul(31).wrapping_add(b); 32]), loc, dest);
             }
         }
-        p.into_reads()
+        p.into_reads(crate::repo::reads::MAX_RANGE)
     }
 
     #[test]

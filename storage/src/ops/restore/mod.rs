@@ -83,7 +83,8 @@ pub struct RestoreOptions {
     /// Restore only paths matching one of these globs (or below them).
     pub includes: Vec<String>,
     pub excludes: Vec<String>,
-    /// Packs fetched in parallel (default: 2 × cores).
+    /// Packs fetched in parallel (default: the backend's connections for a
+    /// remote repository, 2 × cores for a local one).
     pub threads: Option<usize>,
     /// Do not restore ownership, even as root: everything belongs to the
     /// user running the restore.
@@ -417,9 +418,16 @@ pub fn restore(
     repo.prefetch_all_trees();
     let node = repo.find_node(snap, subpath)?;
     let tree = Beneath::open(target)?;
+    // Remote: as many reads in flight as the backend has connections.
     let threads = opts
         .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()) * 2)
+        .unwrap_or_else(|| {
+            if repo.backend().is_remote() {
+                repo.backend().write_parallelism()
+            } else {
+                std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
+            }
+        })
         .max(1);
     let shared = Shared {
         repo,
@@ -470,7 +478,12 @@ pub fn restore(
     } = r;
     // Phase 2: the data, each blob fetched once.
     let stats = FetchStats::default();
-    fetch_all(&shared, &files, plan.into_reads(), threads, &stats);
+    let max_range = if repo.backend().is_remote() {
+        crate::repo::reads::MAX_RANGE
+    } else {
+        crate::repo::reads::LOCAL_RANGE
+    };
+    fetch_all(&shared, &files, plan.into_reads(max_range), threads, &stats);
     // Directories made only to reach selected entries get their recorded
     // mode (not their owner) too.
     for rel in implicit {

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use marmoset_index::BlobLocation;
 
 use crate::format::id::Id;
-use crate::repo::reads::{coalesce, ReadRange};
+use crate::repo::reads::{coalesce_within, ReadRange};
 
 /// Where a blob's plaintext goes: file number (in the restore's file
 /// table) and byte offset in that file.
@@ -59,9 +59,10 @@ impl Plan {
             .push(dest);
     }
 
-    /// The reads, pack by pack; packs in name order so a restore's requests
-    /// are reproducible.
-    pub fn into_reads(self) -> Vec<PackReads> {
+    /// The reads, pack by pack, none longer than `max_range` unless a
+    /// single blob is; packs in name order so a restore's requests are
+    /// reproducible.
+    pub fn into_reads(self, max_range: u64) -> Vec<PackReads> {
         let mut by_pack: HashMap<[u8; 32], Vec<Need>> = HashMap::new();
         for need in self.blobs.into_values() {
             by_pack.entry(need.loc.pack).or_default().push(need);
@@ -70,11 +71,12 @@ impl Plan {
             .into_iter()
             .map(|(pack, blobs)| PackReads {
                 pack: Id(pack),
-                ranges: coalesce(
+                ranges: coalesce_within(
                     blobs
                         .into_iter()
                         .map(|b| (b.loc.offset, u64::from(b.loc.length), b))
                         .collect(),
+                    max_range,
                 ),
             })
             .collect();
@@ -108,7 +110,7 @@ mod tests {
         p.add(Id([1; 32]), loc(9, 0, 100), dest(0, 0));
         p.add(Id([1; 32]), loc(9, 0, 100), dest(1, 4096));
         p.add(Id([1; 32]), loc(9, 0, 100), dest(1, 0));
-        let reads = p.into_reads();
+        let reads = p.into_reads(crate::repo::reads::MAX_RANGE);
         assert_eq!(reads.len(), 1);
         assert_eq!(reads[0].ranges.len(), 1);
         let blobs = &reads[0].ranges[0].items;
