@@ -117,6 +117,11 @@ for d in $DELAYS; do
             "$(echo "$gets / $gib" | bc -l)" "$(echo "$packs / $gib" | bc -l)"
     done
     kill "$P" 2>/dev/null || true
+    # Free the space before the next delay; then wait out ext4's slow
+    # creation near freshly deleted inodes (see above), so the first tool
+    # of the next row is not taxed.
+    rm -rf "$W/out" "$W"/mc-* "$W/s3/bench/m-d$d"c* "$W/s3/bench/r-d$d"c*
+    if [ "$d" != "${DELAYS##* }" ]; then sync; sleep 35; fi
 done
 echo
 echo "(${SIZE_MIB} MiB: a third small files, two large near-duplicates; server: $SERVER on loopback; delay_proxy adds the delay per request and per ${WINDOW_KIB} KiB window per connection (0: no window); restic $(restic version | awk '{print $2}'))"

@@ -34,6 +34,17 @@ pub struct Global {
         default_value_t = 8
     )]
     pub s3_connections: usize,
+    /// S3: attempts per request, the first included, before an error is
+    /// given up on (backoff with jitter between them, from 0.4 s doubling
+    /// up to 20 s; 10 ride out about a minute and a half of outage).
+    #[arg(
+        long,
+        env = "MARMOSET_S3_RETRIES",
+        global = true,
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u32).range(1..=100)
+    )]
+    pub s3_retries: u32,
     /// S3: region (default: from the endpoint host, AWS_REGION, or us-east-1).
     #[arg(long, env = "MARMOSET_S3_REGION", global = true)]
     pub s3_region: Option<String>,

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use marmoset_storage::backend::retry::RetryPolicy;
 use marmoset_storage::backend::{self, Backend, BackendOptions};
 use marmoset_storage::{OpenOptions, Repository};
 
@@ -61,6 +62,10 @@ fn backend_options(g: &Global) -> Result<BackendOptions> {
         limit_upload: kib_per_sec("--limit-upload", g.limit_upload)?,
         limit_download: kib_per_sec("--limit-download", g.limit_download)?,
         cache_root: Some(g.cache_dir.clone().unwrap_or_else(default_cache_root)),
+        retry: RetryPolicy {
+            max_attempts: g.s3_retries,
+            ..defaults.retry.clone()
+        },
         ..defaults
     })
 }

@@ -156,7 +156,7 @@ fn restore_with_all_pack_reads_failing_fails_cleanly_naming_them() {
     for e in errors {
         let msg = e["error"].as_str().unwrap();
         assert!(
-            msg.contains("damaged data, file removed") && msg.contains("pack "),
+            msg.contains("data could not be read, file removed") && msg.contains("pack "),
             "names the pack that could not be read: {e}"
         );
     }
@@ -170,6 +170,78 @@ fn restore_with_all_pack_reads_failing_fails_cleanly_naming_them() {
         &["restore", "latest", "--target", ok.to_str().unwrap()],
     );
     assert_same_tree(&src, &ok);
+}
+
+#[test]
+fn a_failing_storage_is_given_up_on_after_a_few_packs_not_pack_by_pack() {
+    let Some(server) = S3Server::start() else {
+        return;
+    };
+    let env = Env::new();
+    let direct = server.url("outage");
+    env.s3_ok(&direct, &["init", "--pack-size-mib", "1"]);
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..16 {
+        fs::write(
+            src.join(format!("f{i}")),
+            random_bytes(&mut rng(40 + i), 1 << 20),
+        )
+        .unwrap();
+    }
+    env.s3_ok(&direct, &["backup", src.to_str().unwrap()]);
+    let packs = json(&env.s3_ok(&direct, &["--json", "stats"]))["packs"]
+        .as_u64()
+        .unwrap();
+    assert!(packs >= 8, "{packs} packs");
+    env.s3_ok(&direct, &["ls", "-R", "latest"]);
+    let proxy = FaultProxy::start_ranged_only(server.port, 1.0, 5);
+    let via = format!(
+        "s3:http://127.0.0.1:{}/{}/outage",
+        proxy.port, server.bucket
+    );
+    let dst = env.path("dst");
+    let out = env
+        .s3_cmd(&via)
+        .args([
+            "--json",
+            "--s3-retries",
+            "2",
+            "restore",
+            "latest",
+            "--threads",
+            "1",
+            "--target",
+            dst.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&out);
+    // Four packs failed after their retries; the others were not tried.
+    assert_eq!(v["summary"]["requests"].as_u64(), Some(4), "{v}");
+    assert_eq!(
+        v["backend"]["retries"].as_u64(),
+        Some(4),
+        "one retry each: {v}"
+    );
+    let errors = v["summary"]["errors"].as_array().unwrap();
+    assert!(
+        errors.iter().any(|e| e["error"]
+            .as_str()
+            .unwrap()
+            .contains("the storage is failing")),
+        "{v}"
+    );
+    assert!(
+        errors.len() >= 8 && fs::read_dir(&dst).unwrap().next().is_none(),
+        "every file is reported and none is left half written: {v}"
+    );
 }
 
 /// Sets a file's mtime to `secs` after the epoch.

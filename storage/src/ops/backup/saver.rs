@@ -6,9 +6,12 @@ use super::*;
 
 pub(super) const PACK_QUEUE: usize = 1;
 pub(super) const FILE_CACHE_SEP: u8 = 0;
-/// Index files are written at least every this many packs, so an
-/// interrupted backup loses little index work (packs are found anyway).
-pub(super) const PACKS_PER_INDEX: usize = 8;
+/// Index files are written at least every this many packs (512 MiB), so
+/// an interrupted backup loses little index work (its packs are found and
+/// indexed by the next run anyway). Not fewer: every reader of the
+/// repository fetches every index file, and at one per 8 packs they were
+/// an eighth more requests on top of a restore's one read per pack.
+pub(super) const PACKS_PER_INDEX: usize = 32;
 
 /// Shared state of the blob-saving half of the pipeline.
 pub(super) struct Saver<'r> {

@@ -58,8 +58,24 @@ pub(super) struct FetchStats {
 struct Fetched {
     pack: String,
     range: ReadRange<Need>,
-    data: crate::Result<Vec<u8>>,
+    data: std::result::Result<Vec<u8>, ReadFailure>,
 }
+
+/// Why a range was not read.
+enum ReadFailure {
+    /// The storage failed (the retry layer already gave up), or enough
+    /// other packs failed that way in a row that this one was not tried:
+    /// asking blob by blob would only fail slower.
+    Storage(String),
+    /// Anything else (a truncated or damaged pack): each blob is tried on
+    /// its own, most may be intact.
+    Range(crate::Error),
+}
+
+/// Packs in a row whose reads failed for good, after all retries, before
+/// the rest of a restore is given up instead of retried pack by pack (each
+/// would take the retry layer's full patience, a minute or more).
+const GIVE_UP_AFTER: usize = 4;
 
 /// Runs the plan: `downloads` threads read ranges (one request each) while
 /// `decoders` threads authenticate, decompress and write what arrived, so a
@@ -80,25 +96,23 @@ pub(super) fn fetch_all(
     let queue = Mutex::new(schedule(reads).into_iter());
     let (tx, rx) = std::sync::mpsc::sync_channel::<Fetched>(decoders);
     let rx = Mutex::new(rx);
+    // Packs that failed for good in a row, across all download threads.
+    let failing = AtomicUsize::new(0);
+    let give_up = GIVE_UP_AFTER.max(downloads);
     std::thread::scope(|s| {
         for _ in 0..downloads {
             let tx = tx.clone();
-            let queue = &queue;
+            let (queue, failing) = (&queue, &failing);
             s.spawn(move || loop {
                 let next = crate::util::lock(queue).next();
                 let Some((pack, range)) = next else { break };
-                stats.requests.fetch_add(1, Ordering::Relaxed);
-                let data = shared.repo.backend().read_range(
-                    FileKind::Pack,
-                    &pack,
-                    range.offset,
-                    range.length,
-                );
-                if let Ok(buf) = &data {
-                    stats
-                        .bytes_downloaded
-                        .fetch_add(buf.len() as u64, Ordering::Relaxed);
-                }
+                let data = if failing.load(Ordering::Relaxed) >= give_up {
+                    Err(ReadFailure::Storage(format!(
+                        "not read: the storage is failing ({give_up} packs in a row could not be read)"
+                    )))
+                } else {
+                    read(shared, stats, &pack, &range, failing)
+                };
                 if tx.send(Fetched { pack, range, data }).is_err() {
                     break;
                 }
@@ -123,6 +137,35 @@ pub(super) fn fetch_all(
             });
         }
     });
+}
+
+/// Reads one range, keeping count of packs that failed in a row.
+fn read(
+    shared: &Shared,
+    stats: &FetchStats,
+    pack: &str,
+    range: &ReadRange<Need>,
+    failing: &AtomicUsize,
+) -> std::result::Result<Vec<u8>, ReadFailure> {
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    let data = shared
+        .repo
+        .backend()
+        .read_range(FileKind::Pack, pack, range.offset, range.length);
+    match data {
+        Ok(buf) => {
+            failing.store(0, Ordering::Relaxed);
+            stats
+                .bytes_downloaded
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            Ok(buf)
+        }
+        Err(e) if e.retryable() => {
+            failing.fetch_add(1, Ordering::Relaxed);
+            Err(ReadFailure::Storage(format!("pack {pack}: {e}")))
+        }
+        Err(e) => Err(ReadFailure::Range(e)),
+    }
 }
 
 /// The order ranges are read in: largest first, so that long reads do not
@@ -154,22 +197,19 @@ impl Writer<'_, '_> {
         &mut self,
         pack: &str,
         range: ReadRange<Need>,
-        buf: crate::Result<Vec<u8>>,
+        buf: std::result::Result<Vec<u8>, ReadFailure>,
         stats: &FetchStats,
     ) {
         let repo = self.shared.repo;
         let buf = match buf {
             Ok(b) => b,
-            // The storage is failing (the retry layer already gave up):
-            // asking blob by blob would only fail slower.
-            Err(e) if e.retryable() => {
-                let why = format!("pack {pack}: {e}");
+            Err(ReadFailure::Storage(why)) => {
                 for (_, _, need) in range.items {
                     self.fail_all(&need, &why);
                 }
                 return;
             }
-            Err(e) => {
+            Err(ReadFailure::Range(e)) => {
                 // A truncated or damaged pack may still hold most of the
                 // range intact: each blob is tried on its own.
                 warn!(pack, error = %e, "ranged read failed; reading its blobs one by one");
@@ -330,7 +370,10 @@ pub(super) fn finish(shared: &Shared, entry: &FileEntry, handle: Option<File>) {
             if let Err(e) = remove_entry(&shared.tree, &rel) {
                 warn!(path = %path.display(), error = %e, "damaged file not removed");
             }
-            shared.error(&path, format!("damaged data, file removed: {msg}"));
+            shared.error(
+                &path,
+                format!("data could not be read, file removed: {msg}"),
+            );
         }
         return;
     }
