@@ -76,7 +76,9 @@ fn init_logging(verbose: u8) {
         1 => "info",
         _ => "debug",
     };
+    // MARMOSET_LOG, else RUST_LOG as tracing users expect, else -v/-q.
     let filter = tracing_subscriber::EnvFilter::try_from_env("MARMOSET_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("RUST_LOG"))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -89,6 +91,7 @@ fn init_logging(verbose: u8) {
             .with_writer(|| terminal::EscapingStderr)
             .init();
     } else {
-        builder.with_writer(std::io::stderr).init();
+        // A file or a pipe: no colour codes either.
+        builder.with_ansi(false).with_writer(std::io::stderr).init();
     }
 }

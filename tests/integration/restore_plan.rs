@@ -156,7 +156,7 @@ fn restore_with_all_pack_reads_failing_fails_cleanly_naming_them() {
     for e in errors {
         let msg = e["error"].as_str().unwrap();
         assert!(
-            msg.contains("data could not be read, file removed") && msg.contains("pack "),
+            msg.contains("not restored, file removed") && msg.contains("pack "),
             "names the pack that could not be read: {e}"
         );
     }
@@ -732,4 +732,44 @@ fn delete_never_crosses_into_a_mounted_filesystem() {
     assert!(json(&out)["summary"]["errors"]
         .to_string()
         .contains("mount point"));
+}
+
+#[test]
+fn updating_a_sparse_file_in_place_keeps_it_sparse() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    // 64 MiB, mostly hole, with three 4 KiB islands of data.
+    let f = fs::File::create(src.join("sparse.img")).unwrap();
+    f.set_len(64 << 20).unwrap();
+    for at in [1u64 << 20, 20 << 20, 50 << 20] {
+        f.write_all_at(&random_bytes(&mut rng(at), 4096), at)
+            .unwrap();
+    }
+    drop(f);
+    env.backup(&src, &[]);
+    // The target already holds the file, all zeros (an interrupted
+    // restore, or a volume initialised with a hole of the right size).
+    let dst = env.path("dst");
+    fs::create_dir_all(&dst).unwrap();
+    fs::File::create(dst.join("sparse.img"))
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    env.ok(&[
+        "restore",
+        "latest",
+        "--overwrite",
+        "if-changed",
+        "--target",
+        dst.to_str().unwrap(),
+    ]);
+    assert_same_tree(&src, &dst);
+    let allocated = fs::metadata(dst.join("sparse.img")).unwrap().blocks() * 512;
+    assert!(
+        allocated <= 1 << 20,
+        "{allocated} bytes allocated for 12 KiB of data: zero runs were written"
+    );
 }

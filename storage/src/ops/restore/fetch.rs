@@ -328,14 +328,13 @@ pub(super) fn reopen(shared: &Shared, entry: &FileEntry) -> io::Result<File> {
     .ok_or_else(|| io::Error::other("replaced by another file during the restore: left alone"))
 }
 
-/// Writes `data` at `offset`. In a file this restore created (sized with
-/// `set_len`, so it reads as zeros) all-zero 64 KiB blocks are left as
-/// holes so sparse files stay sparse; consecutive non-zero blocks go out as
-/// one write. An existing file gets every byte.
+/// Writes `data` at `offset`, keeping all-zero 64 KiB blocks as holes so
+/// sparse files stay sparse; consecutive non-zero blocks go out as one
+/// write. In a file this restore created (sized with `set_len`, so it reads
+/// as zeros) a zero block is simply skipped; an existing file updated in
+/// place may hold old bytes there, so the block is punched out (or, where
+/// the filesystem cannot punch holes, written as zeros).
 fn write_data(file: &File, data: &[u8], offset: u64, fresh: bool) -> io::Result<()> {
-    if !fresh {
-        return file.write_all_at(data, offset);
-    }
     const BLOCK: usize = 64 << 10;
     let mut pos = 0;
     while pos < data.len() {
@@ -351,10 +350,28 @@ fn write_data(file: &File, data: &[u8], offset: u64, fresh: bool) -> io::Result<
             file.write_all_at(&data[pos..stop], offset + pos as u64)?;
             pos = stop;
         } else {
-            pos = (pos + BLOCK).min(data.len());
+            let end = (pos + BLOCK).min(data.len());
+            if !fresh {
+                zero_range(file, &data[pos..end], offset + pos as u64)?;
+            }
+            pos = end;
         }
     }
     Ok(())
+}
+
+/// Makes `zeros.len()` bytes at `offset` read as zeros: a hole if the
+/// filesystem can punch one, else the zeros written.
+fn zero_range(file: &File, zeros: &[u8], offset: u64) -> io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(zeros.len())) else {
+        return file.write_all_at(zeros, offset);
+    };
+    let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    match fallocate(file, punch, off, len) {
+        Ok(()) => Ok(()),
+        Err(_) => file.write_all_at(zeros, offset),
+    }
 }
 
 /// Applies a finished file's metadata, or removes a damaged one and
@@ -368,12 +385,9 @@ pub(super) fn finish(shared: &Shared, entry: &FileEntry, handle: Option<File>) {
         let names = std::iter::once((entry.rel.clone(), entry.path.clone())).chain(links);
         for (rel, path) in names {
             if let Err(e) = remove_entry(&shared.tree, &rel) {
-                warn!(path = %path.display(), error = %e, "damaged file not removed");
+                warn!(path = %path.display(), error = %e, "unrestored file not removed");
             }
-            shared.error(
-                &path,
-                format!("data could not be read, file removed: {msg}"),
-            );
+            shared.error(&path, format!("not restored, file removed: {msg}"));
         }
         return;
     }
