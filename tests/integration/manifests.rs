@@ -217,3 +217,28 @@ fn the_verify_job_runs_the_weekly_restore_test() {
         "{args}"
     );
 }
+
+#[test]
+fn the_image_is_one_kustomize_setting() {
+    let kustomization = docs("kustomization.yaml");
+    let images = kustomization[0]["images"]
+        .as_array()
+        .expect("an images: entry");
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0]["name"].as_str(), Some("marmoset"));
+    assert!(images[0]["newTag"].as_str().is_some_and(|t| !t.is_empty()));
+    // Every workload names the image the setting replaces.
+    for file in ["daemonset.yaml", "verify-cronjob.yaml"] {
+        let text = std::fs::read_to_string(deploy().join(file)).unwrap();
+        let images: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("image:"))
+            .map(str::trim)
+            .collect();
+        assert!(!images.is_empty(), "{file}");
+        assert!(
+            images.iter().all(|i| *i == "marmoset"),
+            "{file}: {images:?}"
+        );
+    }
+}
