@@ -242,3 +242,21 @@ fn the_image_is_one_kustomize_setting() {
         );
     }
 }
+
+#[test]
+fn the_agent_reaches_every_node_and_is_not_evicted_first() {
+    let ds: DaemonSet = typed(&docs("daemonset.yaml")[0]);
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    // One toleration of everything covers NoSchedule and NoExecute taints
+    // (K3s servers: CriticalAddonsOnly=true:NoExecute).
+    let tolerations = pod.tolerations.unwrap();
+    assert!(tolerations
+        .iter()
+        .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()));
+    let seccomp = pod.security_context.unwrap().seccomp_profile.unwrap();
+    assert_eq!(seccomp.type_, "RuntimeDefault");
+}
