@@ -22,6 +22,27 @@ fn json(out: &std::process::Output) -> Value {
 }
 
 /// How many objects of `kind` the S3 repository at `url` holds.
+/// `restore latest` of `url` into `target` with `--json` and `extra`
+/// options; the caller checks the outcome.
+fn s3_restore(env: &Env, url: &str, target: &Path, extra: &[&str]) -> std::process::Output {
+    let target = target.to_str().unwrap();
+    let mut args = vec!["--json", "restore", "latest"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--target", target]);
+    env.s3_cmd(url).args(&args).output().unwrap()
+}
+
+/// [`s3_restore`] that must succeed.
+fn s3_restore_ok(env: &Env, url: &str, target: &Path, extra: &[&str]) -> std::process::Output {
+    let out = s3_restore(env, url, target, extra);
+    assert!(
+        out.status.success(),
+        "restore from {url} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn objects(url: &str, kind: FileKind) -> u64 {
     let options = BackendOptions {
         static_credentials: Some(("test".into(), "test".into())),
@@ -59,16 +80,7 @@ fn s3_restore_reads_each_pack_once_and_a_shared_chunk_once() {
     // all come from the bucket.
     fs::remove_dir_all(&env.cache).unwrap();
     let dst = env.path("dst");
-    let out = env.s3_ok(
-        &url,
-        &[
-            "--json",
-            "restore",
-            "latest",
-            "--target",
-            dst.to_str().unwrap(),
-        ],
-    );
+    let out = s3_restore_ok(&env, &url, &dst, &[]);
     assert_same_tree(&src, &dst);
     let v = json(&out);
     let s = &v["summary"];
@@ -96,18 +108,7 @@ fn s3_restore_reads_each_pack_once_and_a_shared_chunk_once() {
     // One connection feeding the pool of decoders: the same result, and
     // still one read per pack.
     let one = env.path("one");
-    let out = env.s3_ok(
-        &url,
-        &[
-            "--json",
-            "restore",
-            "latest",
-            "--threads",
-            "1",
-            "--target",
-            one.to_str().unwrap(),
-        ],
-    );
+    let out = s3_restore_ok(&env, &url, &one, &["--threads", "1"]);
     assert_same_tree(&src, &one);
     let v = json(&out);
     assert!(v["summary"]["requests"].as_u64().unwrap() <= packs, "{v}");
@@ -133,17 +134,7 @@ fn restore_with_all_pack_reads_failing_fails_cleanly_naming_them() {
         proxy.port, server.bucket
     );
     let dst = env.path("dst");
-    let out = env
-        .s3_cmd(&via)
-        .args([
-            "--json",
-            "restore",
-            "latest",
-            "--target",
-            dst.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let out = s3_restore(&env, &via, &dst, &[]);
     assert_eq!(
         out.status.code(),
         Some(3),
@@ -201,21 +192,7 @@ fn a_failing_storage_is_given_up_on_after_a_few_packs_not_pack_by_pack() {
         proxy.port, server.bucket
     );
     let dst = env.path("dst");
-    let out = env
-        .s3_cmd(&via)
-        .args([
-            "--json",
-            "--s3-retries",
-            "2",
-            "restore",
-            "latest",
-            "--threads",
-            "1",
-            "--target",
-            dst.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let out = s3_restore(&env, &via, &dst, &["--s3-retries", "2", "--threads", "1"]);
     assert_eq!(
         out.status.code(),
         Some(3),
