@@ -50,3 +50,25 @@ need_moto() {
     export PATH="$venv/bin:$PATH"
     command -v moto_server >/dev/null
 }
+
+# need_pip_tool CMD PACKAGE: makes sure CMD (installed by the PyPI PACKAGE)
+# is on PATH, the same way as need_moto.
+need_pip_tool() {
+    local cmd="$1" pkg="$2"
+    command -v "$cmd" >/dev/null && return 0
+    log "installing $pkg (pip)"
+    python3 -m pip install -q --disable-pip-version-check "$pkg" >/dev/null 2>&1 \
+        || python3 -m pip install -q --disable-pip-version-check --break-system-packages "$pkg" >/dev/null 2>&1 \
+        || true
+    hash -r
+    command -v "$cmd" >/dev/null && return 0
+    for d in "$HOME/.local/bin" /usr/local/bin; do
+        if [ -x "$d/$cmd" ]; then export PATH="$d:$PATH"; return 0; fi
+    done
+    local venv=/var/cache/marmoset-venv
+    apt_need python3-venv
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv" >/dev/null
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check "$pkg" >/dev/null 2>&1
+    export PATH="$venv/bin:$PATH"
+    command -v "$cmd" >/dev/null
+}

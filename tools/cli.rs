@@ -366,6 +366,15 @@ pub struct VerifyArgs {
     /// Directory for the temporary restore.
     #[arg(long)]
     pub temp_dir: Option<PathBuf>,
+    /// Read and check every chunk of the latest snapshots without writing
+    /// them anywhere (no scratch space needed).
+    #[arg(long, conflicts_with_all = ["restore_test", "temp_dir"])]
+    pub stream: bool,
+    /// Verify only the newest backup set: the snapshots carrying the
+    /// greatest tag that starts with this prefix (the node agent tags its
+    /// runs `set=<schedule>-<YYYYMMDDhhmmss>`), e.g. `set=daily-`.
+    #[arg(long, value_name = "PREFIX")]
+    pub newest_tag: Option<String>,
 }
 
 #[derive(Args, Debug)]

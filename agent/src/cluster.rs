@@ -205,8 +205,18 @@ impl Cluster {
         let name = status.object_name();
         let mut labels = BTreeMap::new();
         labels.insert("app.kubernetes.io/managed-by".into(), COMPONENT.into());
-        labels.insert("marmoset.dev/namespace".into(), status.namespace.clone());
-        labels.insert("marmoset.dev/pvc".into(), status.pvc.clone());
+        // Label values are at most 63 characters; the data holds the full
+        // names whatever their length.
+        for (k, v) in [
+            ("marmoset.dev/namespace", &status.namespace),
+            ("marmoset.dev/pvc", &status.pvc),
+            ("marmoset.dev/schedule", &status.schedule),
+            ("marmoset.dev/node", &status.node),
+        ] {
+            if v.len() <= 63 {
+                labels.insert(k.into(), v.clone());
+            }
+        }
         let mut cm = ConfigMap {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
@@ -240,14 +250,57 @@ impl Cluster {
         Err(Error::Task(format!("status {name}: kept conflicting")))
     }
 
-    /// The status object of one volume, if it has one.
-    pub async fn status(&self, namespace: &str, pvc: &str) -> Result<Option<VolumeStatus>> {
-        let name = crate::status::object_name(namespace, pvc);
+    /// The status object of one volume and schedule, if it has one.
+    pub async fn status(
+        &self,
+        namespace: &str,
+        pvc: &str,
+        schedule: &str,
+    ) -> Result<Option<VolumeStatus>> {
+        let name = crate::status::object_name(schedule, namespace, pvc);
         let cm = Api::<ConfigMap>::namespaced(self.client.clone(), &self.namespace)
             .get_opt(&name)
             .await
             .map_err(|e| Error::kube(format!("get status {name}"), e))?;
         Ok(cm.and_then(|cm| cm.data.as_ref().and_then(VolumeStatus::from_data)))
+    }
+
+    /// Deletes a status object (its PVC is gone); a missing one is fine.
+    pub async fn delete_status(&self, name: &str) -> Result<()> {
+        let api = Api::<ConfigMap>::namespaced(self.client.clone(), &self.namespace);
+        match api.delete(name, &Default::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(Error::kube(format!("delete status {name}"), e)),
+        }
+    }
+
+    /// Whether a PVC exists (an API error is an error, never "gone").
+    pub async fn pvc_exists(&self, namespace: &str, name: &str) -> Result<bool> {
+        Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map(|p| p.is_some())
+            .map_err(|e| Error::kube(format!("get PVC {namespace}/{name}"), e))
+    }
+
+    /// Every volume status object in the agent's namespace, with its name.
+    pub async fn status_objects(&self) -> Result<Vec<(String, VolumeStatus)>> {
+        let api = Api::<ConfigMap>::namespaced(self.client.clone(), &self.namespace);
+        let list = api
+            .list(
+                &ListParams::default().labels(&format!("app.kubernetes.io/managed-by={COMPONENT}")),
+            )
+            .await
+            .map_err(|e| Error::kube(format!("list status objects in {}", self.namespace), e))?;
+        Ok(list
+            .items
+            .iter()
+            .filter_map(|cm| {
+                let status = cm.data.as_ref().and_then(VolumeStatus::from_data)?;
+                Some((cm.metadata.name.clone()?, status))
+            })
+            .collect())
     }
 
     /// Every volume status object in the agent's namespace.

@@ -66,6 +66,59 @@ pub struct AgentConfig {
     /// Local state (last completed runs), on a hostPath so restarts resume.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// Volumes of this node backed up at the same time (pods with hooks
+    /// keep their volumes together). Each backup holds its own bounded
+    /// pipeline, so memory grows with this number.
+    #[serde(default = "default_parallel_volumes")]
+    pub parallel_volumes: usize,
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+/// What the agent does when the API server or a volume fails mid-run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts at listing the node's pods and volumes before the run is
+    /// given up (until the next fire time).
+    #[serde(default = "default_discovery_attempts")]
+    pub discovery_attempts: u32,
+    /// First wait between discovery attempts; doubled each time, at most 5m.
+    #[serde(default = "default_backoff", with = "humantime_secs")]
+    pub backoff: Duration,
+    /// Further passes over the volumes that failed, within the run's window
+    /// (before the schedule's next fire time).
+    #[serde(default = "default_volume_retries")]
+    pub volume_retries: u32,
+    #[serde(default = "default_volume_retry_delay", with = "humantime_secs")]
+    pub volume_retry_delay: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            discovery_attempts: default_discovery_attempts(),
+            backoff: default_backoff(),
+            volume_retries: default_volume_retries(),
+            volume_retry_delay: default_volume_retry_delay(),
+        }
+    }
+}
+
+fn default_parallel_volumes() -> usize {
+    2
+}
+fn default_discovery_attempts() -> u32 {
+    6
+}
+fn default_backoff() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_volume_retries() -> u32 {
+    2
+}
+fn default_volume_retry_delay() -> Duration {
+    Duration::from_secs(300)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -209,6 +262,12 @@ impl AgentConfig {
                 "namespace {ns:?} is both included and excluded"
             )));
         }
+        if self.parallel_volumes == 0 {
+            return Err(bad("parallelVolumes must be at least 1".into()));
+        }
+        if self.retry.discovery_attempts == 0 {
+            return Err(bad("retry.discoveryAttempts must be at least 1".into()));
+        }
         if self.maintenance.lease_duration < Duration::from_secs(10) {
             return Err(bad("maintenance.leaseDuration must be at least 10s".into()));
         }
@@ -247,6 +306,9 @@ mod tests {
         assert_eq!(c.hooks.default_timeout, Duration::from_secs(30));
         assert_eq!(c.maintenance.quick_every, Duration::from_secs(3600));
         assert!(c.namespace_included("anything"));
+        assert_eq!(c.parallel_volumes, 2);
+        assert_eq!(c.retry.discovery_attempts, 6);
+        assert_eq!(c.retry.volume_retries, 2);
     }
 
     #[test]
@@ -258,6 +320,7 @@ mod tests {
             ("schedules:\n  - {name: d, cron: \"0 2 * * *\", keep: 1d}\nincludedNamespace: [a]", "unknown field"),
             ("schedules:\n  - {name: d, cron: \"0 2 * * *\", keep: 1d}\nincludedNamespaces: [a]\nexcludedNamespaces: [a]", "both included and excluded"),
             ("schedules:\n  - {name: d, cron: \"0 2 * * *\", keep: 1d}\nhooks: {defaultTimeout: soon}", "soon"),
+            ("schedules:\n  - {name: d, cron: \"0 2 * * *\", keep: 1d}\nparallelVolumes: 0", "parallelVolumes"),
         ];
         for (text, want) in cases {
             let e = AgentConfig::parse(text, "cm/agent.yaml")

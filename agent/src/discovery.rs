@@ -45,13 +45,20 @@ impl VolumeTarget {
     }
 }
 
-/// A volume deliberately left out, with the reason (reported, not an error).
+/// A volume left out of the run, with the reason. Opt-outs are
+/// `intentional` (reported in the run's result); anything else (a CSI
+/// volume of a pod that is not running, an unbound PVC, a missing PV) is
+/// also recorded in the volume's status and as a Warning Event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Skipped {
     pub namespace: String,
     pub pod: String,
+    pub pod_uid: String,
     pub volume: String,
+    /// The claim, when the skip concerns one.
+    pub pvc: Option<String>,
     pub reason: String,
+    pub intentional: bool,
 }
 
 /// The pods of one node, grouped with the volumes to back up and their hooks.
@@ -66,6 +73,7 @@ pub struct PodPlan {
     pub namespace: String,
     pub pod: String,
     pub pod_uid: String,
+    /// Hooks run only in running pods; a pod that is not running has none.
     pub hooks: PodHooks,
     pub volumes: Vec<VolumeTarget>,
 }
@@ -86,9 +94,12 @@ pub fn plan(
     pvs: &HashMap<String, PersistentVolume>,
 ) -> Plan {
     let mut out = Plan::default();
-    // A ReadWriteMany PVC mounted by two pods on this node is backed up once.
+    // A ReadWriteMany PVC mounted by two pods on this node is backed up
+    // once; running pods come first, so a volume that a running pod also
+    // mounts is read through that pod's mount (and under its hooks).
     let mut seen: HashSet<(String, String)> = HashSet::new();
-    for pod in pods {
+    let (running, others): (Vec<&Pod>, Vec<&Pod>) = pods.iter().partition(|p| is_running(p));
+    for pod in running.into_iter().chain(others) {
         let Some(p) = pod_plan(cfg, node, pod, pvcs, pvs, &mut seen, &mut out.skipped) else {
             continue;
         };
@@ -99,6 +110,10 @@ pub fn plan(
     out.pods
         .sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
     out
+}
+
+fn is_running(pod: &Pod) -> bool {
+    pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
 }
 
 fn pod_plan(
@@ -117,23 +132,33 @@ fn pod_plan(
     if spec.node_name.as_deref() != Some(node) || !cfg.namespace_included(&ns) {
         return None;
     }
-    // Volumes are mounted only while the pod runs: others have nothing to read.
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    if phase != Some("Running") {
-        return None;
-    }
+    let running = is_running(pod);
+    let phase = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_else(|| "Unknown".into());
     let labels = meta.labels.clone().unwrap_or_default();
     let annotations = meta.annotations.clone().unwrap_or_default();
-    let mut skip = |volume: &str, reason: String| {
+    let uid = meta.uid.clone().unwrap_or_default();
+    let mut skip = |volume: &str, pvc: Option<&str>, reason: String, intentional: bool| {
         skipped.push(Skipped {
             namespace: ns.clone(),
             pod: name.clone(),
+            pod_uid: uid.clone(),
             volume: volume.into(),
+            pvc: pvc.map(String::from),
             reason,
+            intentional,
         })
     };
     if labels.get(VELERO_EXCLUDE_LABEL).map(String::as_str) == Some("true") {
-        skip("*", format!("pod labelled {VELERO_EXCLUDE_LABEL}=true"));
+        skip(
+            "*",
+            None,
+            format!("pod labelled {VELERO_EXCLUDE_LABEL}=true"),
+            true,
+        );
         return None;
     }
     let excluded = list_annotation(&annotations, VELERO_EXCLUDES)
@@ -141,41 +166,170 @@ fn pod_plan(
         .chain(list_annotation(&annotations, EXCLUDE_VOLUMES))
         .collect::<HashSet<_>>();
     let included = list_annotation(&annotations, VELERO_INCLUDES);
-    let uid = meta.uid.clone().unwrap_or_default();
     let mut volumes = Vec::new();
     for vol in spec.volumes.iter().flatten() {
         let Some(claim) = &vol.persistent_volume_claim else {
             continue;
         };
+        let claim_name = claim.claim_name.as_str();
+        let key = (ns.clone(), claim.claim_name.clone());
+        if seen.contains(&key) {
+            continue;
+        }
         if excluded.contains(&vol.name) {
-            skip(&vol.name, "opted out by pod annotation".into());
+            skip(
+                &vol.name,
+                Some(claim_name),
+                "opted out by pod annotation".into(),
+                true,
+            );
             continue;
         }
         if !cfg.default_volumes_to_backup && !included.contains(&vol.name) {
-            skip(&vol.name, format!("not listed in {VELERO_INCLUDES}"));
+            skip(
+                &vol.name,
+                Some(claim_name),
+                format!("not listed in {VELERO_INCLUDES}"),
+                true,
+            );
             continue;
         }
-        let key = (ns.clone(), claim.claim_name.clone());
         let Some(pvc) = pvcs.get(&key) else {
-            skip(&vol.name, format!("PVC {} not found", claim.claim_name));
+            skip(
+                &vol.name,
+                Some(claim_name),
+                format!("PVC {claim_name} not found"),
+                false,
+            );
             continue;
         };
-        match target(cfg, &ns, &name, &uid, &vol.name, pvc, pvs) {
+        let found = if running {
+            target(cfg, &ns, &name, &uid, &vol.name, pvc, pvs)
+        } else {
+            target_without_pod(cfg, node, &ns, &name, &uid, &vol.name, pvc, pvs, &phase)
+        };
+        match found {
             Ok(t) => {
-                if seen.insert(key) {
-                    volumes.push(t);
-                }
+                seen.insert(key);
+                volumes.push(t);
             }
-            Err(reason) => skip(&vol.name, reason),
+            Err(Skip {
+                reason,
+                intentional,
+            }) => skip(&vol.name, Some(claim_name), reason, intentional),
         }
     }
     Some(PodPlan {
         namespace: ns.clone(),
         pod: name.clone(),
         pod_uid: uid,
-        hooks: hooks::from_annotations(&annotations, cfg.hooks.default_timeout),
+        hooks: if running {
+            hooks::from_annotations(&annotations, cfg.hooks.default_timeout)
+        } else {
+            PodHooks::default()
+        },
         volumes,
     })
+}
+
+/// Why a volume is not backed up.
+struct Skip {
+    reason: String,
+    intentional: bool,
+}
+
+impl Skip {
+    fn opt_out(reason: String) -> Self {
+        Self {
+            reason,
+            intentional: true,
+        }
+    }
+    fn problem(reason: String) -> Self {
+        Self {
+            reason,
+            intentional: false,
+        }
+    }
+}
+
+/// A volume of a pod that is not running (Pending, Succeeded, Failed): no
+/// kubelet mount to read, but hostPath and local PVs (K3s local-path) keep
+/// their files at a host path, readable without the pod, when the PV lives
+/// on this node.
+#[allow(clippy::too_many_arguments)]
+fn target_without_pod(
+    cfg: &AgentConfig,
+    node: &str,
+    ns: &str,
+    pod: &str,
+    pod_uid: &str,
+    volume: &str,
+    pvc: &PersistentVolumeClaim,
+    pvs: &HashMap<String, PersistentVolume>,
+    phase: &str,
+) -> Result<VolumeTarget, Skip> {
+    let mut t = target(cfg, ns, pod, pod_uid, volume, pvc, pvs)?;
+    let pv = pvs.get(&t.pv).and_then(|pv| pv.spec.as_ref());
+    let host = pv.and_then(|spec| {
+        spec.host_path
+            .as_ref()
+            .map(|h| h.path.clone())
+            .or_else(|| spec.local.as_ref().map(|l| l.path.clone()))
+    });
+    let Some(host) = host else {
+        return Err(Skip::problem(format!(
+            "pod is {phase} and PV {} is mounted only while a pod runs",
+            t.pv
+        )));
+    };
+    match pv.map(|spec| pv_node(spec, node)) {
+        Some(PvNode::Here) => {}
+        Some(PvNode::Elsewhere) => {
+            return Err(Skip::problem(format!(
+                "pod is {phase} and PV {} is on another node",
+                t.pv
+            )))
+        }
+        _ => return Err(Skip::problem(format!(
+            "pod is {phase} and PV {} has no node affinity, so its host path may be another node's",
+            t.pv
+        ))),
+    }
+    t.path = under_prefix(&cfg.host_path_prefix, Path::new(&host));
+    Ok(t)
+}
+
+enum PvNode {
+    Here,
+    Elsewhere,
+    Unknown,
+}
+
+/// Which node a PV's `kubernetes.io/hostname` affinity names.
+fn pv_node(spec: &k8s_openapi::api::core::v1::PersistentVolumeSpec, node: &str) -> PvNode {
+    let terms = spec
+        .node_affinity
+        .as_ref()
+        .and_then(|a| a.required.as_ref())
+        .map(|r| r.node_selector_terms.as_slice())
+        .unwrap_or_default();
+    let mut named = false;
+    for term in terms {
+        for e in term.match_expressions.iter().flatten() {
+            if e.key == "kubernetes.io/hostname" && e.operator == "In" {
+                named = true;
+                if e.values.iter().flatten().any(|v| v == node) {
+                    return PvNode::Here;
+                }
+            }
+        }
+    }
+    if named {
+        PvNode::Elsewhere
+    } else {
+        PvNode::Unknown
+    }
 }
 
 fn target(
@@ -186,30 +340,30 @@ fn target(
     volume: &str,
     pvc: &PersistentVolumeClaim,
     pvs: &HashMap<String, PersistentVolume>,
-) -> Result<VolumeTarget, String> {
+) -> Result<VolumeTarget, Skip> {
     let pvc_name = pvc.metadata.name.clone().unwrap_or_default();
     let pvc_ann = pvc.metadata.annotations.clone().unwrap_or_default();
     let pvc_labels = pvc.metadata.labels.clone().unwrap_or_default();
     if pvc_ann.get(EXCLUDE_PVC).map(String::as_str) == Some("true")
         || pvc_labels.get(VELERO_EXCLUDE_LABEL).map(String::as_str) == Some("true")
     {
-        return Err(format!("PVC {pvc_name} opted out"));
+        return Err(Skip::opt_out(format!("PVC {pvc_name} opted out")));
     }
     let spec = pvc.spec.clone().unwrap_or_default();
     let storage_class = spec.storage_class_name.clone();
     if let Some(sc) = &storage_class {
         if cfg.excluded_storage_classes.contains(sc) {
-            return Err(format!("storage class {sc} is excluded"));
+            return Err(Skip::opt_out(format!("storage class {sc} is excluded")));
         }
     }
     let pv_name = spec
         .volume_name
         .filter(|v| !v.is_empty())
-        .ok_or_else(|| format!("PVC {pvc_name} is not bound"))?;
+        .ok_or_else(|| Skip::problem(format!("PVC {pvc_name} is not bound")))?;
     let pv = pvs
         .get(&pv_name)
-        .ok_or_else(|| format!("PV {pv_name} not found"))?;
-    let path = host_path(cfg, pod_uid, &pv_name, pv)?;
+        .ok_or_else(|| Skip::problem(format!("PV {pv_name} not found")))?;
+    let path = host_path(cfg, pod_uid, &pv_name, pv).map_err(Skip::problem)?;
     Ok(VolumeTarget {
         namespace: ns.into(),
         pvc: pvc_name,

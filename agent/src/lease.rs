@@ -1,14 +1,18 @@
 //! Election of the one maintenance runner with a `coordination.k8s.io/v1`
 //! Lease, the way client-go's leader election does it: the holder renews
-//! `renewTime`; anyone may take the lease once `renewTime +
-//! leaseDurationSeconds` has passed. Writes carry the `resourceVersion` read,
-//! so two agents racing for an expired lease cannot both win (409 Conflict).
+//! `renewTime`; anyone may take the lease once it has seen the lease record
+//! unchanged for `leaseDurationSeconds` on its own monotonic clock. The
+//! times written in the lease are never compared with the local clock, so
+//! nodes whose clocks disagree neither steal a live lease nor wait on a
+//! dead one. Writes carry the `resourceVersion` read, so two agents racing
+//! for an expired lease cannot both win (409 Conflict).
 //!
 //! The last maintenance times are kept in the Lease's annotations, so a new
 //! holder continues the cadence instead of starting over.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -26,6 +30,18 @@ pub struct LeaderLease {
     name: String,
     identity: String,
     duration: Duration,
+    /// The other holder's record as last seen, and when it was first seen
+    /// in that state (local monotonic time).
+    observed: Mutex<Option<(Record, Instant)>>,
+}
+
+/// What identifies one renewal of a lease: any change restarts the wait.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    holder: Option<String>,
+    renew_time: Option<String>,
+    duration_secs: Option<i32>,
+    transitions: Option<i32>,
 }
 
 /// What one election round saw.
@@ -58,6 +74,33 @@ impl LeaderLease {
             name: name.into(),
             identity: identity.into(),
             duration,
+            observed: Mutex::new(None),
+        }
+    }
+
+    /// Whether the lease record has stayed unchanged for its own duration
+    /// since this candidate first saw it so.
+    fn expired_by_observation(&self, spec: &LeaseSpec) -> bool {
+        let record = Record {
+            holder: spec.holder_identity.clone(),
+            renew_time: spec.renew_time.as_ref().map(|t| t.0.to_string()),
+            duration_secs: spec.lease_duration_seconds,
+            transitions: spec.lease_transitions,
+        };
+        let Some(secs) = spec.lease_duration_seconds else {
+            return true;
+        };
+        let Ok(mut seen) = self.observed.lock() else {
+            return false;
+        };
+        match &*seen {
+            Some((r, at)) if *r == record => {
+                at.elapsed() > Duration::from_secs(u64::try_from(secs).unwrap_or(0))
+            }
+            _ => {
+                *seen = Some((record, Instant::now()));
+                false
+            }
         }
     }
 
@@ -170,13 +213,7 @@ impl LeaderLease {
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
         let ours = holder.as_deref() == Some(&self.identity);
-        let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
-            (Some(MicroTime(renewed)), Some(d)) => {
-                now.as_millisecond() > renewed.as_millisecond() + i64::from(d) * 1000
-            }
-            _ => true,
-        };
-        if !ours && holder.is_some() && !expired {
+        if !ours && holder.is_some() && !self.expired_by_observation(&spec) {
             return Ok(LeaseState {
                 leader: false,
                 holder,

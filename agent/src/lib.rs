@@ -5,7 +5,9 @@
 //! (`schedule`, `runner`), Velero-compatible pre/post hooks through
 //! `pods/exec` (`hooks`), Events, per-volume status objects and Prometheus
 //! metrics (`status`, `metrics`), and the Lease that elects the one
-//! maintenance runner (`lease`).
+//! maintenance runner (`lease`). A volume's backup and its reporting are in
+//! `volume`; the promise that no application is left frozen (pending post
+//! hooks, run on shutdown and at start-up) in `freeze`.
 //!
 //! It must not know the repository format: it drives
 //! `marmoset_storage`'s public operations (backup, forget, maintain) on a
@@ -15,6 +17,7 @@ pub mod cluster;
 pub mod config;
 pub mod discovery;
 pub mod error;
+mod freeze;
 pub mod hooks;
 pub mod lease;
 pub mod metrics;
@@ -22,6 +25,7 @@ pub mod runner;
 pub mod schedule;
 pub mod state;
 pub mod status;
+mod volume;
 
 pub use cluster::Cluster;
 pub use config::AgentConfig;

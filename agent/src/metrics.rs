@@ -31,6 +31,7 @@ struct VolumeMetrics {
     failures: u64,
     in_progress_bytes: u64,
     running: bool,
+    skips: u64,
 }
 
 /// How one volume backup ended.
@@ -108,6 +109,23 @@ impl Metrics {
                 v.failures += 1;
             }
         });
+    }
+
+    /// A volume was left out of a run for a reason other than an opt-out.
+    pub fn skipped(&self, ns: &str, pvc: &str, schedule: &str) {
+        self.with(ns, pvc, schedule, |v| v.skips += 1);
+    }
+
+    /// Drops every series of a volume whose PVC is gone, so the staleness
+    /// alert does not fire forever for a deleted volume.
+    pub fn forget_volume(&self, ns: &str, pvc: &str, schedule: &str) {
+        if let Ok(mut m) = self.volumes.lock() {
+            m.remove(&VolumeKey {
+                namespace: ns.into(),
+                pvc: pvc.into(),
+                schedule: schedule.into(),
+            });
+        }
     }
 
     pub fn hook_failed(&self) {
@@ -188,6 +206,12 @@ impl Metrics {
             "counter",
             "Backups of the volume that failed or were incomplete.",
             &|v| Some(v.failures.to_string()),
+        );
+        family(
+            "marmoset_volume_skips_total",
+            "counter",
+            "Runs that could not back up the volume (pod not running with a CSI volume, PVC unbound, ...).",
+            &|v| (v.skips > 0).then(|| v.skips.to_string()),
         );
         family(
             "marmoset_volume_backup_in_progress_bytes",

@@ -1,29 +1,30 @@
 //! The agent's work: scheduled runs over the node's volumes (hooks, backup,
 //! status, retention) and, on the lease holder, repository maintenance.
+//! One volume's backup and its status live in `volume`; pending post hooks
+//! (what must be thawed whatever happens) in `freeze`.
 
-use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use marmoset_storage::{
-    BackupOptions, GroupBy, MaintainOptions, MaintainReport, Progress, Repository, RetentionPolicy,
-    SnapshotFilter,
+    GroupBy, MaintainOptions, MaintainReport, Repository, RetentionPolicy, SnapshotFilter,
 };
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 use tracing::{error, info, warn};
 
 use crate::cluster::{Cluster, Subject};
 use crate::config::AgentConfig;
-use crate::discovery::{PodPlan, Skipped, VolumeTarget};
+use crate::discovery::{Plan, PodPlan, Skipped, VolumeTarget};
 use crate::error::{Error, Result};
 use crate::hooks::{Hook, OnError};
 use crate::lease::{LeaderLease, LAST_FULL, LAST_QUICK};
-use crate::metrics::{Finished, Metrics};
+use crate::metrics::Metrics;
 use crate::schedule::Schedule;
 use crate::state::{catch_up_due, ScheduleState, State, StateFile};
-use crate::status::{Phase, VolumeStatus};
+use crate::status::Phase;
 
 /// The result of backing up one volume.
 #[derive(Debug, Clone)]
@@ -40,10 +41,15 @@ pub struct VolumeOutcome {
 #[derive(Debug, Clone, Default)]
 pub struct RunReport {
     pub schedule: String,
+    /// The run's backup set (`<schedule>-<fire time>`), tagged `set=` on
+    /// every snapshot.
+    pub set: String,
     pub volumes: Vec<VolumeOutcome>,
     pub skipped: Vec<Skipped>,
     pub hook_failures: Vec<String>,
     pub snapshots_forgotten: u64,
+    /// Extra passes made over failed volumes.
+    pub retries: u32,
 }
 
 impl RunReport {
@@ -55,41 +61,34 @@ impl RunReport {
     }
 }
 
+/// What one pod's turn produced.
+#[derive(Default)]
+struct PodResult {
+    volumes: Vec<VolumeOutcome>,
+    hook_failures: Vec<String>,
+}
+
+/// A shared hold on the repository for backups: many at once, never
+/// during maintenance.
+pub(crate) type RepoShare = Arc<OwnedRwLockReadGuard<()>>;
+
 pub struct Agent {
-    cfg: AgentConfig,
+    pub(crate) cfg: AgentConfig,
     schedules: Vec<Schedule>,
-    cluster: Cluster,
-    repo: Arc<Repository>,
-    /// One repository operation at a time in this process: backups and
-    /// maintenance share the local index cache.
-    repo_lock: Arc<Mutex<()>>,
-    metrics: Arc<Metrics>,
-    state: StateFile,
+    pub(crate) cluster: Cluster,
+    pub(crate) repo: Arc<Repository>,
+    /// Backups share the repository handle (and its local index cache);
+    /// maintenance, which rewrites that cache, has it alone.
+    repo_lock: Arc<RwLock<()>>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) state: StateFile,
+    /// One read-modify-write of the state file at a time.
+    pub(crate) state_lock: tokio::sync::Mutex<()>,
     /// How often a running backup rewrites its status object.
     pub status_every: Duration,
 }
 
 impl Agent {
-    /// Waits for the repository lock (one repository operation at a time).
-    async fn lock_repo(&self) -> OwnedMutexGuard<()> {
-        self.repo_lock.clone().lock_owned().await
-    }
-
-    /// Runs `f` on a blocking thread, releasing `guard` when it is done; the
-    /// returned handle's result goes through `joined`.
-    fn on_repo<T: Send + 'static>(
-        &self,
-        guard: OwnedMutexGuard<()>,
-        f: impl FnOnce(&Repository) -> marmoset_storage::Result<T> + Send + 'static,
-    ) -> tokio::task::JoinHandle<marmoset_storage::Result<T>> {
-        let repo = self.repo.clone();
-        tokio::task::spawn_blocking(move || {
-            let r = f(&repo);
-            drop(guard);
-            r
-        })
-    }
-
     pub fn new(cfg: AgentConfig, cluster: Cluster, repo: Arc<Repository>) -> Result<Self> {
         let schedules = cfg.schedules()?;
         let state = StateFile::new(&cfg.state_dir, cluster.node());
@@ -98,10 +97,31 @@ impl Agent {
             schedules,
             cluster,
             repo,
-            repo_lock: Arc::new(Mutex::new(())),
+            repo_lock: Arc::new(RwLock::new(())),
             metrics: Metrics::new(),
             state,
+            state_lock: tokio::sync::Mutex::new(()),
             status_every: Duration::from_secs(30),
+        })
+    }
+
+    /// Waits for a shared hold on the repository (not during maintenance).
+    async fn share_repo(&self) -> RepoShare {
+        Arc::new(self.repo_lock.clone().read_owned().await)
+    }
+
+    /// Runs `f` on a blocking thread that keeps `hold` until it is done,
+    /// even if the caller stops waiting.
+    pub(crate) fn on_repo<T: Send + 'static, H: Send + 'static>(
+        &self,
+        hold: H,
+        f: impl FnOnce(&Repository) -> marmoset_storage::Result<T> + Send + 'static,
+    ) -> tokio::task::JoinHandle<marmoset_storage::Result<T>> {
+        let repo = self.repo.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = f(&repo);
+            drop(hold);
+            r
         })
     }
 
@@ -130,98 +150,226 @@ impl Agent {
                     .join(", ")
             ),
         })?;
-        self.run_schedule(&sched).await
+        self.run_schedule(&sched, Utc::now()).await
     }
 
-    async fn mark(&self, name: &str, f: impl FnOnce(&mut ScheduleState)) {
-        let r = async {
-            let mut st = self.state.load()?.unwrap_or_default();
-            f(st.schedules.entry(name.to_string()).or_default());
+    pub(crate) async fn update_state(&self, f: impl FnOnce(&mut State)) {
+        let _one = self.state_lock.lock().await;
+        let r = self.state.load().and_then(|st| {
+            let mut st = st.unwrap_or_default();
+            f(&mut st);
             self.state.save(&st)
-        };
-        if let Err(e) = r.await {
+        });
+        if let Err(e) = r {
             warn!(error = %e, "could not save agent state");
         }
     }
 
-    /// One run of `sched` over every volume of this node.
-    pub async fn run_schedule(&self, sched: &Schedule) -> Result<RunReport> {
+    async fn mark(&self, name: &str, f: impl FnOnce(&mut ScheduleState)) {
+        self.update_state(|st| f(st.schedules.entry(name.to_string()).or_default()))
+            .await;
+    }
+
+    /// Lists this node's pods and volumes; the API server may be briefly
+    /// unavailable (restart, upgrade, overload), so a failure is retried
+    /// with a doubling wait before the run is given up.
+    async fn discover_with_retry(&self) -> Result<Plan> {
+        let r = &self.cfg.retry;
+        let mut wait = r.backoff;
+        let mut attempt = 1;
+        loop {
+            match self.cluster.discover(&self.cfg).await {
+                Ok(plan) => return Ok(plan),
+                Err(e) if attempt < r.discovery_attempts => {
+                    warn!(error = %e, attempt, retry_in = ?wait, "discovery failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(300));
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One run of `sched` (fired at `fire`) over every volume of this node.
+    pub async fn run_schedule(&self, sched: &Schedule, fire: DateTime<Utc>) -> Result<RunReport> {
         let started = Utc::now();
         self.mark(&sched.name, |s| s.last_started = Some(started))
             .await;
-        let plan = self.cluster.discover(&self.cfg).await?;
+        let plan = self.discover_with_retry().await?;
+        let set = sched.set_name(fire);
         info!(
             schedule = %sched.name,
+            set = %set,
             pods = plan.pods.len(),
             volumes = plan.volumes().count(),
             skipped = plan.skipped.len(),
             "starting scheduled backup"
         );
-        for s in &plan.skipped {
-            info!(namespace = %s.namespace, pod = %s.pod, volume = %s.volume, reason = %s.reason, "volume skipped");
-        }
         let mut report = RunReport {
             schedule: sched.name.clone(),
+            set: set.clone(),
             skipped: plan.skipped.clone(),
             ..Default::default()
         };
-        for pod in &plan.pods {
-            self.run_pod(pod, sched, &mut report).await;
+        for s in &plan.skipped {
+            self.record_skip(s, sched).await;
         }
+        let results = self.run_pods(plan.pods.clone(), sched, &set).await;
+        for r in results {
+            report.volumes.extend(r.volumes);
+            report.hook_failures.extend(r.hook_failures);
+        }
+        self.retry_failed(&plan, sched, fire, &set, &mut report)
+            .await;
+        report.volumes.sort_by_key(|v| v.target.source());
         match self.apply_retention(sched).await {
             Ok(n) => report.snapshots_forgotten = n,
             Err(e) => error!(error = %e, schedule = %sched.name, "retention failed"),
+        }
+        if let Err(e) = self.clean_up_statuses().await {
+            warn!(error = %e, "could not clean up status objects");
         }
         self.mark(&sched.name, |s| s.last_completed = Some(Utc::now()))
             .await;
         self.metrics.run_completed();
         info!(
             schedule = %sched.name,
+            set = %set,
             volumes = report.volumes.len(),
             failed = report.failed(),
+            retries = report.retries,
             forgotten = report.snapshots_forgotten,
             "scheduled backup finished"
         );
         Ok(report)
     }
 
-    async fn run_pod(&self, pod: &PodPlan, sched: &Schedule, report: &mut RunReport) {
-        let subject = || pod_subject(pod);
+    /// Up to `retry.volumeRetries` more passes over the volumes that
+    /// failed, as long as the schedule's next fire time is not reached.
+    async fn retry_failed(
+        &self,
+        plan: &Plan,
+        sched: &Schedule,
+        fire: DateTime<Utc>,
+        set: &str,
+        report: &mut RunReport,
+    ) {
+        let r = &self.cfg.retry;
+        let deadline = sched.next_after(fire);
+        for _ in 0..r.volume_retries {
+            let failed: HashSet<String> = report
+                .volumes
+                .iter()
+                .filter(|v| v.phase == Phase::Failed)
+                .map(|v| v.target.source())
+                .collect();
+            if failed.is_empty() {
+                return;
+            }
+            let delay = chrono::Duration::from_std(r.volume_retry_delay).unwrap_or_default();
+            if deadline.is_some_and(|d| Utc::now() + delay >= d) {
+                warn!(
+                    volumes = failed.len(),
+                    "no time left in this run to retry failed volumes"
+                );
+                return;
+            }
+            info!(volumes = failed.len(), delay = ?r.volume_retry_delay, "retrying failed volumes");
+            tokio::time::sleep(r.volume_retry_delay).await;
+            let pods: Vec<PodPlan> = plan
+                .pods
+                .iter()
+                .filter_map(|p| {
+                    let mut p = p.clone();
+                    p.volumes.retain(|v| failed.contains(&v.source()));
+                    (!p.volumes.is_empty()).then_some(p)
+                })
+                .collect();
+            report.retries += 1;
+            for result in self.run_pods(pods, sched, set).await {
+                report.hook_failures.extend(result.hook_failures);
+                for outcome in result.volumes {
+                    let source = outcome.target.source();
+                    if let Some(old) = report
+                        .volumes
+                        .iter_mut()
+                        .find(|v| v.target.source() == source)
+                    {
+                        *old = outcome;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pods run `parallelVolumes` at a time: one large volume no longer
+    /// holds up every other volume of the node.
+    async fn run_pods(&self, pods: Vec<PodPlan>, sched: &Schedule, set: &str) -> Vec<PodResult> {
+        futures::stream::iter(pods)
+            .map(|pod| async move { self.run_pod(&pod, sched, set).await })
+            .buffer_unordered(self.cfg.parallel_volumes.max(1))
+            .collect()
+            .await
+    }
+
+    async fn run_pod(&self, pod: &PodPlan, sched: &Schedule, set: &str) -> PodResult {
+        let mut result = PodResult::default();
         for e in &pod.hooks.errors {
             self.cluster
                 .event(
-                    subject(),
+                    pod_subject(pod),
                     true,
                     "HookInvalid",
                     &format!("hook not run: {e}"),
                 )
                 .await;
-            report
+            result
                 .hook_failures
                 .push(format!("{}/{}: {e}", pod.namespace, pod.pod));
         }
         let hooks_on = self.cfg.hooks.enabled;
+        let pre = pod.hooks.pre.as_ref().filter(|_| hooks_on);
+        let post = pod.hooks.post.as_ref().filter(|_| hooks_on);
+        // Everything the backup needs comes before the application is
+        // frozen: the hold on the repository (maintenance may have it for
+        // minutes) and an up-to-date index.
+        let share = self.share_repo().await;
         let mut blocked: Option<String> = None;
-        if let (true, Some(pre)) = (hooks_on, &pod.hooks.pre) {
-            if let Err(msg) = self.hook(pod, "pre", pre, report).await {
-                if pre.on_error == OnError::Fail {
-                    blocked = Some(format!("pre hook failed: {msg}"));
+        if pre.is_some() || post.is_some() {
+            let prepared = self.on_repo(share.clone(), |repo| repo.sync_index()).await;
+            if let Err(e) = crate::runner::joined(prepared) {
+                blocked = Some(format!("repository not ready, hooks not run: {e}"));
+            }
+        }
+        if blocked.is_none() {
+            if let Some(post) = post {
+                self.remember_frozen(pod, post).await;
+            }
+            if let Some(pre) = pre {
+                if let Err(msg) = self.hook(pod, "pre", pre, &mut result).await {
+                    if pre.on_error == OnError::Fail {
+                        blocked = Some(format!("pre hook failed: {msg}"));
+                    }
                 }
             }
         }
         for target in &pod.volumes {
             let outcome = match &blocked {
                 Some(msg) => self.volume_failed(target, sched, msg).await,
-                None => self.backup_volume(target, sched).await,
+                None => self.backup_volume(target, sched, set, share.clone()).await,
             };
-            report.volumes.push(outcome);
+            result.volumes.push(outcome);
         }
+        drop(share);
         // The post hook runs even after a failed pre hook or backup: it is
         // where applications are unfrozen, and a half-applied pre hook
         // must not leave them frozen.
-        if let (true, Some(post)) = (hooks_on, &pod.hooks.post) {
-            let _ = self.hook(pod, "post", post, report).await;
+        if let Some(post) = post {
+            let _ = self.hook(pod, "post", post, &mut result).await;
+            self.forget_frozen(&pod.namespace, &pod.pod).await;
         }
+        result
     }
 
     async fn hook(
@@ -229,7 +377,7 @@ impl Agent {
         pod: &PodPlan,
         phase: &str,
         hook: &Hook,
-        report: &mut RunReport,
+        result: &mut PodResult,
     ) -> std::result::Result<(), String> {
         match self
             .cluster
@@ -241,269 +389,20 @@ impl Agent {
                 let msg = e.to_string();
                 warn!(error = %msg, "hook failed");
                 self.metrics.hook_failed();
-                let subject = pod_subject(pod);
                 let policy = match hook.on_error {
                     OnError::Fail => "Fail",
                     OnError::Continue => "Continue",
                 };
                 self.cluster
                     .event(
-                        subject,
+                        pod_subject(pod),
                         true,
                         "HookFailed",
                         &format!("{msg} (on-error: {policy})"),
                     )
                     .await;
-                report.hook_failures.push(msg.clone());
+                result.hook_failures.push(msg.clone());
                 Err(msg)
-            }
-        }
-    }
-
-    fn base_status(&self, t: &VolumeTarget, sched: &Schedule, phase: Phase) -> VolumeStatus {
-        VolumeStatus {
-            namespace: t.namespace.clone(),
-            pvc: t.pvc.clone(),
-            node: self.node().into(),
-            pod: t.pod.clone(),
-            schedule: sched.name.clone(),
-            phase,
-            last_attempt: Utc::now(),
-            last_success: None,
-            last_snapshot: None,
-            duration_seconds: 0.0,
-            bytes_total: 0,
-            bytes_read: 0,
-            bytes_added: 0,
-            files: 0,
-            errors: Vec::new(),
-        }
-    }
-
-    /// The previous status's last success survives a failed attempt.
-    async fn previous_success(
-        &self,
-        t: &VolumeTarget,
-    ) -> (Option<chrono::DateTime<Utc>>, Option<String>) {
-        match self.cluster.status(&t.namespace, &t.pvc).await {
-            Ok(Some(s)) => (s.last_success, s.last_snapshot),
-            _ => (None, None),
-        }
-    }
-
-    async fn publish(&self, status: &VolumeStatus) {
-        if let Err(e) = self.cluster.write_status(status).await {
-            warn!(error = %e, "could not write volume status");
-        }
-    }
-
-    async fn volume_failed(&self, t: &VolumeTarget, sched: &Schedule, msg: &str) -> VolumeOutcome {
-        let now = Utc::now().timestamp() as f64;
-        self.metrics.started(&t.namespace, &t.pvc, &sched.name, now);
-        self.metrics.finished(
-            &t.namespace,
-            &t.pvc,
-            &sched.name,
-            &Finished {
-                at: now,
-                ..Default::default()
-            },
-        );
-        let mut status = self.base_status(t, sched, Phase::Failed);
-        (status.last_success, status.last_snapshot) = self.previous_success(t).await;
-        status.errors = vec![msg.to_string()];
-        self.publish(&status).await;
-        self.cluster
-            .event(Subject::Pvc(t), true, "BackupFailed", msg)
-            .await;
-        VolumeOutcome {
-            target: t.clone(),
-            phase: Phase::Failed,
-            snapshot: None,
-            error: Some(msg.to_string()),
-            bytes_read: 0,
-            bytes_added: 0,
-        }
-    }
-
-    /// Backs up one volume into a snapshot `<namespace>/<pvc>`. Never gives
-    /// up on time: a large volume takes as long as it takes, and a run
-    /// that is killed resumes from the packs it already stored.
-    pub async fn backup_volume(&self, t: &VolumeTarget, sched: &Schedule) -> VolumeOutcome {
-        match std::fs::metadata(&t.path) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                let msg = format!("{} is not a directory", t.path.display());
-                return self.volume_failed(t, sched, &msg).await;
-            }
-            Err(e) => {
-                let msg = format!(
-                    "volume data not found at {} ({e}); is the kubelet directory mounted into the agent?",
-                    t.path.display()
-                );
-                return self.volume_failed(t, sched, &msg).await;
-            }
-        }
-        let guard = self.lock_repo().await;
-        let start = Instant::now();
-        let (prev_success, prev_snapshot) = self.previous_success(t).await;
-        let mut status = self.base_status(t, sched, Phase::Running);
-        status.last_success = prev_success;
-        status.last_snapshot = prev_snapshot;
-        self.metrics.started(
-            &t.namespace,
-            &t.pvc,
-            &sched.name,
-            status.last_attempt.timestamp() as f64,
-        );
-        self.publish(&status).await;
-        self.cluster
-            .event(
-                Subject::Pvc(t),
-                false,
-                "BackupStarted",
-                &format!(
-                    "backing up {} (schedule {}) from node {}",
-                    t.source(),
-                    sched.name,
-                    self.node()
-                ),
-            )
-            .await;
-        let progress = Arc::new(Progress::default());
-        let opts = BackupOptions {
-            source: Some(t.source()),
-            tags: vec![
-                sched.tag(),
-                format!("node={}", self.node()),
-                format!("pod={}", t.pod),
-            ],
-            threads: self.cfg.threads,
-            hostname: Some(self.node().into()),
-            ..Default::default()
-        };
-        let path: PathBuf = t.path.clone();
-        let p = progress.clone();
-        let mut work = self.on_repo(guard, move |repo| {
-            marmoset_storage::backup(repo, &[path], &opts, &p)
-        });
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut last_status = Instant::now();
-        let result = loop {
-            tokio::select! {
-                r = &mut work => break r,
-                _ = tick.tick() => {
-                    let read = progress.bytes_read.load(Ordering::Relaxed);
-                    self.metrics.progress(&t.namespace, &t.pvc, &sched.name, read);
-                    if last_status.elapsed() >= self.status_every {
-                        last_status = Instant::now();
-                        status.bytes_read = read;
-                        status.bytes_added = progress.bytes_added.load(Ordering::Relaxed);
-                        status.files = progress.files_done.load(Ordering::Relaxed);
-                        status.duration_seconds = start.elapsed().as_secs_f64();
-                        info!(volume = %t.source(), bytes_read = read, "backup in progress");
-                        self.publish(&status).await;
-                    }
-                }
-            }
-        };
-        let duration = start.elapsed().as_secs_f64();
-        let result = joined(result);
-        let now = Utc::now();
-        status.duration_seconds = duration;
-        match result {
-            Ok((id, snap)) => {
-                let s = &snap.summary;
-                let phase = if snap.incomplete || !s.errors.is_empty() {
-                    Phase::PartiallyFailed
-                } else {
-                    Phase::Succeeded
-                };
-                let ok = phase == Phase::Succeeded;
-                self.metrics.finished(
-                    &t.namespace,
-                    &t.pvc,
-                    &sched.name,
-                    &Finished {
-                        ok,
-                        at: now.timestamp() as f64,
-                        duration,
-                        bytes_read: s.bytes_read,
-                        bytes_added: s.bytes_added,
-                    },
-                );
-                status.phase = phase;
-                if ok {
-                    status.last_success = Some(now);
-                }
-                status.last_snapshot = Some(id.to_hex());
-                status.bytes_total = s.bytes_total;
-                status.bytes_read = s.bytes_read;
-                status.bytes_added = s.bytes_added;
-                status.files = s.files_total;
-                status.errors = s
-                    .errors
-                    .iter()
-                    .take(20)
-                    .map(|e| format!("{}: {}", e.path, e.error))
-                    .collect();
-                self.publish(&status).await;
-                let msg = format!(
-                    "snapshot {} of {}: {} files, {} bytes read, {} bytes added in {:.1}s{}",
-                    &id.to_hex()[..8],
-                    t.source(),
-                    s.files_total,
-                    s.bytes_read,
-                    s.bytes_added,
-                    duration,
-                    if ok {
-                        String::new()
-                    } else {
-                        format!("; {} unreadable files", s.errors.len())
-                    }
-                );
-                let reason = if ok {
-                    "BackupSucceeded"
-                } else {
-                    "BackupPartiallyFailed"
-                };
-                self.cluster.event(Subject::Pvc(t), !ok, reason, &msg).await;
-                VolumeOutcome {
-                    target: t.clone(),
-                    phase,
-                    snapshot: Some(id.to_hex()),
-                    error: (!ok).then(|| msg.clone()),
-                    bytes_read: s.bytes_read,
-                    bytes_added: s.bytes_added,
-                }
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                error!(volume = %t.source(), error = %msg, "backup failed");
-                self.metrics.finished(
-                    &t.namespace,
-                    &t.pvc,
-                    &sched.name,
-                    &Finished {
-                        at: now.timestamp() as f64,
-                        duration,
-                        ..Default::default()
-                    },
-                );
-                status.phase = Phase::Failed;
-                status.errors = vec![msg.clone()];
-                self.publish(&status).await;
-                self.cluster
-                    .event(Subject::Pvc(t), true, "BackupFailed", &msg)
-                    .await;
-                VolumeOutcome {
-                    target: t.clone(),
-                    phase: Phase::Failed,
-                    snapshot: None,
-                    error: Some(msg),
-                    bytes_read: 0,
-                    bytes_added: 0,
-                }
             }
         }
     }
@@ -521,8 +420,8 @@ impl Agent {
             sources: Vec::new(),
             tags: vec![sched.tag(), format!("node={}", self.node())],
         };
-        let guard = self.lock_repo().await;
-        let work = self.on_repo(guard, move |repo| {
+        let share = self.share_repo().await;
+        let work = self.on_repo(share, move |repo| {
             marmoset_storage::forget(repo, &policy, &filter, GroupBy::Source, false, &Utc)
         });
         Ok(joined(work.await)?.removed)
@@ -545,7 +444,8 @@ impl Agent {
     }
 
     /// One election round; on the holder, runs the maintenance that is due
-    /// (renewing the lease meanwhile) and records it on the lease.
+    /// (renewing the lease meanwhile, also while it waits for running
+    /// backups to finish) and records it on the lease.
     pub async fn maintenance_round(&self, lease: &LeaderLease) -> Result<Option<MaintainReport>> {
         let st = lease.try_acquire_or_renew().await?;
         self.metrics.set_leader(st.leader);
@@ -555,24 +455,32 @@ impl Agent {
         let Some(full) = self.maintenance_due(&st) else {
             return Ok(None);
         };
+        let mut renew = tokio::time::interval(self.cfg.maintenance.lease_duration / 3);
+        renew.tick().await;
+        let exclusive = self.repo_lock.clone().write_owned();
+        tokio::pin!(exclusive);
+        let hold = loop {
+            tokio::select! {
+                g = &mut exclusive => break g,
+                _ = renew.tick() => {
+                    if !self.renew_lease(lease).await {
+                        info!("maintenance lease lost while waiting for backups; not running it");
+                        return Ok(None);
+                    }
+                }
+            }
+        };
         info!(full, "running repository maintenance");
         let started = Instant::now();
         let opts = MaintainOptions {
             full,
             ..Default::default()
         };
-        let guard = self.lock_repo().await;
-        let mut work = self.on_repo(guard, move |repo| marmoset_storage::maintain(repo, &opts));
-        let mut renew = tokio::time::interval(self.cfg.maintenance.lease_duration / 3);
-        renew.tick().await;
+        let mut work = self.on_repo(hold, move |repo| marmoset_storage::maintain(repo, &opts));
         let result = loop {
             tokio::select! {
                 r = &mut work => break r,
-                _ = renew.tick() => {
-                    if let Err(e) = lease.try_acquire_or_renew().await {
-                        warn!(error = %e, "could not renew the maintenance lease");
-                    }
-                }
+                _ = renew.tick() => { self.renew_lease(lease).await; }
             }
         };
         let report = match joined(result) {
@@ -592,6 +500,21 @@ impl Agent {
             .record(if full { LAST_FULL } else { LAST_QUICK }, Utc::now())
             .await?;
         Ok(Some(report))
+    }
+
+    /// Renews the maintenance lease; false only when another agent holds
+    /// it now (an API error keeps what we have: the next round decides).
+    async fn renew_lease(&self, lease: &LeaderLease) -> bool {
+        match lease.try_acquire_or_renew().await {
+            Ok(st) => {
+                self.metrics.set_leader(st.leader);
+                st.leader
+            }
+            Err(e) => {
+                warn!(error = %e, "could not renew the maintenance lease");
+                true
+            }
+        }
     }
 
     /// Loads the last successes of this node's volumes from their status
@@ -617,7 +540,9 @@ impl Agent {
     }
 
     /// Runs until `shutdown` resolves: the metrics endpoint, the
-    /// maintenance election and the schedules.
+    /// maintenance election and the schedules. Post hooks left pending by
+    /// an earlier process are run first; those pending when `shutdown`
+    /// comes are run before returning.
     pub async fn run(
         self: Arc<Self>,
         shutdown: impl std::future::Future<Output = ()>,
@@ -625,6 +550,8 @@ impl Agent {
         let (addr, server) =
             crate::metrics::serve(&self.cfg.metrics_address, self.metrics()).await?;
         info!(%addr, node = %self.node(), "marmoset agent started");
+        self.thaw_leftovers("left pending by the previous agent")
+            .await;
         match self.restore_metrics().await {
             Ok(n) => info!(volumes = n, "last successes loaded from status objects"),
             Err(e) => warn!(error = %e, "could not read status objects"),
@@ -660,6 +587,9 @@ impl Agent {
                 Ok(())
             }
         };
+        // The schedule loop is gone, and with it any hook it was waiting
+        // for: every pod it froze is thawed before the process exits.
+        self.thaw_leftovers("pending at shutdown").await;
         if let Some((lease, task)) = maintenance {
             task.abort();
             if let Err(e) = lease.release().await {
@@ -680,10 +610,10 @@ impl Agent {
             warn!(error = %e, "ignoring unreadable agent state");
             None
         });
-        match state {
-            None => {
-                // First start: nothing was missed; the schedules start now.
-                let mut st = State::default();
+        let first_start = state.as_ref().is_none_or(|st| st.schedules.is_empty());
+        if first_start {
+            // First start: nothing was missed; the schedules start now.
+            self.update_state(|st| {
                 for s in &self.schedules {
                     st.schedules.insert(
                         s.name.clone(),
@@ -693,16 +623,16 @@ impl Agent {
                         },
                     );
                 }
-                self.state.save(&st)?;
-            }
-            Some(st) => {
-                for s in &self.schedules {
-                    let ss = st.schedules.get(&s.name).cloned().unwrap_or_default();
-                    if catch_up_due(&ss, s.last_at_or_before(now)) {
-                        info!(schedule = %s.name, "catching up a missed or interrupted run");
-                        if let Err(e) = self.run_schedule(s).await {
-                            error!(schedule = %s.name, error = %e, "run failed");
-                        }
+            })
+            .await;
+        } else if let Some(st) = state {
+            for s in &self.schedules {
+                let ss = st.schedules.get(&s.name).cloned().unwrap_or_default();
+                let fire = s.last_at_or_before(now);
+                if catch_up_due(&ss, fire) {
+                    info!(schedule = %s.name, "catching up a missed or interrupted run");
+                    if let Err(e) = self.run_schedule(s, fire.unwrap_or(now)).await {
+                        error!(schedule = %s.name, error = %e, "run failed");
                     }
                 }
             }
@@ -732,7 +662,7 @@ impl Agent {
                 continue;
             }
             let s = &self.schedules[i];
-            if let Err(e) = self.run_schedule(s).await {
+            if let Err(e) = self.run_schedule(s, at).await {
                 error!(schedule = %s.name, error = %e, "run failed");
             }
             next[i] = s.next_after(Utc::now().max(at));
@@ -741,14 +671,14 @@ impl Agent {
 }
 
 /// A blocking task's outcome as the agent's result.
-fn joined<T>(
+pub(crate) fn joined<T>(
     r: std::result::Result<marmoset_storage::Result<T>, tokio::task::JoinError>,
 ) -> Result<T> {
     r.map_err(|e| Error::Task(e.to_string()))?
         .map_err(Error::from)
 }
 
-fn pod_subject(pod: &PodPlan) -> Subject<'_> {
+pub(crate) fn pod_subject(pod: &PodPlan) -> Subject<'_> {
     Subject::Pod {
         namespace: &pod.namespace,
         name: &pod.pod,

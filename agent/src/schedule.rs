@@ -87,6 +87,14 @@ impl Schedule {
     pub fn tag(&self) -> String {
         format!("schedule={}", self.name)
     }
+
+    /// The name of the run that fired at `fire`, the same on every node
+    /// (Velero's `daily-20260208020000`): all volume snapshots of one run
+    /// carry `set=<name>`, so `verify --newest-tag set=daily-` finds the
+    /// newest complete run across nodes.
+    pub fn set_name(&self, fire: DateTime<Utc>) -> String {
+        format!("{}-{}", self.name, fire.format("%Y%m%d%H%M%S"))
+    }
 }
 
 fn valid_tag_value(s: &str) -> bool {

@@ -18,6 +18,29 @@ pub struct ScheduleState {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct State {
     pub schedules: BTreeMap<String, ScheduleState>,
+    /// Pods whose pre hook was started and whose post hook has not run
+    /// yet: written before the pre hook runs, removed after the post hook,
+    /// so an agent killed in between thaws them when it starts again.
+    #[serde(default)]
+    pub frozen: Vec<FrozenPod>,
+}
+
+/// A pending post hook, with everything needed to run it after a restart.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FrozenPod {
+    pub namespace: String,
+    pub pod: String,
+    pub pod_uid: String,
+    pub container: Option<String>,
+    pub command: Vec<String>,
+    pub timeout_secs: u64,
+    pub since: DateTime<Utc>,
+}
+
+impl FrozenPod {
+    pub fn same_pod(&self, namespace: &str, pod: &str) -> bool {
+        self.namespace == namespace && self.pod == pod
+    }
 }
 
 pub struct StateFile {

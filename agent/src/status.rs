@@ -1,6 +1,8 @@
-//! The status object of one volume: a ConfigMap named
-//! `marmoset-status.<namespace>.<pvc>` in the agent's namespace, readable
-//! with `kubectl get cm -l app.kubernetes.io/managed-by=marmoset-agent`.
+//! The status object of one volume and schedule: a ConfigMap named
+//! `marmoset-status.<schedule>.<namespace>.<pvc>` in the agent's namespace,
+//! readable with `kubectl get cm -l app.kubernetes.io/managed-by=marmoset-agent`.
+//! The daily and the weekly run of a volume each have their own, and both
+//! are removed once the PVC is gone.
 
 use std::collections::BTreeMap;
 
@@ -14,6 +16,10 @@ pub enum Phase {
     /// A snapshot was written but some files could not be read.
     PartiallyFailed,
     Failed,
+    /// The volume could not be backed up this run for a reason that is not
+    /// an opt-out (its pod is not running and its data is not readable
+    /// without it, its PVC is not bound, ...).
+    Skipped,
 }
 
 impl Phase {
@@ -23,6 +29,7 @@ impl Phase {
             Phase::Succeeded => "Succeeded",
             Phase::PartiallyFailed => "PartiallyFailed",
             Phase::Failed => "Failed",
+            Phase::Skipped => "Skipped",
         }
     }
 }
@@ -50,7 +57,7 @@ pub struct VolumeStatus {
 
 impl VolumeStatus {
     pub fn object_name(&self) -> String {
-        object_name(&self.namespace, &self.pvc)
+        object_name(&self.schedule, &self.namespace, &self.pvc)
     }
 
     /// ConfigMap data: one key per field for `kubectl get -o
@@ -88,6 +95,42 @@ impl VolumeStatus {
     }
 }
 
-pub fn object_name(namespace: &str, pvc: &str) -> String {
-    format!("marmoset-status.{namespace}.{pvc}")
+/// Longest object name the API server accepts (a DNS subdomain).
+const MAX_NAME: usize = 253;
+
+pub fn object_name(schedule: &str, namespace: &str, pvc: &str) -> String {
+    let name = format!("marmoset-status.{schedule}.{namespace}.{pvc}");
+    if name.len() <= MAX_NAME {
+        return name;
+    }
+    // PVC names may be 253 characters long themselves: keep a readable
+    // prefix and make the rest unique with a hash of the full name.
+    let digest = blake3::hash(name.as_bytes()).to_hex();
+    let mut end = MAX_NAME - 17;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}-{}", name[..end].trim_end_matches('.'), &digest[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_per_schedule_and_always_valid() {
+        assert_eq!(
+            object_name("daily", "default", "redis-pvc"),
+            "marmoset-status.daily.default.redis-pvc"
+        );
+        assert_ne!(
+            object_name("daily", "default", "redis-pvc"),
+            object_name("weekly", "default", "redis-pvc")
+        );
+        let long = "p".repeat(253);
+        let a = object_name("daily", "default", &long);
+        let b = object_name("daily", "default", &format!("{}q", &long[..252]));
+        assert!(a.len() <= MAX_NAME && b.len() <= MAX_NAME, "{a}");
+        assert_ne!(a, b);
+    }
 }

@@ -465,6 +465,15 @@ impl IndexCache {
         self.id_keys(CF_UNCOMMITTED)
     }
 
+    /// Whether `pack`'s blobs are cached without an index file listing it.
+    pub fn is_uncommitted(&self, pack: &RawId) -> Result<bool> {
+        let cf = self.cf(CF_UNCOMMITTED)?;
+        self.db
+            .get_pinned_cf(cf, pack)
+            .map(|v| v.is_some())
+            .map_err(|e| self.err(e))
+    }
+
     /// All 32-byte keys of a column family.
     fn id_keys(&self, name: &str) -> Result<Vec<RawId>> {
         let cf = self.cf(name)?;

@@ -34,6 +34,18 @@ pub enum ExecResult {
     Ok(String),
     Exit(i32, String),
     Hang,
+    /// Succeeds with this output after a while (a slow freeze).
+    Delay(Duration, String),
+}
+
+/// Answers the next `times` requests whose method is `method` and whose
+/// path and query contain `path` with `code` (an outage, throttling).
+#[derive(Debug, Clone)]
+pub struct FailRule {
+    pub method: String,
+    pub path: String,
+    pub code: u16,
+    pub times: usize,
 }
 
 #[derive(Default)]
@@ -43,6 +55,7 @@ pub struct Store {
     pub requests: Vec<(String, String)>,
     pub execs: Vec<ExecCall>,
     pub exec_rules: Vec<(String, ExecResult)>,
+    pub fail_rules: Vec<FailRule>,
 }
 
 pub struct FakeApi {
@@ -197,6 +210,25 @@ fn field(v: &Value, path: &str) -> Option<String> {
 }
 
 impl Store {
+    /// Fails the next `times` matching requests with `code`.
+    pub fn fail(&mut self, method: &str, path: &str, code: u16, times: usize) {
+        self.fail_rules.push(FailRule {
+            method: method.into(),
+            path: path.into(),
+            code,
+            times,
+        });
+    }
+
+    fn injected_failure(&mut self, method: &str, target: &str) -> Option<u16> {
+        let rule = self
+            .fail_rules
+            .iter_mut()
+            .find(|r| r.times > 0 && r.method == method && target.contains(&r.path))?;
+        rule.times -= 1;
+        Some(rule.code)
+    }
+
     /// Adds an object as if `kubectl apply` had created it.
     pub fn add(&mut self, mut obj: Value) {
         let kind = obj["kind"].as_str().unwrap().to_string();
@@ -319,10 +351,19 @@ async fn handle(
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
     let query = query_pairs(req.uri().query());
-    store.lock().unwrap().requests.push((
-        method.clone(),
-        format!("{}?{}", path, req.uri().query().unwrap_or("")),
-    ));
+    let target = format!("{}?{}", path, req.uri().query().unwrap_or(""));
+    let injected = {
+        let mut st = store.lock().unwrap();
+        st.requests.push((method.clone(), target.clone()));
+        st.injected_failure(&method, &target)
+    };
+    if let Some(code) = injected {
+        return Ok(status(
+            code,
+            "ServiceUnavailable",
+            "injected failure: the server is currently unable to handle the request",
+        ));
+    }
     let Some(Route {
         prefix,
         namespace: ns,
@@ -405,6 +446,16 @@ async fn handle(
                 }
             }
         }
+        ("DELETE", Some(name)) => {
+            let k = key(&prefix, ns.as_deref(), &resource, &name);
+            match st.objects.remove(&k) {
+                Some(_) => respond(
+                    200,
+                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+                ),
+                None => status(404, "NotFound", &format!("{resource} \"{name}\" not found")),
+            }
+        }
         _ => status(
             405,
             "MethodNotAllowed",
@@ -456,6 +507,13 @@ fn exec(
         let Ok(upgraded) = upgrade.await else { return };
         let mut ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let result = match result {
+            ExecResult::Delay(d, out) => {
+                tokio::time::sleep(d).await;
+                ExecResult::Ok(out)
+            }
+            other => other,
+        };
         let status = match result {
             ExecResult::Ok(out) => {
                 let mut m = vec![1u8];
@@ -472,7 +530,7 @@ fn exec(
                     "reason": "NonZeroExitCode",
                     "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]}})
             }
-            ExecResult::Hang => {
+            ExecResult::Hang | ExecResult::Delay(..) => {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
                 return;
             }

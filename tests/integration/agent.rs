@@ -37,6 +37,13 @@ impl World {
     }
 
     fn config(&self, extra: &str) -> AgentConfig {
+        // Failed volumes are not tried again (after minutes) unless a test
+        // is about that.
+        let retry = if extra.contains("retry:") {
+            ""
+        } else {
+            "retry:\n  volumeRetries: 0\n"
+        };
         let text = format!(
             r#"
 schedules:
@@ -54,7 +61,7 @@ stateDir: {state}
 metricsAddress: 127.0.0.1:0
 namespace: {AGENT_NS}
 threads: 2
-{extra}
+{retry}{extra}
 "#,
             kubelet = self.kubelet().display(),
             host = self.host().display(),
@@ -238,7 +245,8 @@ async fn world_on(dir: TempDir, backend: Arc<dyn Backend>) -> World {
         s.add(pod("default", "redis-0", "uid-redis0", "node-b", "Running", json!([claim("data", "redis-pvc")]), json!({})));
         s.add(pod("default", "redis-1", "uid-redis1", NODE, "Pending", json!([claim("data", "redis-pvc")]), json!({})));
         s.add(pvc("default", "redis-pvc", "pvc-r", "local-path", json!({})));
-        s.add(pv("pvc-r", json!({"hostPath": {"path": "/var/lib/rancher/k3s/storage/pvc-r"}})));
+        s.add(pv("pvc-r", json!({"hostPath": {"path": "/var/lib/rancher/k3s/storage/pvc-r"},
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": ["node-b"]}]}]}}})));
         s.add(pod("kube-system", "etcd-0", "uid-etcd", NODE, "Running", json!([claim("data", "etcd-pvc")]), json!({})));
         s.add(pvc("kube-system", "etcd-pvc", "pvc-e", "local-path", json!({})));
         s.add(pv("pvc-e", json!({"hostPath": {"path": "/var/lib/rancher/k3s/storage/pvc-e"}})));
@@ -297,11 +305,20 @@ async fn discovery_finds_this_nodes_volumes_and_honours_opt_outs() {
     assert_eq!(
         skipped,
         vec![
+            // Pending here; its data is on node-b, whose agent backs it up.
+            "default/redis-1/data: pod is Pending and PV pvc-r is on another node",
             "default/triton-0/models: storage class csi-s3 is excluded",
             "microservices/mongodb-0/cache: opted out by pod annotation",
             "monitoring/gotify-0/data: PVC gotify-pvc opted out",
         ]
     );
+    let problems: Vec<&str> = plan
+        .skipped
+        .iter()
+        .filter(|s| !s.intentional)
+        .map(|s| s.pod.as_str())
+        .collect();
+    assert_eq!(problems, ["redis-1"], "opt-outs are not problems");
     let pg = plan.pods.iter().find(|p| p.pod == "postgresql-0").unwrap();
     assert_eq!(
         pg.hooks.pre.as_ref().unwrap().command,
@@ -377,8 +394,10 @@ async fn run_once_makes_one_snapshot_per_volume_and_reports_it() {
             .expect("snapshot of the outcome exists");
         assert_eq!(snap.source, v.target.source());
         assert_eq!(snap.hostname, NODE);
+        assert!(report.set.starts_with("daily-") && report.set.len() == "daily-".len() + 14);
         for tag in [
             "schedule=daily".to_string(),
+            format!("set={}", report.set),
             format!("node={NODE}"),
             format!("pod={}", v.target.pod),
         ] {
@@ -447,7 +466,10 @@ async fn run_once_makes_one_snapshot_per_volume_and_reports_it() {
 
     // A status object per volume in the agent's namespace.
     for v in &report.volumes {
-        let name = format!("marmoset-status.{}.{}", v.target.namespace, v.target.pvc);
+        let name = format!(
+            "marmoset-status.daily.{}.{}",
+            v.target.namespace, v.target.pvc
+        );
         let cm = w
             .api
             .with(|s| s.get("v1", "ConfigMap", Some(AGENT_NS), &name))
@@ -573,7 +595,7 @@ async fn hook_failures_follow_the_on_error_policy() {
                 "v1",
                 "ConfigMap",
                 Some(AGENT_NS),
-                "marmoset-status.default.postgresql-codetalk-pvc",
+                "marmoset-status.daily.default.postgresql-codetalk-pvc",
             )
         })
         .unwrap();
@@ -655,7 +677,7 @@ async fn a_volume_that_is_not_mounted_fails_clearly_and_keeps_its_last_success()
                 "v1",
                 "ConfigMap",
                 Some(AGENT_NS),
-                "marmoset-status.monitoring.prometheus-db-prometheus-0",
+                "marmoset-status.daily.monitoring.prometheus-db-prometheus-0",
             )
         })
         .unwrap();
@@ -904,4 +926,497 @@ async fn agent_shutdown_with_an_s3_repository_does_not_panic() {
     drop(agent);
     drop(w);
     assert!(repo.upgrade().is_none(), "the last handle was dropped here");
+}
+
+/// The state file of an agent whose daily run was interrupted (so the
+/// daemon catches it up at start), with `frozen` pending post hooks.
+fn interrupted_state(w: &World, frozen: Value) -> PathBuf {
+    let state_dir = w.dir.path().join("state");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let started = chrono::Utc::now() - chrono::Duration::minutes(5);
+    let file = state_dir.join(format!("agent-state-{NODE}.json"));
+    std::fs::write(
+        &file,
+        serde_json::to_vec(&json!({"schedules": {
+            "daily": {"last_started": started, "last_completed": started - chrono::Duration::days(1)},
+            "weekly": {"last_started": started, "last_completed": started}
+        }, "frozen": frozen}))
+        .unwrap(),
+    )
+    .unwrap();
+    file
+}
+
+/// Gives postgresql-0's pre hook a timeout longer than a slow freeze.
+fn slow_freeze(w: &World, delay: Duration) {
+    w.api.with(|s| {
+        s.exec_rules
+            .push(("CHECKPOINT".into(), ExecResult::Delay(delay, String::new())));
+        let mut p = s.get("v1", "Pod", Some("default"), "postgresql-0").unwrap();
+        p["metadata"]["annotations"]["pre.hook.backup.velero.io/timeout"] = json!("60s");
+        s.add(p);
+    });
+}
+
+fn exec_lines(w: &World) -> Vec<String> {
+    w.api
+        .with(|s| s.execs.iter().map(|e| e.command.join(" ")).collect())
+}
+
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..600 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// SIGTERM (the shutdown future) while the application is frozen: the
+/// run is dropped, the post hook still runs, and the agent exits well
+/// within the DaemonSet's grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_while_frozen_runs_the_post_hook_before_exit() {
+    let w = world().await;
+    // The freeze takes a while: shutdown arrives in the middle of it.
+    slow_freeze(&w, Duration::from_secs(2));
+    let state_file = interrupted_state(&w, json!([]));
+    let agent = Arc::new(w.agent(NODE, "maintenance:\n  enabled: false"));
+    let api = &w.api;
+    let stop = async {
+        wait_for("the pre hook", || {
+            api.with(|s| {
+                s.execs
+                    .iter()
+                    .any(|e| e.command.join(" ").contains("CHECKPOINT"))
+            })
+        })
+        .await;
+    };
+    let asked = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(60), agent.clone().run(stop))
+        .await
+        .expect("the agent stops")
+        .unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "exit within the grace period: {:?}",
+        asked.elapsed()
+    );
+    let execs = exec_lines(&w);
+    let pre = execs.iter().position(|e| e.contains("CHECKPOINT")).unwrap();
+    let post = execs.iter().position(|e| e.contains("thawed"));
+    assert!(
+        post.is_some_and(|p| p > pre),
+        "post hook after the pre hook: {execs:?}"
+    );
+    let state: Value = serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
+    assert_eq!(state["frozen"], json!([]), "nothing left pending: {state}");
+}
+
+/// An agent killed between pre and post hook (its state file says so):
+/// the next one thaws the pod before anything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_thaws_what_a_crash_left_frozen_before_anything_else() {
+    let w = world().await;
+    let since = chrono::Utc::now() - chrono::Duration::minutes(3);
+    let state_file = interrupted_state(
+        &w,
+        json!([{"namespace": "default", "pod": "postgresql-0", "pod_uid": "uid-pg",
+                "container": "app", "command": ["/usr/sbin/fsfreeze", "-u", "/data"],
+                "timeout_secs": 5, "since": since}]),
+    );
+    let agent = Arc::new(w.agent(NODE, "maintenance:\n  enabled: false"));
+    let file = state_file.clone();
+    let stop = async move {
+        wait_for("the caught-up run", || {
+            std::fs::read(&file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .is_some_and(|v| daily_completed(&v))
+        })
+        .await;
+    };
+    tokio::time::timeout(Duration::from_secs(120), agent.clone().run(stop))
+        .await
+        .expect("the agent stops")
+        .unwrap();
+    let execs = w.api.with(|s| s.execs.clone());
+    assert_eq!(
+        execs[0].command.join(" "),
+        "/usr/sbin/fsfreeze -u /data",
+        "thaw first: {:?}",
+        exec_lines(&w)
+    );
+    assert_eq!(
+        (execs[0].pod.as_str(), execs[0].container.as_str()),
+        ("postgresql-0", "app")
+    );
+    // Then the caught-up run's own pre and post hooks.
+    assert!(exec_lines(&w)[1..].iter().any(|e| e.contains("CHECKPOINT")));
+    let events = w.api.with(|s| s.all("Event"));
+    assert!(
+        events.iter().any(|e| e["reason"] == "PostHookRecovered"),
+        "the thaw is reported"
+    );
+    let state: Value = serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
+    assert_eq!(state["frozen"], json!([]));
+}
+
+/// Pods that are not running: a local-path (hostPath) volume on this node
+/// is read from its host path; a CSI one cannot be, and is recorded (status
+/// Skipped, Warning Event, metric), never dropped in silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_of_pods_that_are_not_running_are_backed_up_or_recorded() {
+    let w = world().await;
+    fill(
+        &w.host()
+            .join("var/lib/rancher/k3s/storage/pvc-gitea_default_gitea"),
+        13,
+        5,
+    );
+    w.api.with(|s| {
+        s.add(pod(
+            "default", "gitea-0", "uid-gitea", NODE, "Pending",
+            json!([claim("data", "gitea-pvc")]), json!({"pre.hook.backup.velero.io/command": "sync"}),
+        ));
+        s.add(pvc("default", "gitea-pvc", "pvc-gitea", "local-path", json!({})));
+        s.add(pv("pvc-gitea", json!({"hostPath": {"path": "/var/lib/rancher/k3s/storage/pvc-gitea_default_gitea"},
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [NODE]}]}]}}})));
+        s.add(pod(
+            "monitoring", "loki-0", "uid-loki", NODE, "Failed",
+            json!([claim("storage", "storage-loki-0")]), json!({}),
+        ));
+        s.add(pvc("monitoring", "storage-loki-0", "pvc-loki", "csi-hostpath", json!({})));
+        s.add(pv("pvc-loki", json!({"csi": {"driver": "hostpath.csi.k8s.io", "volumeHandle": "h-l"}})));
+    });
+    let agent = w.agent(NODE, "");
+    let report = agent.run_once("daily").await.unwrap();
+    assert_eq!(report.failed(), 0, "{report:#?}");
+    let gitea = report
+        .volumes
+        .iter()
+        .find(|v| v.target.pvc == "gitea-pvc")
+        .expect("the Pending pod's local-path volume is backed up");
+    assert_eq!(gitea.phase, Phase::Succeeded);
+    let (snaps, _) = w.repo.snapshots().unwrap();
+    let snap = snaps
+        .iter()
+        .find(|(id, _)| Some(id.to_hex()) == gitea.snapshot)
+        .map(|(_, s)| s.clone())
+        .unwrap();
+    let target = w.dir.path().join("restored-gitea");
+    marmoset_storage::restore(
+        &w.repo,
+        &snap,
+        "",
+        &target,
+        &Default::default(),
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(read_tree(&target), read_tree(&gitea.target.path));
+    // No hook is run in a pod that is not running.
+    assert!(!exec_lines(&w).iter().any(|e| e == "sync"));
+
+    let loki = report
+        .skipped
+        .iter()
+        .find(|s| s.pod == "loki-0")
+        .expect("the CSI volume is recorded");
+    assert!(!loki.intentional);
+    assert!(
+        loki.reason.contains("Failed") && loki.reason.contains("pvc-loki"),
+        "{}",
+        loki.reason
+    );
+    let cm = w
+        .api
+        .with(|s| {
+            s.get(
+                "v1",
+                "ConfigMap",
+                Some(AGENT_NS),
+                "marmoset-status.daily.monitoring.storage-loki-0",
+            )
+        })
+        .expect("a status for the skipped volume");
+    assert_eq!(cm["data"]["phase"], "Skipped");
+    assert!(cm["data"]["status.json"]
+        .as_str()
+        .unwrap()
+        .contains("mounted only while a pod runs"));
+    let events = w.api.with(|s| s.all("Event"));
+    let ev = events
+        .iter()
+        .find(|e| e["reason"] == "BackupSkipped" && e["involvedObject"]["name"] == "loki-0")
+        .expect("a Warning Event on the pod");
+    assert_eq!(ev["type"], "Warning");
+    assert!(ev["message"].as_str().unwrap().contains("storage-loki-0"));
+    // Opt-outs are not reported as problems.
+    assert!(!events
+        .iter()
+        .any(|e| e["reason"] == "BackupSkipped" && e["involvedObject"]["name"] == "triton-0"));
+    let (addr, server) = marmoset_agent::metrics::serve("127.0.0.1:0", agent.metrics())
+        .await
+        .unwrap();
+    let text = scrape(addr).await;
+    assert_eq!(
+        metric(&text, "marmoset_volume_skips_total{namespace=\"monitoring\",pvc=\"storage-loki-0\",schedule=\"daily\"}"),
+        Some(1.0)
+    );
+    server.abort();
+}
+
+/// The API server fails the first listings (a restart): the run waits and
+/// retries instead of giving up until tomorrow; past the attempts, the
+/// run fails with the API's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_errors_are_retried_with_backoff() {
+    let w = world().await;
+    w.api.with(|s| s.fail("GET", "/api/v1/pods?", 500, 2));
+    let agent = w.agent(NODE, "retry:\n  backoff: 1s\n  discoveryAttempts: 3");
+    let started = std::time::Instant::now();
+    let report = agent.run_once("daily").await.unwrap();
+    assert_eq!(report.volumes.len(), 3);
+    assert_eq!(report.failed(), 0);
+    // 1s then 2s of backoff.
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    let lists = w.api.with(|s| {
+        s.requests
+            .iter()
+            .filter(|(m, p)| m == "GET" && p.starts_with("/api/v1/pods?"))
+            .count()
+    });
+    assert_eq!(lists, 3);
+
+    w.api.with(|s| s.fail("GET", "/api/v1/pods?", 500, 3));
+    let e = agent.run_once("daily").await.unwrap_err().to_string();
+    assert!(e.contains("list pods on node node-a"), "{e}");
+}
+
+/// A volume that fails (here: not mounted yet) is tried again later in the
+/// same run, and the report keeps its final outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_volumes_are_retried_within_the_run() {
+    let w = world().await;
+    let mount = w
+        .kubelet()
+        .join("pods/uid-prom/volumes/kubernetes.io~local-volume/pv-local-3333");
+    let hidden = w.dir.path().join("prom-hidden");
+    std::fs::rename(&mount, &hidden).unwrap();
+    let agent = w.agent(NODE, "retry:\n  volumeRetryDelay: 2s\n  volumeRetries: 2");
+    let api = &w.api;
+    let remount = async {
+        wait_for("the first failure", || {
+            api.with(|s| {
+                s.all("Event").iter().any(|e| {
+                    e["reason"] == "BackupFailed"
+                        && e["involvedObject"]["name"] == "prometheus-db-prometheus-0"
+                })
+            })
+        })
+        .await;
+        std::fs::rename(&hidden, &mount).unwrap();
+    };
+    let (report, ()) = tokio::join!(agent.run_once("daily"), remount);
+    let report = report.unwrap();
+    assert_eq!(report.retries, 1, "{report:#?}");
+    assert_eq!(report.failed(), 0, "{report:#?}");
+    assert_eq!(report.volumes.len(), 3);
+    let prom = report
+        .volumes
+        .iter()
+        .find(|v| v.target.pod == "prometheus-db-0")
+        .unwrap();
+    assert_eq!(prom.phase, Phase::Succeeded);
+    let (snaps, _) = w.repo.snapshots().unwrap();
+    assert_eq!(snaps.len(), 3, "the others were not backed up twice");
+}
+
+/// Daily and weekly keep a status each; a PVC that is deleted loses both
+/// (and its metrics, so the staleness alert does not fire forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_schedule_has_its_own_status_and_a_deleted_pvc_loses_them() {
+    let w = world().await;
+    let agent = w.agent(NODE, "");
+    agent.run_once("daily").await.unwrap();
+    agent.run_once("weekly").await.unwrap();
+    let names = |w: &World| -> Vec<String> {
+        let mut n: Vec<String> = w.api.with(|s| {
+            s.all("ConfigMap")
+                .iter()
+                .map(|c| c["metadata"]["name"].as_str().unwrap().to_string())
+                .collect()
+        });
+        n.sort();
+        n
+    };
+    let before = names(&w);
+    for sched in ["daily", "weekly"] {
+        for source in [
+            "default.postgresql-codetalk-pvc",
+            "microservices.mongodb",
+            "monitoring.prometheus-db-prometheus-0",
+        ] {
+            let name = format!("marmoset-status.{sched}.{source}");
+            assert!(before.contains(&name), "{name} in {before:?}");
+        }
+    }
+    let weekly = w
+        .api
+        .with(|s| {
+            s.get(
+                "v1",
+                "ConfigMap",
+                Some(AGENT_NS),
+                "marmoset-status.weekly.microservices.mongodb",
+            )
+        })
+        .unwrap();
+    assert_eq!(weekly["data"]["schedule"], "weekly");
+    assert_eq!(
+        weekly["metadata"]["labels"]["marmoset.dev/schedule"],
+        "weekly"
+    );
+
+    // The application and its PVC are deleted.
+    w.api.with(|s| {
+        s.remove("v1", "Pod", Some("microservices"), "mongodb-0");
+        s.remove(
+            "v1",
+            "PersistentVolumeClaim",
+            Some("microservices"),
+            "mongodb",
+        );
+    });
+    agent.run_once("daily").await.unwrap();
+    let after = names(&w);
+    assert!(
+        !after.iter().any(|n| n.contains("microservices.mongodb")),
+        "{after:?}"
+    );
+    assert_eq!(after.len(), before.len() - 2, "{after:?}");
+    let (addr, server) = marmoset_agent::metrics::serve("127.0.0.1:0", agent.metrics())
+        .await
+        .unwrap();
+    let text = scrape(addr).await;
+    assert!(!text.contains("pvc=\"mongodb\""), "{text}");
+    assert!(text.contains("pvc=\"postgresql-codetalk-pvc\""));
+    server.abort();
+}
+
+/// Leadership is judged by watching the lease change, not by comparing
+/// the holder's clock with ours: a holder whose clock is an hour behind
+/// keeps its lease while it renews; one whose clock is an hour ahead loses
+/// it soon after it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_clocks_neither_steal_nor_hold_a_lease() {
+    let w = world().await;
+    let client = w.api.client(AGENT_NS);
+    let b = lease(&client, "skew", "node-b", 10);
+    let write = |w: &World, renew: chrono::DateTime<chrono::Utc>| {
+        w.api.with(|s| {
+            let mut obj = s
+                .get("coordination.k8s.io/v1", "Lease", Some(AGENT_NS), "skew")
+                .unwrap_or_else(|| {
+                    json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": "skew", "namespace": AGENT_NS}, "spec": {}})
+                });
+            obj["spec"] = json!({"holderIdentity": "node-a", "leaseDurationSeconds": 2,
+                "renewTime": renew.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "leaseTransitions": 0});
+            s.add(obj);
+        })
+    };
+    // node-a's clock is an hour behind: every renewal looks an hour old.
+    let behind = || chrono::Utc::now() - chrono::Duration::hours(1);
+    write(&w, behind());
+    for _ in 0..6 {
+        assert!(
+            !b.try_acquire_or_renew().await.unwrap().leader,
+            "a live lease is not stolen"
+        );
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        write(&w, behind());
+    }
+    // node-a's clock is an hour ahead, and it stops renewing.
+    write(&w, chrono::Utc::now() + chrono::Duration::hours(1));
+    assert!(!b.try_acquire_or_renew().await.unwrap().leader);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let st = b.try_acquire_or_renew().await.unwrap();
+    assert!(
+        st.leader,
+        "a dead lease is taken after its duration, whatever its times say"
+    );
+}
+
+/// Maintenance that waits for running backups keeps its lease: the other
+/// candidate never takes it over, though the wait outlasts the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_keeps_its_lease_while_it_waits_for_backups() {
+    let w = world().await;
+    slow_freeze(&w, Duration::from_secs(13));
+    let a = w.agent("node-a", "maintenance:\n  leaseDuration: 10s");
+    let client = w.api.client(AGENT_NS);
+    let lease_a = lease(&client, "marmoset-maintenance", "node-a", 10);
+    let lease_b = lease(&client, "marmoset-maintenance", "node-b", 10);
+    let api = &w.api;
+    let maintain = async {
+        // The backup holds the repository (its pod is frozen for 13s).
+        wait_for("the pre hook", || {
+            api.with(|s| {
+                s.execs
+                    .iter()
+                    .any(|e| e.command.join(" ").contains("CHECKPOINT"))
+            })
+        })
+        .await;
+        let round = a.maintenance_round(&lease_a);
+        tokio::pin!(round);
+        let mut b_won = false;
+        let report = loop {
+            tokio::select! {
+                r = &mut round => break r,
+                _ = tokio::time::sleep(Duration::from_millis(1000)) => {
+                    b_won |= lease_b.try_acquire_or_renew().await.unwrap().leader;
+                }
+            }
+        };
+        (report.unwrap(), b_won)
+    };
+    let (run, (report, b_won)) = tokio::join!(a.run_once("daily"), maintain);
+    assert_eq!(run.unwrap().failed(), 0);
+    assert!(report.is_some(), "maintenance ran after the backups");
+    assert!(!b_won, "the waiting holder kept its lease");
+}
+
+/// Volumes are backed up `parallelVolumes` at a time: while one pod's
+/// freeze takes its time, the other pods' volumes are done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_are_backed_up_in_parallel() {
+    for (parallel, overlaps) in [(1, false), (2, true)] {
+        let w = world().await;
+        slow_freeze(&w, Duration::from_secs(3));
+        let agent = w.agent(NODE, &format!("parallelVolumes: {parallel}"));
+        let report = agent.run_once("daily").await.unwrap();
+        assert_eq!(report.failed(), 0);
+        let requests = w.api.with(|s| s.requests.clone());
+        let thaw = requests
+            .iter()
+            .position(|(_, p)| p.contains("/exec?") && p.contains("thawed"))
+            .unwrap();
+        let mongo_done = requests
+            .iter()
+            .rposition(|(m, p)| {
+                m == "PUT" && p.contains("marmoset-status.daily.microservices.mongodb")
+            })
+            .unwrap();
+        assert_eq!(
+            mongo_done < thaw,
+            overlaps,
+            "parallelVolumes {parallel}: mongodb finished at request {mongo_done}, postgresql thawed at {thaw}"
+        );
+    }
 }

@@ -138,7 +138,7 @@ async fn agent_once_backs_up_the_nodes_volumes_to_s3_and_they_restore() {
             "v1",
             "ConfigMap",
             Some("marmoset"),
-            "marmoset-status.default.redis-pvc"
+            "marmoset-status.daily.default.redis-pvc"
         ))
         .is_some());
 }

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -396,6 +396,110 @@ fn files_under(root: &std::path::Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// The weekly verify without scratch space, over the newest backup set
+/// only: a volume deleted long ago (its last snapshot kept by retention,
+/// and old) does not fail it, and damage is still found.
+#[test]
+fn verify_streams_the_newest_set_without_writing_files() {
+    let env = Env::new();
+    env.init();
+    let gone = make_source(&env, 1);
+    env.backup(
+        &gone,
+        &[
+            "--source",
+            "default/deleted-pvc",
+            "--tag",
+            "set=daily-20261125020000",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let a = make_source(&env, 2);
+    let b = make_source(&env, 3);
+    for (dir, source) in [(&a, "default/pvc-a"), (&b, "monitoring/pvc-b")] {
+        env.backup(
+            dir,
+            &["--source", source, "--tag", "set=daily-20261201020000"],
+        );
+    }
+    // The deleted volume's snapshot is older than 1s; the set's are not.
+    let v = env.json(&[
+        "verify",
+        "--max-age",
+        "1h",
+        "--stream",
+        "--newest-tag",
+        "set=daily-",
+    ]);
+    assert_eq!(v["pass"], true, "{v}");
+    assert_eq!(v["set"], "set=daily-20261201020000");
+    let sources: Vec<&str> = v["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["source"].as_str().unwrap())
+        .collect();
+    assert_eq!(sources, ["default/pvc-a", "monitoring/pvc-b"]);
+    let chunks = v["sources"][0]["verified_chunks"].as_u64().unwrap();
+    assert!(chunks > 0, "{v}");
+    // Each distinct chunk is read once: at most the source's bytes.
+    let read = v["sources"][0]["restored_bytes"].as_u64().unwrap();
+    assert!(read > 0 && read <= walk_bytes(&a), "{v}");
+
+    // A prefix no snapshot carries is a failure, not an empty pass.
+    let out = env
+        .cmd()
+        .args([
+            "--json",
+            "verify",
+            "--stream",
+            "--newest-tag",
+            "set=weekly-",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["errors"].to_string().contains("set=weekly-"), "{v}");
+
+    // Damage in a pack: the streamed read names the file and fails.
+    let pack = env
+        .pack_names()
+        .into_iter()
+        .max_by_key(|p| fs::metadata(env.pack_path(p)).unwrap().len())
+        .unwrap();
+    let path = env.pack_path(&pack);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[100] ^= 1;
+    fs::write(&path, bytes).unwrap();
+    let out = env
+        .cmd()
+        .args(["--json", "verify", "--stream"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let errors = v["sources"].to_string();
+    assert!(
+        errors.contains("chunk") && errors.contains("authentication failed"),
+        "{v}"
+    );
+}
+
+fn walk_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let m = e.metadata().unwrap();
+        if m.is_dir() {
+            total += walk_bytes(&e.path());
+        } else {
+            total += m.len();
+        }
+    }
+    total
 }
 
 #[test]

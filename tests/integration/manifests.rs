@@ -82,6 +82,49 @@ fn every_manifest_is_a_valid_kubernetes_object() {
     assert!(n >= 12, "{n} objects");
 }
 
+/// The seed's "What's Protected" table (backup-strategy.md): namespace,
+/// PVC, storage class.
+const SEED_PROTECTED: &[(&str, &str, &str)] = &[
+    ("default", "mongodb-educationelly-pvc", "local-path"),
+    ("default", "mongodb-educationelly-graphql-pvc", "local-path"),
+    ("default", "mongodb-intervalai-pvc", "local-path"),
+    ("default", "mongodb-data-mongodb-intervalai-0", "local-path"),
+    ("default", "postgresql-codetalk-pvc", "local-path"),
+    ("default", "redis-pvc", "local-path"),
+    ("default", "llm-models-pvc", "csi-s3"),
+    ("default", "triton-models-pvc", "csi-s3"),
+    (
+        "langfuse",
+        "data-langfuse-clickhouse-shard0-0",
+        "local-path",
+    ),
+    ("langfuse", "langfuse-s3", "local-path"),
+    ("microservices", "mongodb", "local-path"),
+    ("microservices", "redis-data-redis-replicas-0", "local-path"),
+    ("microservices", "data-vertex-kafka-0", "local-path"),
+    ("monitoring", "prometheus-db-prometheus-0", "local-path"),
+    ("monitoring", "prometheus-minio", "local-path"),
+    ("monitoring", "storage-prometheus-mimir-0", "local-path"),
+    ("monitoring", "storage-prometheus-loki-0", "local-path"),
+    ("monitoring", "gotify-pvc", "local-path"),
+    ("monitoring", "alertmanager-db-0", "local-path"),
+    (
+        "monitoring",
+        "kafka-data-prometheus-mimir-kafka-0",
+        "local-path",
+    ),
+    ("vertex-platform", "influxdb-data-pvc", "local-path"),
+    ("vertex-platform", "influxdb-config-pvc", "local-path"),
+    ("vertex-platform", "mongodb-pvc", "local-path"),
+    ("vertex-platform", "redis-pvc", "local-path"),
+];
+
+fn agent_config() -> AgentConfig {
+    let cm: ConfigMap = typed(&docs("configmap.yaml")[0]);
+    let text = &cm.data.unwrap()["agent.yaml"];
+    AgentConfig::parse(text, "deploy/configmap.yaml").unwrap()
+}
+
 #[test]
 fn the_example_configuration_is_the_seed_setup_and_parses() {
     let cm: ConfigMap = typed(&docs("configmap.yaml")[0]);
@@ -94,10 +137,20 @@ fn the_example_configuration_is_the_seed_setup_and_parses() {
             .collect::<Vec<_>>(),
         [("daily", "0 2 * * *", 168), ("weekly", "0 3 * * 0", 720)]
     );
-    assert_eq!(
-        cfg.included_namespaces,
-        marmoset_agent::config::SEED_NAMESPACES
-    );
+    // Velero's namespaces are all there.
+    for ns in marmoset_agent::config::SEED_NAMESPACES {
+        assert!(cfg.namespace_included(ns), "{ns}");
+    }
+    // Every PVC of the seed's "What's Protected" table would be backed up:
+    // its namespace is included and its storage class is not excluded.
+    for (ns, pvc, class) in SEED_PROTECTED {
+        assert!(cfg.namespace_included(ns), "{ns}/{pvc}: namespace");
+        assert!(
+            !cfg.excluded_storage_classes.iter().any(|c| c == class),
+            "{ns}/{pvc}: storage class {class} excluded"
+        );
+    }
+    assert_eq!(cfg.parallel_volumes, 2);
     assert!(cfg
         .repository
         .unwrap()
@@ -191,11 +244,30 @@ fn rbac_is_least_privilege() {
     let hooks = rules("ClusterRole", "marmoset-agent-hooks");
     assert_eq!(hooks.len(), 1);
     assert_eq!(hooks[0].1, "pods/exec");
+    // pods/exec is granted per included namespace, never cluster-wide.
+    assert!(
+        !objs
+            .iter()
+            .any(|o| o["kind"] == "ClusterRoleBinding"
+                && o["roleRef"]["name"] == "marmoset-agent-hooks"),
+        "pods/exec bound cluster-wide"
+    );
+    let mut bound: Vec<String> = objs
+        .iter()
+        .filter(|o| o["kind"] == "RoleBinding" && o["roleRef"]["name"] == "marmoset-agent-hooks")
+        .map(|o| o["metadata"]["namespace"].as_str().unwrap().to_string())
+        .collect();
+    bound.sort();
+    let mut included = agent_config().included_namespaces;
+    included.sort();
+    assert_eq!(bound, included, "one exec binding per included namespace");
     let own = rules("Role", "marmoset-agent");
     assert!(own
         .iter()
         .any(|(g, r, _)| g == "coordination.k8s.io" && r == "leases"));
-    assert!(own.iter().any(|(_, r, _)| r == "configmaps"));
+    assert!(own
+        .iter()
+        .any(|(_, r, v)| r == "configmaps" && v.contains(&"delete".to_string())));
 }
 
 #[test]
@@ -212,9 +284,161 @@ fn the_verify_job_runs_the_weekly_restore_test() {
         .unwrap()
         .containers[0];
     let args = c.args.clone().unwrap().join(" ");
+    assert_eq!(
+        args, "verify --max-age 48h --stream --newest-tag set=daily-",
+        "streams the newest daily set: no scratch space the size of a volume"
+    );
+}
+
+#[test]
+fn the_verify_job_is_bounded_and_unprivileged() {
+    let cj: CronJob = typed(&docs("verify-cronjob.yaml")[0]);
+    let job = cj.spec.unwrap().job_template.spec.unwrap();
+    assert!(job
+        .active_deadline_seconds
+        .is_some_and(|s| s > 0 && s <= 24 * 3600));
+    let pod = job.template.spec.unwrap();
+    let psc = pod.security_context.unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert!(psc.run_as_user.is_some_and(|u| u != 0));
+    assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    let c = &pod.containers[0];
+    let sc = c.security_context.clone().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.capabilities.unwrap().drop.unwrap(), ["ALL"]);
+    // The seed's verify job limits: 500m CPU, 256Mi memory.
+    let limits = c.resources.clone().unwrap().limits.unwrap();
+    assert_eq!(limits["cpu"].0, "500m");
+    assert_eq!(limits["memory"].0, "256Mi");
+}
+
+#[test]
+fn shutdown_has_time_for_the_post_hooks_and_mounts_are_read_only() {
+    let ds: DaemonSet = typed(&docs("daemonset.yaml")[0]);
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    let grace = pod.termination_grace_period_seconds.unwrap();
+    let timeout = agent_config().hooks.default_timeout.as_secs() as i64;
     assert!(
-        args.starts_with("verify --max-age 48h --restore-test"),
-        "{args}"
+        grace >= timeout + 30,
+        "grace {grace}s, hook timeout {timeout}s"
+    );
+    let mounts = pod.containers[0].volume_mounts.clone().unwrap();
+    let local = mounts
+        .iter()
+        .find(|m| m.mount_path == "/var/lib/rancher/k3s/storage")
+        .unwrap();
+    assert_eq!(local.read_only, Some(true));
+    assert_eq!(local.recursive_read_only.as_deref(), Some("IfPossible"));
+    // Kubernetes refuses recursiveReadOnly with propagation, which the
+    // kubelet mount needs to see volumes mounted after the agent started.
+    let kubelet = mounts
+        .iter()
+        .find(|m| m.mount_path == "/var/lib/kubelet/pods")
+        .unwrap();
+    assert_eq!(kubelet.recursive_read_only, None);
+}
+
+#[test]
+fn prometheus_operator_scrapes_the_agent_and_alerts_after_48h() {
+    let dir = |f: &str| format!("monitoring/{f}");
+    let kustomization = docs(&dir("kustomization.yaml"));
+    assert_eq!(kustomization[0]["resources"].as_array().unwrap().len(), 2);
+    let pm = &docs(&dir("podmonitor.yaml"))[0];
+    assert_eq!(pm["kind"], "PodMonitor");
+    let ds: DaemonSet = typed(&docs("daemonset.yaml")[0]);
+    let template = ds.spec.unwrap().template;
+    let labels = template.metadata.unwrap().labels.unwrap();
+    for (k, v) in pm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(
+            labels.get(k).map(String::as_str),
+            v.as_str(),
+            "selector {k}"
+        );
+    }
+    let port = pm["spec"]["podMetricsEndpoints"][0]["port"]
+        .as_str()
+        .unwrap();
+    let ports = template.spec.unwrap().containers[0].ports.clone().unwrap();
+    assert!(ports.iter().any(|p| p.name.as_deref() == Some(port)));
+    let rule = &docs(&dir("prometheusrule.yaml"))[0];
+    assert_eq!(rule["kind"], "PrometheusRule");
+    let rules: Vec<&Value> = rule["spec"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .collect();
+    let too_old = rules
+        .iter()
+        .find(|r| r["alert"] == "MarmosetBackupTooOld")
+        .unwrap();
+    let expr = too_old["expr"].as_str().unwrap();
+    assert!(
+        expr.contains("marmoset_volume_last_success_timestamp_seconds")
+            && expr.contains("48 * 3600")
+    );
+    // Every metric an alert names is one the agent exports.
+    let exported = marmoset_agent::metrics::Metrics::new().render();
+    for r in &rules {
+        let expr = r["expr"].as_str().unwrap();
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("marmoset_") {
+                assert!(
+                    exported.contains(&format!("# TYPE {word} ")),
+                    "{word} is not exported"
+                );
+            }
+        }
+    }
+}
+
+/// The rendered kustomization validates against the Kubernetes OpenAPI
+/// schemas of the seed's version (K3s 1.33), strictly: a misspelt or
+/// misplaced field fails. Needs `kubectl` (Debian's kubernetes-client) and
+/// `kubernetes-validate` (PyPI); `scripts/test` installs both and sets
+/// MARMOSET_TEST_STRICT so that their absence fails there.
+#[test]
+fn the_rendered_kustomization_validates_against_the_kubernetes_schemas() {
+    let have = |cmd: &str| {
+        std::process::Command::new(cmd)
+            .arg("--help")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !have("kubectl") || !have("kubernetes-validate") {
+        assert!(
+            std::env::var_os("MARMOSET_TEST_STRICT").is_none(),
+            "kubectl and kubernetes-validate are needed"
+        );
+        eprintln!("skipped: kubectl or kubernetes-validate not installed");
+        return;
+    }
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(deploy())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let rendered = dir.path().join("rendered.yaml");
+    std::fs::write(&rendered, &out.stdout).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("kind: DaemonSet") && text.contains("image: marmoset:0.1.0"));
+    let v = std::process::Command::new("kubernetes-validate")
+        .args(["-k", "1.33.0", "--strict", "--quiet"])
+        .arg(&rendered)
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
     );
 }
 

@@ -34,7 +34,19 @@ pub(super) fn run(g: &Global, a: AgentArgs) -> Result<ExitCode> {
     let agent = Agent::new(cfg, cluster, repo)?;
     match a.once {
         Some(name) => {
-            let report = rt.block_on(agent.run_once(&name))?;
+            // SIGTERM or Ctrl-C stops the run, not the promise: every pod
+            // frozen by a pre hook is thawed before the process exits.
+            let run = rt.block_on(async {
+                tokio::select! {
+                    r = agent.run_once(&name) => Some(r),
+                    _ = shutdown_signal() => None,
+                }
+            });
+            let Some(report) = run else {
+                rt.block_on(agent.thaw_leftovers("pending at interruption"));
+                anyhow::bail!("interrupted; the run resumes at the agent's next start");
+            };
+            let report = report?;
             print_run(&g, &report)?;
             Ok(if report.failed() > 0 {
                 ExitCode::from(1)
@@ -83,8 +95,19 @@ fn print_run(g: &Global, report: &RunReport) -> Result<()> {
                    "bytes_read": v.bytes_read, "bytes_added": v.bytes_added})
             })
             .collect();
-        return print_json(&json!({"schedule": report.schedule, "volumes": vols,
-            "hook_failures": report.hook_failures, "snapshots_forgotten": report.snapshots_forgotten}));
+        let skipped: Vec<_> = report
+            .skipped
+            .iter()
+            .map(|s| {
+                json!({"namespace": s.namespace, "pod": s.pod, "volume": s.volume, "pvc": s.pvc,
+                "reason": s.reason, "opt_out": s.intentional})
+            })
+            .collect();
+        return print_json(
+            &json!({"schedule": report.schedule, "set": report.set, "volumes": vols,
+            "skipped": skipped, "retries": report.retries,
+            "hook_failures": report.hook_failures, "snapshots_forgotten": report.snapshots_forgotten}),
+        );
     }
     for v in &report.volumes {
         println!(
@@ -94,8 +117,15 @@ fn print_run(g: &Global, report: &RunReport) -> Result<()> {
             v.error.as_deref().or(v.snapshot.as_deref()).unwrap_or("")
         );
     }
+    for s in report.skipped.iter().filter(|s| !s.intentional) {
+        println!(
+            "{:<16} {}/{} volume {}: {}",
+            "Skipped", s.namespace, s.pod, s.volume, s.reason
+        );
+    }
     println!(
-        "{} volumes, {} failed, {} old snapshots forgotten",
+        "set {}: {} volumes, {} failed, {} old snapshots forgotten",
+        report.set,
         report.volumes.len(),
         report.failed(),
         report.snapshots_forgotten

@@ -1,6 +1,7 @@
 //! `marmoset verify`: fail when a source's latest snapshot is older than
 //! `--max-age`; with `--restore-test`, restore it to a temporary directory
-//! and check every byte. The weekly verify job in one command.
+//! and check every byte (`--stream`: without writing them). The weekly
+//! verify job in one command.
 
 use std::process::ExitCode;
 
@@ -19,12 +20,14 @@ pub(super) fn run(g: &Global, a: VerifyArgs) -> Result<ExitCode> {
         restore_test: a.restore_test,
         sources: a.sources,
         temp_dir: a.temp_dir,
+        stream: a.stream,
+        newest_tag: a.newest_tag,
     };
     let r = marmoset_storage::verify(&repo, &opts)?;
     if g.json {
         print_json(&serde_json::to_value(&r)?)?;
     } else {
-        print_report(&r, opts.restore_test);
+        print_report(&r, opts.restore_test || opts.stream);
     }
     Ok(if r.pass {
         ExitCode::SUCCESS
@@ -35,6 +38,12 @@ pub(super) fn run(g: &Global, a: VerifyArgs) -> Result<ExitCode> {
 
 /// One PASS/FAIL line per source (with its errors), then the verdict.
 fn print_report(r: &VerifyReport, restore_test: bool) {
+    if let Some(set) = &r.set {
+        println!("backup set {set}");
+    }
+    for e in &r.errors {
+        println!("FAIL {e}");
+    }
     for s in &r.sources {
         println!(
             "{} {}: snapshot {} age {}{}",

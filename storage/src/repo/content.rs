@@ -39,14 +39,19 @@ impl Repository {
     /// [`Repository::sync_index`], returning the names of the index files
     /// the storage listed (what the caller now starts from).
     pub fn sync_index_names(&self) -> Result<std::collections::HashSet<String>> {
+        // What was loaded is read before the listing: an index file that
+        // a concurrent backup on this handle writes meanwhile is marked
+        // loaded after it is stored, so it can be missing from the listing
+        // only if it is also missing from `loaded` (never taken for a file
+        // removed remotely).
+        let loaded: std::collections::HashSet<String> =
+            self.index.loaded_index_files()?.into_iter().collect();
         let remote: std::collections::HashSet<String> = self
             .backend
             .list(FileKind::Index)?
             .into_iter()
             .map(|(n, _)| n)
             .collect();
-        let loaded: std::collections::HashSet<String> =
-            self.index.loaded_index_files()?.into_iter().collect();
         let to_load: Vec<&String> = if loaded.iter().any(|n| !remote.contains(n)) {
             debug!("index files were removed remotely; rebuilding the blob cache");
             self.index.clear_blobs()?;

@@ -76,6 +76,23 @@ pub struct Repository {
     key_name: String,
     /// Whether this handle already made sure every tree is local.
     trees_prefetched: std::sync::atomic::AtomicBool,
+    /// Backups running on this handle now (the node agent runs several at
+    /// once): only a backup that runs alone may treat the cache's unindexed
+    /// packs as left by an interrupted run.
+    active_backups: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts one backup on a handle for as long as it lives.
+pub(crate) struct ActiveBackup<'a> {
+    count: &'a std::sync::atomic::AtomicUsize,
+    /// No other backup was running on this handle when this one started.
+    pub alone: bool,
+}
+
+impl Drop for ActiveBackup<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Repository {
@@ -166,9 +183,27 @@ impl Repository {
             _temp_cache: temp,
             key_name,
             trees_prefetched: std::sync::atomic::AtomicBool::new(false),
+            active_backups: std::sync::atomic::AtomicUsize::new(0),
         };
         repo.sync_index()?;
         Ok(repo)
+    }
+
+    /// Registers a backup starting on this handle.
+    pub(crate) fn begin_backup(&self) -> ActiveBackup<'_> {
+        let before = self
+            .active_backups
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        ActiveBackup {
+            count: &self.active_backups,
+            alone: before == 0,
+        }
+    }
+
+    /// How many backups run on this handle right now.
+    pub(crate) fn backups_running(&self) -> usize {
+        self.active_backups
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {

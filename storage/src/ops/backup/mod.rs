@@ -144,6 +144,7 @@ pub fn backup(
         format!("{hostname}:{}", joined.join(","))
     });
     let excludes = build_excludes(&opts.excludes)?;
+    let active = repo.begin_backup();
     // The session lease comes before the index is read: maintenance waits
     // for every session that may have seen blobs it is about to delete.
     let session = Lease::acquire(
@@ -157,9 +158,13 @@ pub fn backup(
     // listings: over a WAN each read is a round trip. Packs are listed
     // after the index: a pack is written before any index file naming it,
     // so every indexed pack missing from the listing is really gone.
-    let (index_at_start, packs, snapshots) = std::thread::scope(|s| {
+    // The packs the index knows are taken before the listing too: a pack
+    // that a concurrent backup on this handle indexes meanwhile is then
+    // not taken for a lost one.
+    let (index_at_start, indexed, packs, snapshots) = std::thread::scope(|s| {
         let snapshots = s.spawn(|| repo.snapshots());
         let index = repo.sync_index_names();
+        let indexed = index.as_ref().ok().map(|_| repo.index().packs());
         let packs = index
             .as_ref()
             .ok()
@@ -167,14 +172,23 @@ pub fn backup(
         let snapshots = snapshots
             .join()
             .map_err(|_| Error::Aborted("listing snapshots panicked".into()))?;
-        Ok::<_, Error>((index?, packs.transpose()?.unwrap_or_default(), snapshots?))
+        Ok::<_, Error>((
+            index?,
+            indexed.transpose()?.unwrap_or_default(),
+            packs.transpose()?.unwrap_or_default(),
+            snapshots?,
+        ))
     })?;
-    // One listing serves both: recovery adds no pack.
-    let recovered = repo.recover_unindexed_packs(&packs)?;
-    if recovered > 0 {
-        debug!(recovered, "reusing packs of an interrupted backup");
+    // One listing serves both: recovery adds no pack. Unindexed packs are
+    // another backup's work in progress while one runs on this handle:
+    // recovery waits for a backup that starts alone.
+    if active.alone {
+        let recovered = repo.recover_unindexed_packs(&packs)?;
+        if recovered > 0 {
+            debug!(recovered, "reusing packs of an interrupted backup");
+        }
     }
-    let missing_packs = missing_packs(repo, &packs)?;
+    let missing_packs = missing_packs(indexed, &packs);
     let parent = snapshots
         .0
         .into_iter()
@@ -352,14 +366,12 @@ pub fn backup(
 
 /// Packs the index cache knows that the storage (listed in `packs`) does
 /// not hold.
-fn missing_packs(repo: &Repository, packs: &[(String, u64)]) -> Result<HashSet<[u8; 32]>> {
+fn missing_packs(indexed: Vec<[u8; 32]>, packs: &[(String, u64)]) -> HashSet<[u8; 32]> {
     let present: HashSet<[u8; 32]> = packs
         .iter()
         .filter_map(|(n, _)| Id::from_hex(n).map(|i| i.0))
         .collect();
-    let missing: HashSet<[u8; 32]> = repo
-        .index()
-        .packs()?
+    let missing: HashSet<[u8; 32]> = indexed
         .into_iter()
         .filter(|p| !present.contains(p))
         .collect();
@@ -369,7 +381,7 @@ fn missing_packs(repo: &Repository, packs: &[(String, u64)]) -> Result<HashSet<[
             "index lists packs the repository does not hold; their data is stored again"
         );
     }
-    Ok(missing)
+    missing
 }
 
 /// Every pack the snapshot relies on must exist right now (fresh listing).

@@ -85,7 +85,17 @@ impl<'r> Saver<'r> {
         if self.missing_packs.contains(&loc.pack) {
             return Ok(false);
         }
-        crate::util::lock(&self.used_packs).insert(loc.pack);
+        let mut used = crate::util::lock(&self.used_packs);
+        // Another backup on this handle may have written the pack and not
+        // indexed it yet; if that backup failed, the pack would stay
+        // unindexed under our snapshot. Such blobs are stored again.
+        if self.repo.backups_running() > 1
+            && !used.contains(&loc.pack)
+            && self.repo.index().is_uncommitted(&loc.pack)?
+        {
+            return Ok(false);
+        }
+        used.insert(loc.pack);
         Ok(true)
     }
 
