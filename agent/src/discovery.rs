@@ -291,10 +291,12 @@ fn target_without_pod(
                 t.pv
             )))
         }
-        _ => return Err(Skip::problem(format!(
+        _ => {
+            return Err(Skip::problem(format!(
             "pod is {phase} and PV {} has no node affinity, so its host path may be another node's",
             t.pv
-        ))),
+        )))
+        }
     }
     t.path = under_prefix(&cfg.host_path_prefix, Path::new(&host));
     Ok(t)
