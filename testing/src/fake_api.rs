@@ -309,7 +309,14 @@ impl Store {
 
 impl FakeApi {
     pub async fn start() -> FakeApi {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(0).await
+    }
+
+    /// Listens on `127.0.0.1:port` (0: any free port).
+    pub async fn start_on(port: u16) -> FakeApi {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
         let addr = listener.local_addr().unwrap();
         let store = Arc::new(Mutex::new(Store::default()));
         let s = store.clone();

@@ -142,3 +142,128 @@ async fn agent_once_backs_up_the_nodes_volumes_to_s3_and_they_restore() {
         ))
         .is_some());
 }
+
+/// SIGTERM to the agent process (a drain, a rollout) while a pod is
+/// frozen: the post hook runs before the process exits, quickly, for the
+/// daemon and for `--once` alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_thaws_the_frozen_pod_before_the_process_exits() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+
+    for daemon in [true, false] {
+        let env = Env::new();
+        env.init();
+        let api = fake_api::FakeApi::start().await;
+        let kubelet = env.path("kubelet");
+        random_tree(
+            &kubelet.join("pods/uid-pg/volumes/kubernetes.io~csi/pvc-9/mount"),
+            9,
+            20,
+        );
+        api.with(|s| {
+            s.add(json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "pg-0", "namespace": "default", "uid": "uid-pg",
+                    "annotations": {
+                        "pre.hook.backup.velero.io/command": "[\"/sbin/fsfreeze\", \"-f\", \"/data\"]",
+                        "pre.hook.backup.velero.io/timeout": "5m",
+                        "post.hook.backup.velero.io/command": "[\"/sbin/fsfreeze\", \"-u\", \"/data\"]"}},
+                "spec": {"nodeName": "node-a", "containers": [{"name": "pg", "image": "postgres:16"}],
+                         "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "pg-pvc"}}]},
+                "status": {"phase": "Running"}}));
+            s.add(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": "pg-pvc", "namespace": "default"},
+                "spec": {"storageClassName": "csi-hostpath", "volumeName": "pvc-9"}}));
+            s.add(json!({"apiVersion": "v1", "kind": "PersistentVolume",
+                "metadata": {"name": "pvc-9"},
+                "spec": {"csi": {"driver": "hostpath.csi.k8s.io", "volumeHandle": "9"}}}));
+            // The freeze is slow: SIGTERM comes in the middle of it.
+            s.exec_rules.push((
+                "-f /data".into(),
+                fake_api::ExecResult::Delay(std::time::Duration::from_secs(60), String::new()),
+            ));
+        });
+        let kubeconfig = env.path("kubeconfig");
+        fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\nusers:\n- name: agent\n  user:\n    token: t\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: agent\n    namespace: marmoset\ncurrent-context: fake\n",
+                api.addr
+            ),
+        )
+        .unwrap();
+        let state = env.path("state");
+        if daemon {
+            // An interrupted daily run: the daemon runs it at start.
+            fs::create_dir_all(&state).unwrap();
+            let t = chrono::Utc::now() - chrono::Duration::minutes(5);
+            fs::write(
+                state.join("agent-state-node-a.json"),
+                json!({"schedules": {"daily": {"last_started": t, "last_completed": t - chrono::Duration::days(1)}}})
+                    .to_string(),
+            )
+            .unwrap();
+        }
+        let config = env.path("agent.yaml");
+        fs::write(
+            &config,
+            format!(
+                "schedules:\n  - {{name: daily, cron: \"0 2 * * *\", keep: 168h}}\nkubeletDir: {}\nstateDir: {}\nnamespace: marmoset\nmetricsAddress: 127.0.0.1:0\nmaintenance: {{enabled: false}}\n",
+                kubelet.display(),
+                state.display()
+            ),
+        )
+        .unwrap();
+        let mut c = env.cmd();
+        c.env("KUBECONFIG", &kubeconfig)
+            .env("NODE_NAME", "node-a")
+            .args(["agent", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        if !daemon {
+            c.args(["--once", "daily"]);
+        }
+        let child = c.spawn().unwrap();
+        let frozen = |api: &fake_api::FakeApi| {
+            api.with(|s| {
+                s.execs
+                    .iter()
+                    .any(|e| e.command.join(" ").contains("-f /data"))
+            })
+        };
+        for _ in 0..600 {
+            if frozen(&api) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(frozen(&api), "the pre hook ran (daemon: {daemon})");
+        let sent = std::time::Instant::now();
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+            .await
+            .unwrap();
+        let took = sent.elapsed();
+        let execs: Vec<String> =
+            api.with(|s| s.execs.iter().map(|e| e.command.join(" ")).collect());
+        assert_eq!(
+            execs,
+            ["/sbin/fsfreeze -f /data", "/sbin/fsfreeze -u /data"],
+            "thawed before exit (daemon: {daemon}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Well inside the DaemonSet's terminationGracePeriodSeconds.
+        assert!(took < std::time::Duration::from_secs(30), "{took:?}");
+        assert_eq!(
+            out.status.success(),
+            daemon,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pending: serde_json::Value =
+            serde_json::from_slice(&fs::read(state.join("agent-state-node-a.json")).unwrap())
+                .unwrap();
+        assert_eq!(pending["frozen"], json!([]));
+    }
+}
