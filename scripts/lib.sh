@@ -29,30 +29,9 @@ build_deps() {
     apt_need clang libclang-dev pkg-config fuse3 libfuse3-dev attr
 }
 
-# need_moto: makes sure `moto_server` (a real S3-compatible server) is on
-# PATH. Debian's system Python refuses plain `pip install` (PEP 668), so
-# fall back to --break-system-packages, then to a private virtualenv.
-need_moto() {
-    command -v moto_server >/dev/null && return 0
-    log "installing moto[server] (pip)"
-    python3 -m pip install -q --disable-pip-version-check "moto[server]" >/dev/null 2>&1 \
-        || python3 -m pip install -q --disable-pip-version-check --break-system-packages "moto[server]" >/dev/null 2>&1 \
-        || true
-    hash -r
-    command -v moto_server >/dev/null && return 0
-    for d in "$HOME/.local/bin" /usr/local/bin; do
-        if [ -x "$d/moto_server" ]; then export PATH="$d:$PATH"; return 0; fi
-    done
-    local venv=/var/cache/marmoset-venv
-    apt_need python3-venv
-    [ -x "$venv/bin/python" ] || python3 -m venv "$venv" >/dev/null
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check "moto[server]" >/dev/null 2>&1
-    export PATH="$venv/bin:$PATH"
-    command -v moto_server >/dev/null
-}
-
 # need_pip_tool CMD PACKAGE: makes sure CMD (installed by the PyPI PACKAGE)
-# is on PATH, the same way as need_moto.
+# is on PATH. Debian's system Python refuses plain `pip install` (PEP 668),
+# so fall back to --break-system-packages, then to a private virtualenv.
 need_pip_tool() {
     local cmd="$1" pkg="$2"
     command -v "$cmd" >/dev/null && return 0
@@ -72,3 +51,6 @@ need_pip_tool() {
     export PATH="$venv/bin:$PATH"
     command -v "$cmd" >/dev/null
 }
+
+# need_moto: makes sure `moto_server` (a real S3-compatible server) is on PATH.
+need_moto() { need_pip_tool moto_server "moto[server]"; }

@@ -305,17 +305,11 @@ impl Cluster {
 
     /// Every volume status object in the agent's namespace.
     pub async fn statuses(&self) -> Result<Vec<VolumeStatus>> {
-        let api = Api::<ConfigMap>::namespaced(self.client.clone(), &self.namespace);
-        let list = api
-            .list(
-                &ListParams::default().labels(&format!("app.kubernetes.io/managed-by={COMPONENT}")),
-            )
-            .await
-            .map_err(|e| Error::kube(format!("list status objects in {}", self.namespace), e))?;
-        Ok(list
-            .items
-            .iter()
-            .filter_map(|cm| cm.data.as_ref().and_then(VolumeStatus::from_data))
+        Ok(self
+            .status_objects()
+            .await?
+            .into_iter()
+            .map(|(_, s)| s)
             .collect())
     }
 

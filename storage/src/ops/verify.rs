@@ -187,46 +187,31 @@ const STREAM_BATCH_BYTES: u64 = 32 << 20;
 /// authenticates it and checks its content id, writing nothing.
 fn stream_test(repo: &Repository, snap: &Snapshot, v: &mut SourceVerdict) -> Result<()> {
     let root = repo.root_node(snap);
-    let roots = root.subtree.iter().map(|t| (*t, PathBuf::new())).collect();
     let mut seen: HashSet<Id> = HashSet::new();
     let mut batch: Vec<(Id, PathBuf)> = Vec::new();
     let mut batch_bytes = 0u64;
-    Walker::new(repo).run(roots, |listing| {
-        let mut subdirs = Vec::new();
-        for node in listing.tree?.nodes {
-            if !node.has_safe_name() {
+    for_each_file(repo, &root, Path::new(""), |node, p| {
+        v.restored_files += 1;
+        let chunks = match repo.file_chunks(node) {
+            Ok(c) => c,
+            Err(e) => {
+                v.errors.push(format!("{}: {e}", p.display()));
+                return;
+            }
+        };
+        for id in chunks {
+            if !seen.insert(id) {
                 continue;
             }
-            let p = listing.at.join(crate::util::os_str(&node.name));
-            match node.kind {
-                NodeKind::Dir => subdirs.extend(node.subtree.iter().map(|t| (*t, p.clone()))),
-                NodeKind::File => {
-                    v.restored_files += 1;
-                    let chunks = match repo.file_chunks(&node) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            v.errors.push(format!("{}: {e}", p.display()));
-                            continue;
-                        }
-                    };
-                    for id in chunks {
-                        if !seen.insert(id) {
-                            continue;
-                        }
-                        batch_bytes += repo
-                            .blob_location(&id)
-                            .map_or(0, |l| u64::from(l.raw_length));
-                        batch.push((id, p.clone()));
-                        if batch_bytes >= STREAM_BATCH_BYTES {
-                            check_chunks(repo, std::mem::take(&mut batch), v);
-                            batch_bytes = 0;
-                        }
-                    }
-                }
-                _ => {}
+            batch_bytes += repo
+                .blob_location(&id)
+                .map_or(0, |l| u64::from(l.raw_length));
+            batch.push((id, p.to_path_buf()));
+            if batch_bytes >= STREAM_BATCH_BYTES {
+                check_chunks(repo, std::mem::take(&mut batch), v);
+                batch_bytes = 0;
             }
         }
-        Ok(subdirs)
     })?;
     check_chunks(repo, batch, v);
     Ok(())
@@ -252,10 +237,25 @@ fn check_chunks(repo: &Repository, batch: Vec<(Id, PathBuf)>, v: &mut SourceVerd
 }
 
 fn verify_dir(repo: &Repository, dir: &Node, path: &Path, v: &mut SourceVerdict) -> Result<()> {
+    for_each_file(repo, dir, path, |node, p| {
+        if let Err(e) = verify_file(repo, node, p, v) {
+            v.errors.push(format!("{}: {e}", p.display()));
+        }
+    })
+}
+
+/// Calls `f` with every regular file below `dir` and its path under `base`
+/// (names that are unsafe on disk are left out, as restore leaves them).
+fn for_each_file(
+    repo: &Repository,
+    dir: &Node,
+    base: &Path,
+    mut f: impl FnMut(&Node, &Path),
+) -> Result<()> {
     let roots = dir
         .subtree
         .iter()
-        .map(|t| (*t, path.to_path_buf()))
+        .map(|t| (*t, base.to_path_buf()))
         .collect();
     Walker::new(repo).run(roots, |listing| {
         let mut subdirs = Vec::new();
@@ -266,11 +266,7 @@ fn verify_dir(repo: &Repository, dir: &Node, path: &Path, v: &mut SourceVerdict)
             let p = listing.at.join(crate::util::os_str(&node.name));
             match node.kind {
                 NodeKind::Dir => subdirs.extend(node.subtree.iter().map(|t| (*t, p.clone()))),
-                NodeKind::File => {
-                    if let Err(e) = verify_file(repo, &node, &p, v) {
-                        v.errors.push(format!("{}: {e}", p.display()));
-                    }
-                }
+                NodeKind::File => f(&node, &p),
                 _ => {}
             }
         }
