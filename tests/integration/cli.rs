@@ -120,6 +120,38 @@ impl Env {
     pub fn pack_path(&self, name: &str) -> PathBuf {
         self.repo.join("packs").join(&name[..2]).join(name)
     }
+
+    /// Runs marmoset with `args` (it must succeed) and returns its stdout
+    /// and the bytes it got from `read` calls: a shell runs it and then
+    /// reads its own `/proc/PID/io`, which includes the reaped child's.
+    pub fn ok_counting_reads(&self, args: &[&str]) -> (Vec<u8>, u64) {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(r#""$@" > "$OUT" || exit $?; grep '^rchar:' /proc/$$/io"#)
+            .arg("sh")
+            .arg(env!("CARGO_BIN_EXE_marmoset"))
+            .arg("-q")
+            .args(args)
+            .env("OUT", self.path("counted.out"))
+            .env("MARMOSET_REPOSITORY", &self.repo)
+            .env("MARMOSET_PASSWORD_FILE", &self.pwfile)
+            .env("MARMOSET_CACHE_DIR", &self.cache)
+            .env_remove("MARMOSET_PASSWORD")
+            .output()
+            .expect("spawn sh");
+        assert!(
+            out.status.success(),
+            "marmoset {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = String::from_utf8_lossy(&out.stdout).into_owned();
+        let rchar = line
+            .trim()
+            .strip_prefix("rchar:")
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no rchar in {line:?}"));
+        (fs::read(self.path("counted.out")).expect("output"), rchar)
+    }
 }
 
 impl Env {

@@ -345,6 +345,59 @@ fn odd_source_trees_round_trip() {
     assert_same_tree(&src, &dst);
 }
 
+/// The holes of a sparse file are not read: the backup reads about its
+/// data only, the restored copy is sparse again, and the same bytes
+/// stored densely are cut into the same chunks (nothing new to store).
+#[test]
+fn holes_are_not_read_and_cut_as_if_they_were() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    let size: u64 = 256 << 20;
+    let f = fs::File::create(src.join("disk.img")).unwrap();
+    f.set_len(size).unwrap();
+    let mut r = rng(3);
+    for off in [0u64, 40 << 20, (130 << 20) + 12_345, size - (1 << 20)] {
+        f.write_all_at(&random_bytes(&mut r, 1 << 20), off).unwrap();
+    }
+    drop(f);
+    let allocated = |p: &std::path::Path| fs::metadata(p).unwrap().blocks() * 512;
+    assert!(allocated(&src.join("disk.img")) < 8 << 20);
+
+    let (out, read) = env.ok_counting_reads(&["--json", "backup", src.to_str().unwrap()]);
+    let out: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(out["summary"]["bytes_total"], size, "{out}");
+    assert!(
+        read < size / 4,
+        "{read} bytes read for 4 MiB of data in a {size}-byte file"
+    );
+
+    let dst = env.path("dst");
+    env.ok(&["restore", "latest", "--target", dst.to_str().unwrap()]);
+    assert_same_tree(&src, &dst);
+    assert!(
+        allocated(&dst.join("disk.img")) < 16 << 20,
+        "restored dense"
+    );
+
+    // The same bytes, every block allocated: same chunks, nothing added.
+    let dense = env.path("dense");
+    fs::create_dir_all(&dense).unwrap();
+    let status = std::process::Command::new("cp")
+        .args(["--sparse=never"])
+        .arg(src.join("disk.img"))
+        .arg(dense.join("disk.img"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(allocated(&dense.join("disk.img")) >= size);
+    let out = env.backup(&dense, &[]);
+    assert_eq!(out["summary"]["data_blobs_added"], 0, "{out}");
+    env.ok(&["check", "--read-data"]);
+}
+
 /// Files that change or vanish while being read: the backup completes,
 /// records what it read, and reports vanished files.
 #[test]

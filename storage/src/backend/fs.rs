@@ -113,10 +113,12 @@ impl ReadBackend for FsBackend {
             .map_err(|e| Self::err("stat", kind, name, e))
     }
 
-    /// A local write of a sealed pack takes milliseconds: one writer keeps
-    /// up, and every extra one would hold another pack in memory.
+    /// Two writers: each pack is copied into the page cache and fsynced,
+    /// and with one writer the whole pipeline waited for every fsync (a
+    /// single large file backed up at 0.65x the single-core pipeline rate,
+    /// 1.2x with two). Each extra writer holds one more pack in memory.
     fn write_parallelism(&self) -> usize {
-        1
+        2
     }
 }
 

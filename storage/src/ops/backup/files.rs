@@ -62,26 +62,56 @@ pub(super) fn read_file(
     }
     let f = open_source(job).map_err(|e| FileError::Source(e.to_string()))?;
     let keys = saver.repo.keys();
-    let chunker = Chunker::new(f, buf, &saver.repo.config().chunker, keys.chunker_seed());
-    let mut ids = Vec::new();
+    let params = &saver.repo.config().chunker;
+    // Fewer blocks than bytes: the file has holes worth looking for.
+    let sparse = job.meta.blocks().saturating_mul(512) < job.meta.len();
+    let mut chunker = Chunker::new(SparseFile::new(f, sparse), buf, params, keys.chunker_seed());
+    let zero = sparse.then(|| saver.zero_chunk());
+    if let Some((z, _)) = zero {
+        chunker = chunker.skipping_holes(z, job.meta.len());
+    }
+    let mut ids = IdQueue::default();
     let mut size = 0u64;
-    for chunk in chunker {
+    for piece in chunker {
         if saver.aborted() {
             return Err(FileError::Fatal(Error::Aborted("backup aborted".into())));
         }
-        let data =
-            chunk.map_err(|e| FileError::Source(format!("read failed at byte {size}: {e}")))?;
-        let len = data.len() as u64;
+        let piece =
+            piece.map_err(|e| FileError::Source(format!("read failed at byte {size}: {e}")))?;
+        let len = piece.len() as u64;
         size += len;
         saver.progress.bytes_read.fetch_add(len, Ordering::Relaxed);
-        let id = keys.content_id(&data);
-        ids.push(id);
-        if saver.claim(&id).map_err(FileError::Fatal)? {
-            chunks.send(Chunk { id, data }).map_err(|_| {
-                FileError::Fatal(Error::Aborted("compression workers stopped".into()))
-            })?;
+        let data = match (piece, zero) {
+            (Piece::Data(data), _) => data,
+            (Piece::Zeros(_), Some((_, id))) => {
+                // Only the first zero chunk of a backup is ever stored.
+                if saver.claim(&id).map_err(FileError::Fatal)? {
+                    send(chunks, Chunk::claimed(id, vec![0; len as usize]))?;
+                }
+                ids.push(Slot::Ready(id))?;
+                continue;
+            }
+            (Piece::Zeros(_), None) => {
+                return Err(FileError::Fatal(Error::Aborted(
+                    "zero chunk without hole skipping".into(),
+                )))
+            }
+        };
+        if data.len() >= HASH_ELSEWHERE {
+            // Big chunks are hashed by the cpu workers, so that reading
+            // and cutting one large file overlaps with hashing it.
+            let (tx, rx) = bounded(1);
+            send(chunks, Chunk::to_hash(data, tx))?;
+            ids.push(Slot::Pending(rx))?;
+            continue;
         }
+        let id = keys.content_id(&data);
+        if saver.claim(&id).map_err(FileError::Fatal)? {
+            send(chunks, Chunk::claimed(id, data))?;
+        }
+        ids.push(Slot::Ready(id))?;
     }
+    let ids = ids.finish()?;
     if ids.len() <= tree::MAX_DIRECT_CHUNKS {
         return Ok(FileContent {
             content: ids,
@@ -108,16 +138,97 @@ pub(super) fn cpu_worker(saver: &Saver, chunks: Receiver<Chunk>) {
         if saver.aborted() {
             continue;
         }
-        let r = blob::encode(
-            saver.repo.keys(),
-            BlobType::Data,
-            c.id,
-            &c.data,
-            saver.level,
-        )
-        .and_then(|b| saver.add_encoded(b));
+        let keys = saver.repo.keys();
+        let (id, store) = match c.reply {
+            None => (c.id, true),
+            Some(reply) => {
+                let id = keys.content_id(&c.data);
+                let claimed = saver.claim(&id);
+                // The file worker waits for the id whatever happens here.
+                let _ = reply.send(claimed.as_ref().map(|_| id).map_err(|_| ()));
+                match claimed {
+                    Ok(claimed) => (id, claimed),
+                    Err(e) => {
+                        saver.fail(e);
+                        continue;
+                    }
+                }
+            }
+        };
+        if !store {
+            continue;
+        }
+        let r = blob::encode(keys, BlobType::Data, id, &c.data, saver.level)
+            .and_then(|b| saver.add_encoded(b));
         if let Err(e) = r {
             saver.fail(e);
         }
+    }
+}
+
+/// Chunks at least this long are hashed by the cpu workers; smaller ones
+/// (the only chunk of a small file, most often) where they are read, which
+/// spares a hand-off per file.
+const HASH_ELSEWHERE: usize = 128 << 10;
+
+/// Chunks of one file whose ids are awaited at once: enough to keep every
+/// cpu worker busy, few enough to bound what one file holds.
+const IDS_IN_FLIGHT: usize = 16;
+
+fn send(chunks: &Sender<Chunk>, c: Chunk) -> std::result::Result<(), FileError> {
+    chunks
+        .send(c)
+        .map_err(|_| FileError::Fatal(Error::Aborted("compression workers stopped".into())))
+}
+
+enum Slot {
+    Ready(Id),
+    Pending(Receiver<std::result::Result<Id, ()>>),
+}
+
+/// A file's chunk ids in file order, some still being hashed elsewhere.
+#[derive(Default)]
+struct IdQueue {
+    done: Vec<Id>,
+    waiting: std::collections::VecDeque<Slot>,
+    pending: usize,
+}
+
+impl IdQueue {
+    fn push(&mut self, slot: Slot) -> std::result::Result<(), FileError> {
+        if matches!(slot, Slot::Pending(_)) {
+            self.pending += 1;
+        }
+        self.waiting.push_back(slot);
+        while self.pending > IDS_IN_FLIGHT {
+            self.resolve_front()?;
+        }
+        while matches!(self.waiting.front(), Some(Slot::Ready(_))) {
+            self.resolve_front()?;
+        }
+        Ok(())
+    }
+
+    fn resolve_front(&mut self) -> std::result::Result<(), FileError> {
+        let id = match self.waiting.pop_front() {
+            None => return Ok(()),
+            Some(Slot::Ready(id)) => id,
+            Some(Slot::Pending(rx)) => {
+                self.pending -= 1;
+                // A worker that failed has recorded why; the backup stops.
+                rx.recv().ok().and_then(|r| r.ok()).ok_or_else(|| {
+                    FileError::Fatal(Error::Aborted("compression workers stopped".into()))
+                })?
+            }
+        };
+        self.done.push(id);
+        Ok(())
+    }
+
+    fn finish(mut self) -> std::result::Result<Vec<Id>, FileError> {
+        while !self.waiting.is_empty() {
+            self.resolve_front()?;
+        }
+        Ok(self.done)
     }
 }

@@ -25,7 +25,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -49,7 +49,7 @@ use crate::format::snapshot::{BackupSummary, Snapshot, SourceError};
 use crate::format::tree::{self, Node, NodeKind, Tree, Xattr};
 use crate::repo::coordination::lease::{Lease, LeaseKind};
 use crate::repo::Repository;
-use chunker::Chunker;
+use chunker::{Chunker, Piece, SparseFile, ZeroChunk};
 
 /// Caller's choices for one backup.
 #[derive(Debug, Clone, Default)]
@@ -113,9 +113,30 @@ struct FileJob {
     reply: Sender<FileResult>,
 }
 
+/// A chunk for the cpu workers: claimed already (store it), or to hash,
+/// claim and store if new, with its id sent back to the file worker.
 struct Chunk {
     id: Id,
     data: Vec<u8>,
+    reply: Option<Sender<std::result::Result<Id, ()>>>,
+}
+
+impl Chunk {
+    fn claimed(id: Id, data: Vec<u8>) -> Self {
+        Self {
+            id,
+            data,
+            reply: None,
+        }
+    }
+
+    fn to_hash(data: Vec<u8>, reply: Sender<std::result::Result<Id, ()>>) -> Self {
+        Self {
+            id: Id([0; 32]),
+            data,
+            reply: Some(reply),
+        }
+    }
 }
 
 /// Runs a backup of `paths` and returns the new snapshot.
@@ -225,6 +246,7 @@ pub fn backup(
         progress,
         abort: AtomicBool::new(false),
         first_error: Mutex::new(None),
+        zero: OnceLock::new(),
     };
     let ctx = WalkCtx {
         repo,

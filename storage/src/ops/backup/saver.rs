@@ -44,6 +44,8 @@ pub(super) struct Saver<'r> {
     pub(super) progress: &'r Progress,
     pub(super) abort: AtomicBool,
     pub(super) first_error: Mutex<Option<Error>>,
+    /// The zero chunk of holes and its id, made on first use.
+    pub(super) zero: OnceLock<(ZeroChunk, Id)>,
 }
 
 #[derive(Default)]
@@ -65,6 +67,15 @@ impl<'r> Saver<'r> {
 
     pub(super) fn aborted(&self) -> bool {
         self.abort.load(Ordering::Relaxed)
+    }
+
+    /// The chunk every hole is cut into, and its id.
+    pub(super) fn zero_chunk(&self) -> (ZeroChunk, Id) {
+        *self.zero.get_or_init(|| {
+            let keys = self.repo.keys();
+            let z = ZeroChunk::new(&self.repo.config().chunker, keys.chunker_seed());
+            (z, keys.content_id(&vec![0; z.len]))
+        })
     }
 
     /// Claims `id` for storing: false when the repository or this backup

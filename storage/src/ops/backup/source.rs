@@ -137,18 +137,18 @@ impl SourceDir {
     }
 
     /// Entry names, sorted bytewise (trees are sorted by name).
-    pub(super) fn names(&self) -> std::io::Result<Vec<OsString>> {
+    pub(super) fn names(&self) -> std::io::Result<Names> {
         let dup = self.fd.try_clone()?;
         let mut dir = nix::dir::Dir::from_fd(dup)?;
-        let mut names = Vec::new();
+        let mut names = Names::default();
         for entry in dir.iter() {
             let entry = entry?;
             let name = entry.file_name().to_bytes();
             if name != b"." && name != b".." {
-                names.push(OsStr::from_bytes(name).to_owned());
+                names.push(name)?;
             }
         }
-        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        names.sort();
         Ok(names)
     }
 
@@ -164,6 +164,41 @@ impl SourceDir {
         let f = File::from(fd);
         let meta = f.metadata()?;
         Ok((f, meta))
+    }
+}
+
+/// A directory's entry names in one buffer: the walk holds the listing of
+/// every directory it is inside, and one allocation per name (a
+/// directory of a million files) cost several times the names' bytes.
+#[derive(Default)]
+pub(super) struct Names {
+    bytes: Vec<u8>,
+    spans: Vec<(u32, u32)>,
+}
+
+impl Names {
+    fn push(&mut self, name: &[u8]) -> std::io::Result<()> {
+        let too_big = || std::io::Error::other("directory listing larger than 4 GiB");
+        let start = u32::try_from(self.bytes.len()).map_err(|_| too_big())?;
+        let len = u32::try_from(name.len()).map_err(|_| too_big())?;
+        start.checked_add(len).ok_or_else(too_big)?;
+        self.bytes.extend_from_slice(name);
+        self.spans.push((start, len));
+        Ok(())
+    }
+
+    fn get(&self, (start, len): (u32, u32)) -> &[u8] {
+        &self.bytes[start as usize..(start + len) as usize]
+    }
+
+    fn sort(&mut self) {
+        let mut spans = std::mem::take(&mut self.spans);
+        spans.sort_unstable_by(|a, b| self.get(*a).cmp(self.get(*b)));
+        self.spans = spans;
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = &OsStr> {
+        self.spans.iter().map(|s| OsStr::from_bytes(self.get(*s)))
     }
 }
 
@@ -196,11 +231,11 @@ pub(super) fn walk_dir_contents(
             )
         }
     };
-    for name in names {
+    for name in names.iter() {
         if saver.aborted() {
             return Err(Error::Aborted("backup aborted".into()));
         }
-        walk_entry(ctx, saver, dir, &name, events, jobs)?;
+        walk_entry(ctx, saver, dir, name, events, jobs)?;
     }
     Ok(())
 }
