@@ -315,6 +315,15 @@ impl Cluster {
 
     /// Runs `hook` in the pod and waits for it, within its timeout.
     /// Returns the command's output (truncated) on success.
+    /// The UID of pod `name`, `None` when there is no such pod.
+    pub async fn pod_uid(&self, namespace: &str, name: &str) -> Result<Option<String>> {
+        let api = Api::<Pod>::namespaced(self.client.clone(), namespace);
+        match api.get_opt(name).await {
+            Ok(p) => Ok(p.and_then(|p| p.metadata.uid)),
+            Err(e) => Err(Error::kube(format!("reading pod {namespace}/{name}"), e)),
+        }
+    }
+
     pub async fn exec(
         &self,
         namespace: &str,

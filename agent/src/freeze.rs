@@ -5,6 +5,8 @@
 //! and, for a process that could not, by the next agent before anything
 //! else.
 
+use std::time::Duration;
+
 use chrono::Utc;
 use tracing::{info, warn};
 
@@ -14,9 +16,19 @@ use crate::hooks::{Hook, OnError};
 use crate::runner::Agent;
 use crate::state::FrozenPod;
 
+/// A post hook run at shutdown waits at most this long, so that every
+/// pending one fits in the DaemonSet's termination grace period (120 s);
+/// one that did not finish stays pending for the next start.
+pub const SHUTDOWN_HOOK_BUDGET: Duration = Duration::from_secs(90);
+
+/// Post hooks that failed are tried again this often by a running agent.
+pub const FAILED_THAW_RETRY: Duration = Duration::from_secs(60);
+
 impl Agent {
-    /// Records `post` as pending for `pod`, before its pre hook runs.
-    pub(crate) async fn remember_frozen(&self, pod: &PodPlan, post: &Hook) {
+    /// Records `post` as pending for `pod`, before its pre hook runs; false
+    /// when the state file could not be written (then the pod must not be
+    /// frozen: a crash would leave nobody who knows to thaw it).
+    pub(crate) async fn remember_frozen(&self, pod: &PodPlan, post: &Hook) -> bool {
         let entry = FrozenPod {
             namespace: pod.namespace.clone(),
             pod: pod.pod.clone(),
@@ -25,25 +37,56 @@ impl Agent {
             command: post.command.clone(),
             timeout_secs: post.timeout.as_secs().max(1),
             since: Utc::now(),
+            failed: false,
         };
         self.update_state(|st| {
             st.frozen.retain(|f| !f.same_pod(&pod.namespace, &pod.pod));
             st.frozen.push(entry);
         })
-        .await;
+        .await
     }
 
-    pub(crate) async fn forget_frozen(&self, namespace: &str, pod: &str) {
-        self.update_state(|st| st.frozen.retain(|f| !f.same_pod(namespace, pod)))
+    /// After the post hook ran: forgotten when it succeeded, kept (marked
+    /// failed, retried) when it did not.
+    pub(crate) async fn post_hook_done(&self, namespace: &str, pod: &str, ok: bool) {
+        let _ = self
+            .update_state(|st| {
+                if ok {
+                    st.frozen.retain(|f| !f.same_pod(namespace, pod));
+                } else {
+                    for f in st.frozen.iter_mut().filter(|f| f.same_pod(namespace, pod)) {
+                        f.failed = true;
+                    }
+                }
+            })
             .await;
     }
 
-    /// Runs every post hook the state file lists as pending, all at once
-    /// (so the wait is the longest timeout, not their sum), and forgets
-    /// them: one attempt each, a failure is reported as a Warning Event.
-    /// Returns how many were run.
-    pub async fn thaw_leftovers(&self, why: &str) -> usize {
-        let pending = {
+    /// The pending post hook of `pod` from an earlier run, if any.
+    pub(crate) async fn pending_thaw(&self, namespace: &str, pod: &str) -> Option<FrozenPod> {
+        let _one = self.state_lock.lock().await;
+        let st = self.state.load().ok().flatten()?;
+        st.frozen.into_iter().find(|f| f.same_pod(namespace, pod))
+    }
+
+    /// Runs the pending post hooks the state file lists, all at once (so
+    /// the wait is the longest timeout, not their sum), each within
+    /// `budget` if given. `only_failed` leaves alone the entries of pods
+    /// that a run of this process froze and is about to thaw itself.
+    /// Entries whose hook succeeded, or whose pod is gone (a new pod is
+    /// not frozen), are forgotten; the others stay, marked failed, and are
+    /// tried again later. Returns how many were run.
+    pub async fn thaw_leftovers(&self, why: &str, budget: Option<Duration>) -> usize {
+        self.thaw_pending(why, budget, false).await
+    }
+
+    pub(crate) async fn thaw_pending(
+        &self,
+        why: &str,
+        budget: Option<Duration>,
+        only_failed: bool,
+    ) -> usize {
+        let pending: Vec<FrozenPod> = {
             let _one = self.state_lock.lock().await;
             match self.state.load() {
                 Ok(st) => st.map(|st| st.frozen).unwrap_or_default(),
@@ -52,24 +95,41 @@ impl Agent {
                     Vec::new()
                 }
             }
-        };
+        }
+        .into_iter()
+        .filter(|f| f.failed || !only_failed)
+        .collect();
         if pending.is_empty() {
             return 0;
         }
         info!(pods = pending.len(), why, "running pending post hooks");
-        let runs = pending.iter().map(|f| self.thaw(f, why));
-        futures::future::join_all(runs).await;
-        self.update_state(|st| st.frozen.retain(|f| !pending.contains(f)))
+        let runs = pending.iter().map(|f| self.thaw(f, why, budget));
+        let done = futures::future::join_all(runs).await;
+        let _ = self
+            .update_state(|st| {
+                for (f, ok) in pending.iter().zip(&done) {
+                    if *ok {
+                        st.frozen.retain(|g| g != f);
+                    } else if let Some(g) = st.frozen.iter_mut().find(|g| *g == f) {
+                        g.failed = true;
+                    }
+                }
+            })
             .await;
         pending.len()
     }
 
-    async fn thaw(&self, f: &FrozenPod, why: &str) {
+    /// Runs one pending post hook; true when it ran or its pod is gone.
+    pub(crate) async fn thaw(&self, f: &FrozenPod, why: &str, budget: Option<Duration>) -> bool {
+        let mut timeout = Duration::from_secs(f.timeout_secs);
+        if let Some(b) = budget {
+            timeout = timeout.min(b);
+        }
         let hook = Hook {
             container: f.container.clone(),
             command: f.command.clone(),
             on_error: OnError::Continue,
-            timeout: std::time::Duration::from_secs(f.timeout_secs),
+            timeout,
         };
         let subject = Subject::Pod {
             namespace: &f.namespace,
@@ -90,8 +150,16 @@ impl Agent {
                         ),
                     )
                     .await;
+                true
             }
             Err(e) => {
+                // A pod that was deleted or replaced is not frozen any more.
+                if let Ok(uid) = self.cluster.pod_uid(&f.namespace, &f.pod).await {
+                    if uid.as_deref() != Some(f.pod_uid.as_str()) {
+                        info!(namespace = %f.namespace, pod = %f.pod, "frozen pod is gone");
+                        return true;
+                    }
+                }
                 warn!(namespace = %f.namespace, pod = %f.pod, error = %e, "pending post hook failed");
                 self.metrics.hook_failed();
                 self.cluster
@@ -100,10 +168,13 @@ impl Agent {
                         true,
                         "HookFailed",
                         &format!(
-                            "post hook {why} failed; the application may still be frozen: {e}"
+                            "post hook {why} failed; the application may still be frozen \
+                             (tried again every {}s): {e}",
+                            FAILED_THAW_RETRY.as_secs()
                         ),
                     )
                     .await;
+                false
             }
         }
     }

@@ -33,6 +33,10 @@ pub struct PodHooks {
     pub errors: Vec<String>,
 }
 
+/// The longest a hook may run, whatever its annotation says: a tenant's
+/// hook that hangs for days would hold every later run on the node.
+pub const MAX_HOOK_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
 pub fn from_annotations(ann: &BTreeMap<String, String>, default_timeout: Duration) -> PodHooks {
     let mut out = PodHooks::default();
     out.pre = parse(ann, "pre", default_timeout, &mut out.errors);
@@ -69,6 +73,14 @@ fn parse(
     let timeout = match ann.get(&key("timeout")) {
         None => default_timeout,
         Some(t) => match crate::config::parse_span(t) {
+            Ok(d) if d > MAX_HOOK_TIMEOUT => {
+                errors.push(format!(
+                    "{}: {t} is longer than the {} minutes a hook may take",
+                    key("timeout"),
+                    MAX_HOOK_TIMEOUT.as_secs() / 60
+                ));
+                return None;
+            }
             Ok(d) => d,
             Err(e) => {
                 errors.push(format!("{}: {e}", key("timeout")));

@@ -17,7 +17,7 @@ pub mod cluster;
 pub mod config;
 pub mod discovery;
 pub mod error;
-mod freeze;
+pub mod freeze;
 pub mod hooks;
 pub mod lease;
 pub mod metrics;

@@ -86,6 +86,8 @@ pub struct Agent {
     pub(crate) state_lock: tokio::sync::Mutex<()>,
     /// How often a running backup rewrites its status object.
     pub status_every: Duration,
+    /// Set at shutdown: running backups stop without a snapshot.
+    pub(crate) cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Agent {
@@ -102,6 +104,7 @@ impl Agent {
             state,
             state_lock: tokio::sync::Mutex::new(()),
             status_every: Duration::from_secs(30),
+            cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -153,20 +156,33 @@ impl Agent {
         self.run_schedule(&sched, Utc::now()).await
     }
 
-    pub(crate) async fn update_state(&self, f: impl FnOnce(&mut State)) {
+    /// Stops every running backup before its snapshot is written: called
+    /// before pods are thawed at shutdown, so that nothing read after a
+    /// thaw is recorded as a consistent copy. The process is exiting.
+    pub fn cancel_backups(&self) {
+        self.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the state was saved (a pod is frozen only if it was).
+    pub(crate) async fn update_state(&self, f: impl FnOnce(&mut State)) -> bool {
         let _one = self.state_lock.lock().await;
         let r = self.state.load().and_then(|st| {
             let mut st = st.unwrap_or_default();
             f(&mut st);
             self.state.save(&st)
         });
-        if let Err(e) = r {
-            warn!(error = %e, "could not save agent state");
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "could not save agent state");
+                false
+            }
         }
     }
 
     async fn mark(&self, name: &str, f: impl FnOnce(&mut ScheduleState)) {
-        self.update_state(|st| f(st.schedules.entry(name.to_string()).or_default()))
+        let _ = self
+            .update_state(|st| f(st.schedules.entry(name.to_string()).or_default()))
             .await;
     }
 
@@ -315,6 +331,8 @@ impl Agent {
 
     async fn run_pod(&self, pod: &PodPlan, sched: &Schedule, set: &str) -> PodResult {
         let mut result = PodResult::default();
+        let hooks_on = self.cfg.hooks.enabled;
+        let mut blocked: Option<String> = None;
         for e in &pod.hooks.errors {
             self.cluster
                 .event(
@@ -328,24 +346,61 @@ impl Agent {
                 .hook_failures
                 .push(format!("{}/{}: {e}", pod.namespace, pod.pod));
         }
-        let hooks_on = self.cfg.hooks.enabled;
-        let pre = pod.hooks.pre.as_ref().filter(|_| hooks_on);
-        let post = pod.hooks.post.as_ref().filter(|_| hooks_on);
+        // Hooks asked for but not understood: the pod would be backed up
+        // unfrozen (or thawed without a freeze), so none runs and its
+        // volumes fail, as Velero fails them.
+        if hooks_on && !pod.hooks.errors.is_empty() {
+            blocked = Some(format!(
+                "hook annotations not understood, nothing backed up: {}",
+                pod.hooks.errors.join("; ")
+            ));
+        }
+        let pre = pod
+            .hooks
+            .pre
+            .as_ref()
+            .filter(|_| hooks_on && blocked.is_none());
+        let post = pod
+            .hooks
+            .post
+            .as_ref()
+            .filter(|_| hooks_on && blocked.is_none());
         // Everything the backup needs comes before the application is
         // frozen: the hold on the repository (maintenance may have it for
         // minutes) and an up-to-date index.
         let share = self.share_repo().await;
-        let mut blocked: Option<String> = None;
-        if pre.is_some() || post.is_some() {
+        if blocked.is_none() && (pre.is_some() || post.is_some()) {
             let prepared = self.on_repo(share.clone(), |repo| repo.sync_index()).await;
             if let Err(e) = crate::runner::joined(prepared) {
                 blocked = Some(format!("repository not ready, hooks not run: {e}"));
             }
         }
+        // A post hook of an earlier run that failed: the pod may still be
+        // frozen. It is thawed first, and not frozen again while it fails.
+        if blocked.is_none() && post.is_some() {
+            if let Some(f) = self.pending_thaw(&pod.namespace, &pod.pod).await {
+                if !self.thaw(&f, "of an earlier run", None).await {
+                    blocked = Some(
+                        "the post hook of an earlier run still fails; not frozen again".into(),
+                    );
+                } else {
+                    self.post_hook_done(&pod.namespace, &pod.pod, true).await;
+                }
+            }
+        }
+        let mut frozen = false;
         if blocked.is_none() {
             if let Some(post) = post {
-                self.remember_frozen(pod, post).await;
+                if self.remember_frozen(pod, post).await {
+                    frozen = true;
+                } else {
+                    blocked = Some(
+                        "the agent state file cannot be written, so the pod is not frozen".into(),
+                    );
+                }
             }
+        }
+        if blocked.is_none() {
             if let Some(pre) = pre {
                 if let Err(msg) = self.hook(pod, "pre", pre, &mut result).await {
                     if pre.on_error == OnError::Fail {
@@ -354,21 +409,36 @@ impl Agent {
                 }
             }
         }
+        let mut outcomes = Vec::new();
         for target in &pod.volumes {
             let outcome = match &blocked {
                 Some(msg) => self.volume_failed(target, sched, msg).await,
                 None => self.backup_volume(target, sched, set, share.clone()).await,
             };
-            result.volumes.push(outcome);
+            outcomes.push((target, outcome));
         }
         drop(share);
         // The post hook runs even after a failed pre hook or backup: it is
         // where applications are unfrozen, and a half-applied pre hook
         // must not leave them frozen.
-        if let Some(post) = post {
-            let _ = self.hook(pod, "post", post, &mut result).await;
-            self.forget_frozen(&pod.namespace, &pod.pod).await;
+        if let (Some(post), true) = (post, frozen) {
+            let ok = self.hook(pod, "post", post, &mut result).await;
+            self.post_hook_done(&pod.namespace, &pod.pod, ok.is_ok())
+                .await;
+            if let (Err(msg), OnError::Fail) = (ok, post.on_error) {
+                // The copy is good (taken frozen), but the application may
+                // still be: the volume's status says so.
+                for (target, outcome) in &mut outcomes {
+                    if outcome.error.is_none() {
+                        let why = format!("backed up, but the post hook failed: {msg}");
+                        let snapshot = outcome.snapshot.take();
+                        *outcome = self.volume_failed(target, sched, &why).await;
+                        outcome.snapshot = snapshot;
+                    }
+                }
+            }
         }
+        result.volumes = outcomes.into_iter().map(|(_, o)| o).collect();
         result
     }
 
@@ -550,7 +620,7 @@ impl Agent {
         let (addr, server) =
             crate::metrics::serve(&self.cfg.metrics_address, self.metrics()).await?;
         info!(%addr, node = %self.node(), "marmoset agent started");
-        self.thaw_leftovers("left pending by the previous agent")
+        self.thaw_leftovers("left pending by the previous agent", None)
             .await;
         match self.restore_metrics().await {
             Ok(n) => info!(volumes = n, "last successes loaded from status objects"),
@@ -580,6 +650,15 @@ impl Agent {
         } else {
             None
         };
+        let retry = {
+            let me = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(crate::freeze::FAILED_THAW_RETRY).await;
+                    me.thaw_pending("that failed before", None, true).await;
+                }
+            })
+        };
         let result = tokio::select! {
             r = self.clone().schedule_loop() => r,
             _ = shutdown => {
@@ -587,9 +666,16 @@ impl Agent {
                 Ok(())
             }
         };
+        retry.abort();
         // The schedule loop is gone, and with it any hook it was waiting
-        // for: every pod it froze is thawed before the process exits.
-        self.thaw_leftovers("pending at shutdown").await;
+        // for: running backups stop (nothing read after a thaw is saved),
+        // and every pod it froze is thawed before the process exits.
+        self.cancel_backups();
+        self.thaw_leftovers(
+            "pending at shutdown",
+            Some(crate::freeze::SHUTDOWN_HOOK_BUDGET),
+        )
+        .await;
         if let Some((lease, task)) = maintenance {
             task.abort();
             if let Err(e) = lease.release().await {

@@ -35,6 +35,11 @@ pub struct FrozenPod {
     pub command: Vec<String>,
     pub timeout_secs: u64,
     pub since: DateTime<Utc>,
+    /// The post hook ran and failed: the pod may still be frozen. Such
+    /// entries are retried until the hook succeeds or the pod is gone,
+    /// and the pod is not frozen again meanwhile.
+    #[serde(default)]
+    pub failed: bool,
 }
 
 impl FrozenPod {
@@ -80,7 +85,12 @@ impl StateFile {
         }
         let tmp = self.path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(state).map_err(|e| self.err(e))?;
-        std::fs::write(&tmp, bytes).map_err(|e| self.err(e))?;
+        // Durable before it replaces the old state: the pending post hooks
+        // in it must survive a crash of the node, not only of the agent.
+        let mut f = std::fs::File::create(&tmp).map_err(|e| self.err(e))?;
+        std::io::Write::write_all(&mut f, &bytes).map_err(|e| self.err(e))?;
+        f.sync_all().map_err(|e| self.err(e))?;
+        drop(f);
         std::fs::rename(&tmp, &self.path).map_err(|e| self.err(e))
     }
 }

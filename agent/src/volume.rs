@@ -179,10 +179,17 @@ impl Agent {
         set: &str,
         share: RepoShare,
     ) -> VolumeOutcome {
-        match std::fs::metadata(&t.path) {
+        // Not followed if it is a symlink: a volume whose directory was
+        // swapped for a link would be backed up as that link alone.
+        match std::fs::symlink_metadata(&t.path) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                let msg = format!("{} is not a directory", t.path.display());
+            Ok(m) => {
+                let what = if m.file_type().is_symlink() {
+                    "a symbolic link (not followed)"
+                } else {
+                    "not a directory"
+                };
+                let msg = format!("{} is {what}", t.path.display());
                 return self.volume_failed(t, sched, &msg).await;
             }
             Err(e) => {
@@ -230,6 +237,7 @@ impl Agent {
             ],
             threads: self.cfg.threads,
             hostname: Some(self.node().into()),
+            cancel: Some(self.cancel.clone()),
             ..Default::default()
         };
         let path: PathBuf = t.path.clone();

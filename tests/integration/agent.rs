@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use marmoset_agent::lease::{LeaderLease, LAST_FULL};
+use marmoset_agent::runner::RunReport;
 use marmoset_agent::status::Phase;
 use marmoset_agent::{Agent, AgentConfig, Cluster};
 use marmoset_storage::backend::fs::FsBackend;
@@ -1419,4 +1420,145 @@ async fn pods_are_backed_up_in_parallel() {
             "parallelVolumes {parallel}: mongodb finished at request {mongo_done}, postgresql thawed at {thaw}"
         );
     }
+}
+
+fn pg_volume(report: &RunReport) -> &marmoset_agent::runner::VolumeOutcome {
+    report
+        .volumes
+        .iter()
+        .find(|v| v.target.pod == "postgresql-0")
+        .expect("postgresql volume")
+}
+
+fn frozen_entries(w: &World) -> Vec<Value> {
+    let file = w
+        .dir
+        .path()
+        .join("state")
+        .join(format!("agent-state-{NODE}.json"));
+    let state: Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+    state["frozen"].as_array().cloned().unwrap_or_default()
+}
+
+/// A post hook that fails leaves the application possibly frozen: it
+/// stays pending, the volume says so, the next run tries the thaw first
+/// and does not freeze the pod again while it fails, and once it succeeds
+/// the pod is backed up as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_post_hook_is_retried_and_the_pod_not_frozen_again() {
+    let w = world().await;
+    w.api.with(|s| {
+        s.exec_rules
+            .push(("thawed".into(), ExecResult::Exit(1, "cannot thaw".into())))
+    });
+    let agent = w.agent(NODE, "maintenance:\n  enabled: false");
+    let report = agent.run_once("daily").await.unwrap();
+    let pg = pg_volume(&report);
+    assert_eq!(pg.phase, Phase::Failed, "{pg:?}");
+    assert!(pg.snapshot.is_some(), "the copy itself is good");
+    assert!(pg.error.as_deref().unwrap().contains("post hook failed"));
+    let frozen = frozen_entries(&w);
+    assert_eq!(frozen.len(), 1, "{frozen:?}");
+    assert_eq!(frozen[0]["failed"], true);
+
+    // Next run: the thaw is tried first, fails, and no new freeze.
+    let before = exec_lines(&w).len();
+    let report = agent.run_once("daily").await.unwrap();
+    let execs = exec_lines(&w)[before..].to_vec();
+    assert!(
+        execs.iter().all(|e| !e.contains("CHECKPOINT")),
+        "not frozen again: {execs:?}"
+    );
+    assert!(execs.iter().any(|e| e.contains("thawed")), "{execs:?}");
+    let pg = pg_volume(&report);
+    assert!(
+        pg.error.as_deref().unwrap().contains("still fails"),
+        "{pg:?}"
+    );
+    assert_eq!(frozen_entries(&w).len(), 1);
+
+    // The application recovers: thaw, then the usual freeze and thaw.
+    w.api.with(|s| s.exec_rules.clear());
+    let before = exec_lines(&w).len();
+    let report = agent.run_once("daily").await.unwrap();
+    assert_eq!(pg_volume(&report).phase, Phase::Succeeded);
+    let execs = exec_lines(&w)[before..].to_vec();
+    assert_eq!(execs.len(), 3, "{execs:?}");
+    assert!(execs[0].contains("thawed") && execs[1].contains("CHECKPOINT"));
+    assert!(frozen_entries(&w).is_empty());
+}
+
+/// Without a state file to record the pending thaw in, a crash would
+/// leave the pod frozen for good: it is not frozen, and its volume fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_freeze_without_a_writable_state_file() {
+    let w = world().await;
+    let state = w.dir.path().join("state");
+    std::fs::create_dir_all(state.join(format!("agent-state-{NODE}.json"))).unwrap();
+    let agent = w.agent(NODE, "maintenance:\n  enabled: false");
+    let report = agent.run_once("daily").await.unwrap();
+    assert!(exec_lines(&w).is_empty(), "{:?}", exec_lines(&w));
+    let pg = pg_volume(&report);
+    assert_eq!(pg.phase, Phase::Failed);
+    assert!(
+        pg.error.as_deref().unwrap().contains("state file"),
+        "{pg:?}"
+    );
+}
+
+/// Hook annotations that cannot be understood run no hook at all (a thaw
+/// without its freeze, or a backup without the freeze asked for), and the
+/// volume fails with the reason instead of passing as Succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_hook_annotations_fail_the_volume_and_run_no_hook() {
+    let w = world().await;
+    w.api.with(|s| {
+        let mut p = s.get("v1", "Pod", Some("default"), "postgresql-0").unwrap();
+        p["metadata"]["annotations"]["pre.hook.backup.velero.io/timeout"] = json!("90");
+        s.add(p);
+    });
+    let agent = w.agent(NODE, "maintenance:\n  enabled: false");
+    let report = agent.run_once("daily").await.unwrap();
+    assert!(exec_lines(&w).is_empty(), "{:?}", exec_lines(&w));
+    let pg = pg_volume(&report);
+    assert_eq!(pg.phase, Phase::Failed);
+    assert!(pg.snapshot.is_none());
+    assert!(
+        pg.error.as_deref().unwrap().contains("not understood"),
+        "{pg:?}"
+    );
+    // A timeout beyond the cap is refused the same way.
+    w.api.with(|s| {
+        let mut p = s.get("v1", "Pod", Some("default"), "postgresql-0").unwrap();
+        p["metadata"]["annotations"]["pre.hook.backup.velero.io/timeout"] = json!("8760h");
+        s.add(p);
+    });
+    let report = agent.run_once("daily").await.unwrap();
+    assert_eq!(pg_volume(&report).phase, Phase::Failed);
+    assert!(exec_lines(&w).is_empty());
+}
+
+/// A volume directory swapped for a symlink is not followed, and not
+/// reported as an empty success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_directory_that_is_a_symlink_fails() {
+    let w = world().await;
+    let mount = w
+        .kubelet()
+        .join("pods/uid-pg/volumes/kubernetes.io~csi/pvc-1111/mount");
+    std::fs::remove_dir_all(&mount).unwrap();
+    std::os::unix::fs::symlink("/etc", &mount).unwrap();
+    let agent = w.agent(NODE, "maintenance:\n  enabled: false");
+    let report = agent.run_once("daily").await.unwrap();
+    let pg = pg_volume(&report);
+    assert_eq!(pg.phase, Phase::Failed);
+    assert!(
+        pg.error.as_deref().unwrap().contains("symbolic link"),
+        "{pg:?}"
+    );
+    let (snaps, _) = w.repo.snapshots().unwrap();
+    assert!(!snaps.is_empty(), "the other volumes are backed up");
+    assert!(snaps
+        .iter()
+        .all(|(_, s)| s.source != "default/postgresql-codetalk-pvc"));
 }

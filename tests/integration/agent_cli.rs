@@ -145,22 +145,28 @@ async fn agent_once_backs_up_the_nodes_volumes_to_s3_and_they_restore() {
 
 /// SIGTERM to the agent process (a drain, a rollout) while a pod is
 /// frozen: the post hook runs before the process exits, quickly, for the
-/// daemon and for `--once` alike.
+/// daemon and for `--once` alike; and a backup still reading when the
+/// pod is thawed is not saved as the frozen copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_thaws_the_frozen_pod_before_the_process_exits() {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
 
-    for daemon in [true, false] {
+    for (daemon, slow_backup) in [(true, false), (false, false), (false, true)] {
         let env = Env::new();
         env.init();
         let api = fake_api::FakeApi::start().await;
         let kubelet = env.path("kubelet");
-        random_tree(
-            &kubelet.join("pods/uid-pg/volumes/kubernetes.io~csi/pvc-9/mount"),
-            9,
-            20,
-        );
+        let mount = kubelet.join("pods/uid-pg/volumes/kubernetes.io~csi/pvc-9/mount");
+        random_tree(&mount, 9, 20);
+        if slow_backup {
+            let mut r = marmoset_testing::random::rng(4);
+            fs::write(
+                mount.join("big"),
+                marmoset_testing::random::random_bytes(&mut r, 16 << 20),
+            )
+            .unwrap();
+        }
         api.with(|s| {
             s.add(json!({"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": "pg-0", "namespace": "default", "uid": "uid-pg",
@@ -177,11 +183,14 @@ async fn sigterm_thaws_the_frozen_pod_before_the_process_exits() {
             s.add(json!({"apiVersion": "v1", "kind": "PersistentVolume",
                 "metadata": {"name": "pvc-9"},
                 "spec": {"csi": {"driver": "hostpath.csi.k8s.io", "volumeHandle": "9"}}}));
-            // The freeze is slow: SIGTERM comes in the middle of it.
-            s.exec_rules.push((
-                "-f /data".into(),
-                fake_api::ExecResult::Delay(std::time::Duration::from_secs(60), String::new()),
-            ));
+            // The freeze is slow: SIGTERM comes in the middle of it (or
+            // the backup is, and SIGTERM comes while it reads).
+            if !slow_backup {
+                s.exec_rules.push((
+                    "-f /data".into(),
+                    fake_api::ExecResult::Delay(std::time::Duration::from_secs(60), String::new()),
+                ));
+            }
         });
         let kubeconfig = env.path("kubeconfig");
         fs::write(
@@ -224,6 +233,9 @@ async fn sigterm_thaws_the_frozen_pod_before_the_process_exits() {
         if !daemon {
             c.args(["--once", "daily"]);
         }
+        if slow_backup {
+            c.env("MARMOSET_LIMIT_UPLOAD", "1000");
+        }
         let child = c.spawn().unwrap();
         let frozen = |api: &fake_api::FakeApi| {
             api.with(|s| {
@@ -239,6 +251,9 @@ async fn sigterm_thaws_the_frozen_pod_before_the_process_exits() {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         assert!(frozen(&api), "the pre hook ran (daemon: {daemon})");
+        if slow_backup {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
         let sent = std::time::Instant::now();
         kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
         let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
@@ -265,5 +280,9 @@ async fn sigterm_thaws_the_frozen_pod_before_the_process_exits() {
             serde_json::from_slice(&fs::read(state.join("agent-state-node-a.json")).unwrap())
                 .unwrap();
         assert_eq!(pending["frozen"], json!([]));
+        if slow_backup {
+            let snaps = env.json(&["snapshots"]);
+            assert_eq!(snaps, json!([]), "nothing read after the thaw is saved");
+        }
     }
 }

@@ -13,7 +13,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBind
 use marmoset_agent::AgentConfig;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
@@ -391,6 +391,93 @@ fn prometheus_operator_scrapes_the_agent_and_alerts_after_48h() {
             }
         }
     }
+}
+
+/// The alerts fire when they should, checked by Prometheus's own rule
+/// tester on synthetic series: a volume that fails from its first run
+/// (its failure counter is born at 1, which `increase()` alone misses),
+/// a skip, a failure after earlier successes, and a backup too old.
+#[test]
+fn the_alert_rules_fire_on_failures_skips_and_old_backups() {
+    let have = std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        assert!(
+            std::env::var_os("MARMOSET_TEST_STRICT").is_none(),
+            "promtool (Debian's prometheus) is needed"
+        );
+        eprintln!("skipped: promtool not installed");
+        return;
+    }
+    let rule = &docs("monitoring/prometheusrule.yaml")[0];
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        serde_yaml::to_string(&json!({"groups": rule["spec"]["groups"]})).unwrap(),
+    )
+    .unwrap();
+    // promtool compares annotations too: the expected ones are spelt out.
+    let alert = |name: &str, at: &str, labels: Value, summary: &str, description: &str| {
+        let mut annotations = json!({"summary": summary});
+        if !description.is_empty() {
+            annotations["description"] = json!(description);
+        }
+        json!({"eval_time": at, "alertname": name,
+               "exp_alerts": if labels.is_null() { json!([]) } else {
+                   json!([{"exp_labels": labels, "exp_annotations": annotations}]) }})
+    };
+    let tests = json!({
+        "rule_files": [rules],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                // A new volume whose every backup fails.
+                {"series": "marmoset_volume_backup_failures_total{namespace=\"a\",pvc=\"new\",schedule=\"daily\"}",
+                 "values": "_x120 1x100 2x100"},
+                {"series": "marmoset_volume_skips_total{namespace=\"a\",pvc=\"s\",schedule=\"daily\"}",
+                 "values": "_x120 1x100"},
+                // An old volume: succeeded at 0, then nothing.
+                {"series": "marmoset_volume_last_success_timestamp_seconds{namespace=\"a\",pvc=\"old\",schedule=\"daily\"}",
+                 "values": "0x3500"},
+            ],
+            "alert_rule_test": [
+                alert("MarmosetVolumeNeverBackedUp", "200m",
+                      json!({"severity": "critical", "namespace": "a", "pvc": "new"}),
+                      "a/new fails and has never been backed up completely",
+                      "kubectl -n marmoset get cm -l marmoset.dev/pvc=new -o yaml shows the errors."),
+                alert("MarmosetVolumeFailing", "200m",
+                      json!({"severity": "warning", "namespace": "a", "pvc": "new", "schedule": "daily"}),
+                      "A daily backup of a/new failed",
+                      "See the BackupFailed Event and the volume's status for the error."),
+                alert("MarmosetVolumeSkipped", "200m",
+                      json!({"severity": "warning", "namespace": "a", "pvc": "s", "schedule": "daily"}),
+                      "a/s was left out of a daily run",
+                      "See the BackupSkipped Event and the Skipped status for the reason."),
+                alert("MarmosetBackupTooOld", "47h", Value::Null, "", ""),
+                alert("MarmosetBackupTooOld", "50h",
+                      json!({"severity": "critical", "namespace": "a", "pvc": "old"}),
+                      "No complete backup of a/old for 48h",
+                      "kubectl -n marmoset get cm -l marmoset.dev/pvc=old -o yaml shows the last attempts and their errors."),
+            ],
+        }],
+    });
+    let file = dir.path().join("tests.yaml");
+    std::fs::write(&file, serde_yaml::to_string(&tests).unwrap()).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The rendered kustomization validates against the Kubernetes OpenAPI

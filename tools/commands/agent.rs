@@ -43,7 +43,15 @@ pub(super) fn run(g: &Global, a: AgentArgs) -> Result<ExitCode> {
                 }
             });
             let Some(report) = run else {
-                rt.block_on(agent.thaw_leftovers("pending at interruption"));
+                // Running backups stop first: nothing read after the thaw
+                // may be saved as the frozen copy.
+                agent.cancel_backups();
+                rt.block_on(agent.thaw_leftovers(
+                    "pending at interruption",
+                    Some(marmoset_agent::freeze::SHUTDOWN_HOOK_BUDGET),
+                ));
+                // Backups still on blocking threads are not waited for.
+                rt.shutdown_timeout(std::time::Duration::from_secs(5));
                 anyhow::bail!("interrupted; the run resumes at the agent's next start");
             };
             let report = report?;

@@ -69,6 +69,10 @@ pub struct BackupOptions {
     pub uploaders: Option<usize>,
     /// Record this host name instead of the machine's.
     pub hostname: Option<String>,
+    /// Set by the caller to stop the backup: no snapshot is written once
+    /// it is set (the node agent sets it before it thaws an application,
+    /// so nothing read after the thaw is saved as a consistent copy).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// Live counters for a progress display; updated by the pipeline.
@@ -247,6 +251,7 @@ pub fn backup(
         abort: AtomicBool::new(false),
         first_error: Mutex::new(None),
         zero: OnceLock::new(),
+        cancel: opts.cancel.clone(),
     };
     let ctx = WalkCtx {
         repo,
@@ -321,6 +326,9 @@ pub fn backup(
     if let Some(e) = crate::util::lock(&saver.first_error).take() {
         return Err(e);
     }
+    if saver.cancelled() {
+        return Err(Error::Aborted("backup cancelled".into()));
+    }
     // Index files for the remaining packs, then the snapshot: in this order,
     // so the snapshot never references a blob that no index lists. Nothing
     // more is indexed once the lease may have looked stale to maintenance.
@@ -370,6 +378,9 @@ pub fn backup(
         incomplete: !summary.errors.is_empty(),
         summary,
     };
+    if saver.cancelled() {
+        return Err(Error::Aborted("backup cancelled".into()));
+    }
     let id = repo.save_snapshot(&snap)?;
     // Stopped between the checks above and the write for longer than the
     // lease lives: a maintenance may have deleted what the snapshot needs

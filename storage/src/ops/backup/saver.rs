@@ -46,6 +46,8 @@ pub(super) struct Saver<'r> {
     pub(super) first_error: Mutex<Option<Error>>,
     /// The zero chunk of holes and its id, made on first use.
     pub(super) zero: OnceLock<(ZeroChunk, Id)>,
+    /// The caller's stop flag ([`BackupOptions::cancel`]).
+    pub(super) cancel: Option<Arc<AtomicBool>>,
 }
 
 #[derive(Default)]
@@ -66,7 +68,13 @@ impl<'r> Saver<'r> {
     }
 
     pub(super) fn aborted(&self) -> bool {
-        self.abort.load(Ordering::Relaxed)
+        self.abort.load(Ordering::Relaxed) || self.cancelled()
+    }
+
+    pub(super) fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
     }
 
     /// The chunk every hole is cut into, and its id.
