@@ -166,7 +166,7 @@ run_tool() {
         local got="$dst"
         [ -d "$dst$src" ] && got="$dst$src"
         diff -rq "$src" "$got" >/dev/null || { echo "$tool $case: restored copy differs" >&2; exit 1; }
-        du -sk "$got" | cut -f1 > "$WORK/times/$tool.$case.restored_kib"
+        du -sk "$got" | cut -f1 > "$WORK/times/$tool.$case.restore.restored_kib"
         ;;
     esac
     rm -rf "$dst" "$repo"

@@ -292,6 +292,9 @@ fn take_lock(dir: &Path) -> Result<Option<Flock<File>>> {
 /// each) a backup of millions of small files grew by hundreds of MiB.
 const WRITE_BUFFERS_TOTAL: usize = 32 << 20;
 
+/// Blob entries written to the cache in one batch.
+const BLOBS_PER_BATCH: usize = 16_384;
+
 fn db_options() -> Options {
     let mut opts = cf_options();
     opts.create_if_missing(true);
@@ -452,17 +455,30 @@ impl IndexCache {
         let cf_b = self.cf(CF_BLOBS)?;
         let cf_p = self.cf(CF_PACKS)?;
         let cf_u = self.cf(CF_UNCOMMITTED)?;
-        let mut batch = WriteBatch::default();
-        for (id, loc) in blobs {
-            batch.put_cf(cf_b, id, loc.encode());
-            if committed {
-                batch.put_cf(cf_p, loc.pack, []);
-                batch.delete_cf(cf_u, loc.pack);
-            } else {
-                batch.put_cf(cf_u, loc.pack, []);
+        // In bounded batches: one batch lands in one memtable whatever its
+        // size, so a million entries at once held hundreds of MiB.
+        for part in blobs.chunks(BLOBS_PER_BATCH) {
+            let mut batch = WriteBatch::default();
+            let mut packs: Vec<RawId> = Vec::new();
+            for (id, loc) in part {
+                batch.put_cf(cf_b, id, loc.encode());
+                // Once per pack, not per blob (blobs come grouped by pack;
+                // a pack seen twice is only written twice).
+                if packs.last() != Some(&loc.pack) {
+                    packs.push(loc.pack);
+                }
             }
+            for pack in &packs {
+                if committed {
+                    batch.put_cf(cf_p, pack, []);
+                    batch.delete_cf(cf_u, pack);
+                } else {
+                    batch.put_cf(cf_u, pack, []);
+                }
+            }
+            self.db.write(batch).map_err(|e| self.err(e))?;
         }
-        self.db.write(batch).map_err(|e| self.err(e))
+        Ok(())
     }
 
     /// Every pack listed by a loaded repository index file.

@@ -85,6 +85,12 @@ impl Repository {
     ) -> Result<()> {
         let mut batch = Vec::new();
         for (pack, entries) in packs {
+            // Whole packs at a time: the entries of many packs of tiny
+            // files are millions, and need not be copied all at once.
+            if batch.len() >= 1 << 16 {
+                self.index.insert_blobs(&batch, committed)?;
+                batch.clear();
+            }
             for e in entries {
                 batch.push((
                     e.id.0,

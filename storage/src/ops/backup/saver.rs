@@ -12,6 +12,11 @@ pub(super) const FILE_CACHE_SEP: u8 = 0;
 /// repository fetches every index file, and at one per 8 packs they were
 /// an eighth more requests on top of a restore's one read per pack.
 pub(super) const PACKS_PER_INDEX: usize = 32;
+/// ... or every this many blobs, whichever comes first: 32 packs of tiny
+/// files hold millions of blobs, and all of their index entries waited in
+/// memory (and then went into the index cache in one batch) — the peak
+/// of a backup of a million small files.
+pub(super) const ENTRIES_PER_INDEX: usize = 65_536;
 
 /// Shared state of the blob-saving half of the pipeline.
 pub(super) struct Saver<'r> {
@@ -214,7 +219,8 @@ impl<'r> Saver<'r> {
         let batch = {
             let mut pending = crate::util::lock(&self.pending_index);
             pending.extend(item);
-            if pending.len() >= PACKS_PER_INDEX {
+            let entries: usize = pending.iter().map(|(_, e)| e.len()).sum();
+            if pending.len() >= PACKS_PER_INDEX || entries >= ENTRIES_PER_INDEX {
                 std::mem::take(&mut *pending)
             } else {
                 Vec::new()
