@@ -209,7 +209,7 @@ for c in "${want[@]}"; do
     esac
 done
 
-RESULT="benches/results/limits-$(hostname -s)$([ "$QUICK" = 1 ] && echo -quick).json"
+RESULT="benches/results/limits-$(hostname -s)$([ "$QUICK" = 1 ] && echo -quick || true).json"
 python3 - "$WORK/times" "$RESULT" "$QUICK" "${TOOLS[*]}" "${RAN[*]}" <<'PY'
 import json, os, platform, subprocess, sys
 times, out, quick, tools, cases = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4].split(), sys.argv[5].split()
