@@ -136,6 +136,14 @@ impl Agent {
             name: &f.pod,
             uid: &f.pod_uid,
         };
+        // A pod of that name but another UID is a new pod, never frozen:
+        // its predecessor's thaw is not run in it.
+        if let Ok(uid) = self.cluster.pod_uid(&f.namespace, &f.pod).await {
+            if uid.as_deref() != Some(f.pod_uid.as_str()) {
+                info!(namespace = %f.namespace, pod = %f.pod, "frozen pod is gone");
+                return true;
+            }
+        }
         match self.cluster.exec(&f.namespace, &f.pod, "post", &hook).await {
             Ok(_) => {
                 info!(namespace = %f.namespace, pod = %f.pod, "post hook run");

@@ -88,6 +88,9 @@ pub struct Agent {
     pub status_every: Duration,
     /// Set at shutdown: running backups stop without a snapshot.
     pub(crate) cancel: Arc<std::sync::atomic::AtomicBool>,
+    /// Held while failed thaws are retried, and by a run while it checks
+    /// a pod's pending thaw and records its freeze.
+    pub(crate) thaw_lock: tokio::sync::Mutex<()>,
 }
 
 impl Agent {
@@ -105,6 +108,7 @@ impl Agent {
             state_lock: tokio::sync::Mutex::new(()),
             status_every: Duration::from_secs(30),
             cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            thaw_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -377,6 +381,9 @@ impl Agent {
         }
         // A post hook of an earlier run that failed: the pod may still be
         // frozen. It is thawed first, and not frozen again while it fails.
+        // One thaw of a pod at a time: the minute retry of failed thaws
+        // must not still be thawing when this run freezes the pod again.
+        let thawing = self.thaw_lock.lock().await;
         if blocked.is_none() && post.is_some() {
             if let Some(f) = self.pending_thaw(&pod.namespace, &pod.pod).await {
                 if !self.thaw(&f, "of an earlier run", None).await {
@@ -400,6 +407,8 @@ impl Agent {
                 }
             }
         }
+        // Recorded as frozen by this run: the retry leaves it alone.
+        drop(thawing);
         if blocked.is_none() {
             if let Some(pre) = pre {
                 if let Err(msg) = self.hook(pod, "pre", pre, &mut result).await {
@@ -425,9 +434,9 @@ impl Agent {
             let ok = self.hook(pod, "post", post, &mut result).await;
             self.post_hook_done(&pod.namespace, &pod.pod, ok.is_ok())
                 .await;
-            if let (Err(msg), OnError::Fail) = (ok, post.on_error) {
+            if let Err(msg) = ok {
                 // The copy is good (taken frozen), but the application may
-                // still be: the volume's status says so.
+                // still be, whatever on-error says: the status says so.
                 for (target, outcome) in &mut outcomes {
                     if outcome.error.is_none() {
                         let why = format!("backed up, but the post hook failed: {msg}");
@@ -655,6 +664,7 @@ impl Agent {
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(crate::freeze::FAILED_THAW_RETRY).await;
+                    let _one = me.thaw_lock.lock().await;
                     me.thaw_pending("that failed before", None, true).await;
                 }
             })

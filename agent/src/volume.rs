@@ -180,8 +180,11 @@ impl Agent {
         share: RepoShare,
     ) -> VolumeOutcome {
         // Not followed if it is a symlink: a volume whose directory was
-        // swapped for a link would be backed up as that link alone.
-        match std::fs::symlink_metadata(&t.path) {
+        // swapped for a link would be backed up as that link alone. The
+        // path is normalised first: a trailing `/` or `/.` would make the
+        // kernel resolve the link after all.
+        let path: PathBuf = t.path.components().collect();
+        match std::fs::symlink_metadata(&path) {
             Ok(m) if m.is_dir() => {}
             Ok(m) => {
                 let what = if m.file_type().is_symlink() {
@@ -240,7 +243,6 @@ impl Agent {
             cancel: Some(self.cancel.clone()),
             ..Default::default()
         };
-        let path: PathBuf = t.path.clone();
         let p = progress.clone();
         let mut work = self.on_repo(share, move |repo| {
             marmoset_storage::backup(repo, &[path], &opts, &p)

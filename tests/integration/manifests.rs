@@ -440,6 +440,14 @@ fn the_alert_rules_fire_on_failures_skips_and_old_backups() {
                  "values": "_x120 1x100 2x100"},
                 {"series": "marmoset_volume_skips_total{namespace=\"a\",pvc=\"s\",schedule=\"daily\"}",
                  "values": "_x120 1x100"},
+                // Series born at 0 (a new agent pod, a healthy volume)
+                // are not failures.
+                {"series": "marmoset_hook_failures_total{pod=\"agent-new\"}",
+                 "values": "_x120 0x100"},
+                {"series": "marmoset_volume_backup_failures_total{namespace=\"a\",pvc=\"ok\",schedule=\"daily\"}",
+                 "values": "_x120 0x100"},
+                {"series": "marmoset_volume_last_success_timestamp_seconds{namespace=\"a\",pvc=\"ok\",schedule=\"daily\"}",
+                 "values": "_x120 7200x100"},
                 // An old volume: succeeded at 0, then nothing.
                 {"series": "marmoset_volume_last_success_timestamp_seconds{namespace=\"a\",pvc=\"old\",schedule=\"daily\"}",
                  "values": "0x3500"},
@@ -457,6 +465,7 @@ fn the_alert_rules_fire_on_failures_skips_and_old_backups() {
                       json!({"severity": "warning", "namespace": "a", "pvc": "s", "schedule": "daily"}),
                       "a/s was left out of a daily run",
                       "See the BackupSkipped Event and the Skipped status for the reason."),
+                alert("MarmosetHookFailures", "200m", Value::Null, "", ""),
                 alert("MarmosetBackupTooOld", "47h", Value::Null, "", ""),
                 alert("MarmosetBackupTooOld", "50h",
                       json!({"severity": "critical", "namespace": "a", "pvc": "old"}),
