@@ -383,7 +383,11 @@ impl Agent {
         // frozen. It is thawed first, and not frozen again while it fails.
         // One thaw of a pod at a time: the minute retry of failed thaws
         // must not still be thawing when this run freezes the pod again.
-        let thawing = self.thaw_lock.lock().await;
+        // Pods without a post hook are never frozen: they do not wait.
+        let thawing = match post {
+            Some(_) => Some(self.thaw_lock.lock().await),
+            None => None,
+        };
         if blocked.is_none() && post.is_some() {
             if let Some(f) = self.pending_thaw(&pod.namespace, &pod.pod).await {
                 if !self.thaw(&f, "of an earlier run", None).await {
