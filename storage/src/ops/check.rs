@@ -18,6 +18,7 @@ use crate::format::id::Id;
 use crate::format::pack::{self, PackEntry, FOOTER_LEN};
 use crate::format::snapshot::Snapshot;
 use crate::format::tree::{self, Node, NodeKind, Tree};
+use crate::ops::blob_sets::BlobTable;
 use crate::repo::walk::Walker;
 use crate::repo::Repository;
 
@@ -140,12 +141,19 @@ pub fn check(repo: &Repository, read_data: ReadData) -> Result<CheckReport> {
 
     let pack_sizes: HashMap<String, u64> = backend.list(FileKind::Pack)?.into_iter().collect();
     r.packs = pack_sizes.len() as u64;
-    // Index: every entry must point inside an existing pack.
-    let mut index: HashMap<Id, (Id, PackEntry)> = HashMap::new();
-    let mut indexed_packs: HashMap<Id, Vec<PackEntry>> = HashMap::new();
-    for (name, _) in backend.list(FileKind::Index)? {
+    // Index: every entry must point inside an existing pack. Only ids and
+    // lengths are kept (see `BlobTable`); `--read-data` reads the index
+    // files again, a few at a time, for the rest.
+    let mut table = BlobTable::default();
+    let mut indexed_packs: HashSet<Id> = HashSet::new();
+    let index_names: Vec<String> = backend
+        .list(FileKind::Index)?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    for name in &index_names {
         r.index_files += 1;
-        let packs = match repo.load_index_file(&name) {
+        let packs = match repo.load_index_file(name) {
             Ok(p) => p,
             Err(e) => {
                 r.errors.push(CheckProblem::BadIndex {
@@ -156,34 +164,14 @@ pub fn check(repo: &Repository, read_data: ReadData) -> Result<CheckReport> {
             }
         };
         for (pack, entries) in packs {
-            let pname = pack.to_hex();
-            match pack_sizes.get(&pname) {
-                None => r.errors.push(CheckProblem::BadIndex {
-                    index: name.clone(),
-                    reason: format!("pack {pname} is missing ({} blobs)", entries.len()),
-                }),
-                Some(&size) => {
-                    // Checked: index entries are repository-supplied numbers.
-                    let beyond = |e: &&PackEntry| {
-                        e.offset
-                            .checked_add(u64::from(e.length))
-                            .and_then(|end| end.checked_add(FOOTER_LEN))
-                            .is_none_or(|end| end > size)
-                    };
-                    if let Some(e) = entries.iter().find(beyond) {
-                        r.errors.push(CheckProblem::BadIndex {
-                            index: name.clone(),
-                            reason: format!("blob {} points beyond the end of pack {pname}", e.id),
-                        });
-                    }
-                }
-            }
+            check_index_entries(name, &pack, &entries, &pack_sizes, &mut r);
             for e in &entries {
-                index.entry(e.id).or_insert((pack, *e));
+                table.push(e.id, e.raw_length);
             }
-            indexed_packs.entry(pack).or_insert(entries);
+            indexed_packs.insert(pack);
         }
     }
+    table.finish();
     // Leases and plans written without the key are ignored by every
     // command; check names them so an operator can look for the intruder.
     let plans = crate::repo::coordination::plans::scan_plans(repo)?;
@@ -212,7 +200,7 @@ pub fn check(repo: &Repository, read_data: ReadData) -> Result<CheckReport> {
         r.warnings.push(CheckProblem::Ignored { object, reason });
     }
     for name in pack_sizes.keys() {
-        let indexed = Id::from_hex(name).is_some_and(|id| indexed_packs.contains_key(&id));
+        let indexed = Id::from_hex(name).is_some_and(|id| indexed_packs.contains(&id));
         if !indexed && !planned.contains(name) {
             r.warnings
                 .push(CheckProblem::UnindexedPack { pack: name.clone() });
@@ -229,45 +217,120 @@ pub fn check(repo: &Repository, read_data: ReadData) -> Result<CheckReport> {
     }
     r.snapshots = snaps.len() as u64;
     let mut seen_trees = HashSet::new();
-    let mut seen_data: HashSet<Id> = HashSet::new();
     for (id, snap) in &snaps {
-        check_snapshot(
-            repo,
-            id,
-            snap,
-            &index,
-            &mut seen_trees,
-            &mut seen_data,
-            &mut r,
-        );
+        check_snapshot(repo, id, snap, &mut table, &mut seen_trees, &mut r);
     }
-    r.data_blobs_referenced = seen_data.len() as u64;
+    r.data_blobs_referenced = table.marked();
+    drop(table);
 
     if read_data != ReadData::None {
-        let mut selected: Vec<(&String, &u64)> = pack_sizes
-            .iter()
-            .filter(|(name, _)| match read_data {
-                ReadData::Part(n, m) => {
-                    Id::from_hex(name).is_some_and(|id| u32::from(id.0[0]) % m == n - 1)
-                }
-                _ => true,
-            })
-            .collect();
-        if let ReadData::Fraction(f) = read_data {
-            selected.shuffle(&mut rand::thread_rng());
-            let n = ((selected.len() as f64 * f).ceil() as usize).min(selected.len());
-            selected.truncate(n);
-        }
-        selected.sort();
-        let names: Vec<&str> = selected.iter().map(|(n, _)| n.as_str()).collect();
-        for part in read_packs_parallel(repo, &names, &indexed_packs) {
-            r.packs_read += part.packs_read;
-            r.blobs_read += part.blobs_read;
-            r.bytes_read += part.bytes_read;
-            r.errors.extend(part.errors);
-        }
+        read_packs(repo, &index_names, &pack_sizes, read_data, &mut r);
     }
     Ok(r)
+}
+
+/// Every entry of one indexed pack must lie inside that existing pack.
+fn check_index_entries(
+    index: &str,
+    pack: &Id,
+    entries: &[PackEntry],
+    pack_sizes: &HashMap<String, u64>,
+    r: &mut CheckReport,
+) {
+    let pname = pack.to_hex();
+    let Some(&size) = pack_sizes.get(&pname) else {
+        r.errors.push(CheckProblem::BadIndex {
+            index: index.to_string(),
+            reason: format!("pack {pname} is missing ({} blobs)", entries.len()),
+        });
+        return;
+    };
+    // Checked: index entries are repository-supplied numbers.
+    let beyond = |e: &&PackEntry| {
+        e.offset
+            .checked_add(u64::from(e.length))
+            .and_then(|end| end.checked_add(FOOTER_LEN))
+            .is_none_or(|end| end > size)
+    };
+    if let Some(e) = entries.iter().find(beyond) {
+        r.errors.push(CheckProblem::BadIndex {
+            index: index.to_string(),
+            reason: format!("blob {} points beyond the end of pack {pname}", e.id),
+        });
+    }
+}
+
+/// `--read-data`: the selected packs, each compared with the first index
+/// file that lists it. Index files are loaded again in batches rather than
+/// kept from the first pass, so memory does not grow with the repository.
+fn read_packs(
+    repo: &Repository,
+    index_names: &[String],
+    pack_sizes: &HashMap<String, u64>,
+    read_data: ReadData,
+    r: &mut CheckReport,
+) {
+    let mut selected: Vec<&str> = pack_sizes
+        .keys()
+        .map(String::as_str)
+        .filter(|name| match read_data {
+            ReadData::Part(n, m) => {
+                Id::from_hex(name).is_some_and(|id| u32::from(id.0[0]) % m == n - 1)
+            }
+            _ => true,
+        })
+        .collect();
+    if let ReadData::Fraction(f) = read_data {
+        selected.shuffle(&mut rand::thread_rng());
+        let n = ((selected.len() as f64 * f).ceil() as usize).min(selected.len());
+        selected.truncate(n);
+    }
+    let mut pending: HashSet<&str> = selected.into_iter().collect();
+    let mut batch: HashMap<Id, Vec<PackEntry>> = HashMap::new();
+    let mut batch_entries = 0;
+    for name in index_names {
+        // An unreadable index file was reported by the first pass; its
+        // packs are still read below, without an index to compare with.
+        let Ok(packs) = repo.load_index_file(name) else {
+            continue;
+        };
+        for (pack, entries) in packs {
+            if pending.remove(pack.to_hex().as_str()) {
+                batch_entries += entries.len();
+                batch.insert(pack, entries);
+            }
+        }
+        if batch_entries >= READ_BATCH_ENTRIES || batch.len() >= READ_BATCH_PACKS {
+            read_batch(repo, batch.keys().map(Id::to_hex).collect(), &batch, r);
+            batch.clear();
+            batch_entries = 0;
+        }
+    }
+    read_batch(repo, batch.keys().map(Id::to_hex).collect(), &batch, r);
+    let unindexed = pending.into_iter().map(str::to_string).collect();
+    read_batch(repo, unindexed, &HashMap::new(), r);
+}
+
+/// Index entries (and packs) held at once by `--read-data`.
+const READ_BATCH_ENTRIES: usize = 500_000;
+const READ_BATCH_PACKS: usize = 256;
+
+/// Reads `names` (in name order, so reports do not depend on timing) and
+/// adds what was found to `r`.
+fn read_batch(
+    repo: &Repository,
+    mut names: Vec<String>,
+    indexed: &HashMap<Id, Vec<PackEntry>>,
+    r: &mut CheckReport,
+) {
+    names.sort();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    for part in read_packs_parallel(repo, &names, indexed) {
+        r.packs_read += part.packs_read;
+        r.blobs_read += part.blobs_read;
+        r.bytes_read += part.bytes_read;
+        r.errors.extend(part.errors);
+    }
 }
 
 /// Packs read at once by `--read-data`: each is a whole-object read, so
@@ -305,9 +368,8 @@ fn check_snapshot(
     repo: &Repository,
     id: &Id,
     snap: &Snapshot,
-    index: &HashMap<Id, (Id, PackEntry)>,
+    table: &mut BlobTable,
     seen_trees: &mut HashSet<Id>,
-    seen_data: &mut HashSet<Id>,
     r: &mut CheckReport,
 ) {
     // The full id, as in `bad_snapshot`: problems are matched by tools.
@@ -321,7 +383,6 @@ fn check_snapshot(
     let w = Walk {
         repo,
         short: &short,
-        index,
     };
     // The walk itself cannot fail: every problem is reported and the walk
     // goes on with the rest.
@@ -330,7 +391,7 @@ fn check_snapshot(
         let path = listing.at;
         let mut next = Vec::new();
         match listing.tree {
-            Ok(t) => check_tree(&w, &path, t, seen_data, &mut next, r),
+            Ok(t) => check_tree(&w, &path, t, table, &mut next, r),
             Err(e) => {
                 let msg = match e {
                     Error::BlobNotFound { .. } => {
@@ -360,7 +421,6 @@ fn check_snapshot(
 struct Walk<'a> {
     repo: &'a Repository,
     short: &'a str,
-    index: &'a HashMap<Id, (Id, PackEntry)>,
 }
 
 /// Checks one directory's entries; subdirectories go to `next`.
@@ -368,11 +428,11 @@ fn check_tree(
     w: &Walk<'_>,
     path: &str,
     t: Tree,
-    seen_data: &mut HashSet<Id>,
+    table: &mut BlobTable,
     next: &mut Vec<(Id, String)>,
     r: &mut CheckReport,
 ) {
-    let (repo, short, index) = (w.repo, w.short, w.index);
+    let (repo, short) = (w.repo, w.short);
     for node in t.nodes {
         let child = format!(
             "{}{}",
@@ -408,8 +468,8 @@ fn check_tree(
                 }
                 let mut size = 0u64;
                 for c in chunks {
-                    match index.get(&c) {
-                        Some((_, e)) => size += u64::from(e.raw_length),
+                    match table.mark(&c) {
+                        Some(raw_length) => size += u64::from(raw_length),
                         None => {
                             r.errors.push(CheckProblem::BadTree {
                                 snapshot: short.to_string(),
@@ -420,7 +480,6 @@ fn check_tree(
                             break;
                         }
                     }
-                    seen_data.insert(c);
                 }
                 if size != node.size {
                     r.errors.push(CheckProblem::BadTree {

@@ -37,8 +37,9 @@ use crate::backend::FileKind;
 use crate::error::{Error, Result};
 use crate::format::blob::{self, EncodedBlob};
 use crate::format::id::Id;
-use crate::format::pack::{PackBuilder, PackEntry, PackList};
+use crate::format::pack::{PackBuilder, PackEntry};
 use crate::format::tree::{self, NodeKind};
+use crate::ops::blob_sets::{PrefixCollector, PrefixSet};
 use crate::repo::coordination::clock;
 use crate::repo::coordination::lease::{self, Lease, LeaseKind};
 use crate::repo::coordination::plans::{plan_age, planned_packs, scan_plans, write_plan, Plan};
@@ -203,45 +204,92 @@ pub fn maintain(repo: &Repository, opts: &MaintainOptions) -> Result<MaintainRep
     Ok(report)
 }
 
-/// Loads every index file; returns names and their packs.
-fn load_all_index(repo: &Repository) -> Result<(Vec<String>, PackList)> {
-    let mut names = Vec::new();
-    let mut packs = Vec::new();
-    for (name, _) in repo.backend().list(FileKind::Index)? {
-        // An unreadable index file stops maintenance: its packs would look
-        // like orphans. `repair index` rebuilds it from pack trailers.
-        packs.extend(repo.load_index_file(&name)?);
-        names.push(name);
-    }
-    Ok((names, packs))
+/// The index files there are now. Later passes go over exactly these:
+/// an index file a backup writes meanwhile is neither merged nor removed.
+fn index_names(repo: &Repository) -> Result<Vec<String>> {
+    Ok(repo
+        .backend()
+        .list(FileKind::Index)?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect())
 }
 
-/// Writes `packs` as index files of bounded size; returns their names.
-fn write_index_files(repo: &Repository, packs: &[(Id, Vec<PackEntry>)]) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    let mut batch: Vec<(Id, Vec<PackEntry>)> = Vec::new();
-    let mut n = 0;
-    for (id, entries) in packs {
-        batch.push((*id, entries.clone()));
-        n += entries.len();
-        if n >= INDEX_FILE_ENTRIES {
-            out.push(repo.write_index(&batch)?);
-            batch.clear();
-            n = 0;
+/// Calls `f` with every pack the index files `names` list, once (a pack
+/// listed twice after a recovery counts once), one index file in memory
+/// at a time: ten million entries are never held together.
+fn for_each_indexed_pack(
+    repo: &Repository,
+    names: &[String],
+    mut f: impl FnMut(Id, Vec<PackEntry>) -> Result<()>,
+) -> Result<()> {
+    let mut seen = HashSet::new();
+    for name in names {
+        // An unreadable index file stops maintenance: its packs would look
+        // like orphans. `repair index` rebuilds it from pack trailers.
+        for (pack, entries) in repo.load_index_file(name)? {
+            if seen.insert(pack) {
+                f(pack, entries)?;
+            }
         }
     }
-    if !batch.is_empty() {
-        out.push(repo.write_index(&batch)?);
+    Ok(())
+}
+
+/// Writes packs' entries as index files of bounded size as they come.
+struct IndexWriter<'r> {
+    repo: &'r Repository,
+    batch: Vec<(Id, Vec<PackEntry>)>,
+    entries: usize,
+    written: Vec<String>,
+}
+
+impl<'r> IndexWriter<'r> {
+    fn new(repo: &'r Repository) -> Self {
+        Self {
+            repo,
+            batch: Vec::new(),
+            entries: 0,
+            written: Vec::new(),
+        }
     }
-    Ok(out)
+
+    fn add(&mut self, pack: Id, entries: Vec<PackEntry>) -> Result<()> {
+        self.entries += entries.len();
+        self.batch.push((pack, entries));
+        if self.entries >= INDEX_FILE_ENTRIES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if !self.batch.is_empty() {
+            self.written.push(self.repo.write_index(&self.batch)?);
+            self.batch.clear();
+            self.entries = 0;
+        }
+        Ok(())
+    }
+
+    /// Names of the index files written.
+    fn finish(mut self) -> Result<Vec<String>> {
+        self.flush()?;
+        Ok(self.written)
+    }
 }
 
 /// Quick: merge index files into few large ones; drop superseded ones.
 fn quick(repo: &Repository, opts: &MaintainOptions, report: &mut MaintainReport) -> Result<()> {
-    let (names, packs) = load_all_index(repo)?;
+    let names = index_names(repo)?;
     report.index_files_before = names.len() as u64;
-    report.packs_total = packs.len() as u64;
-    let entries: usize = packs.iter().map(|(_, e)| e.len()).sum();
+    let (mut packs, mut entries) = (0u64, 0usize);
+    for_each_indexed_pack(repo, &names, |_, e| {
+        packs += 1;
+        entries += e.len();
+        Ok(())
+    })?;
+    report.packs_total = packs;
     let target = entries.div_ceil(INDEX_FILE_ENTRIES).max(1);
     if names.len() <= target || opts.dry_run {
         report.index_files_after = if opts.dry_run {
@@ -251,11 +299,9 @@ fn quick(repo: &Repository, opts: &MaintainOptions, report: &mut MaintainReport)
         };
         return Ok(());
     }
-    // Merge per pack: the same pack listed twice (recovery) is kept once.
-    let mut seen = HashSet::new();
-    let merged: Vec<(Id, Vec<PackEntry>)> =
-        packs.into_iter().filter(|(p, _)| seen.insert(*p)).collect();
-    let new = write_index_files(repo, &merged)?;
+    let mut writer = IndexWriter::new(repo);
+    for_each_indexed_pack(repo, &names, |p, e| writer.add(p, e))?;
+    let new = writer.finish()?;
     for name in &names {
         if !new.contains(name) {
             repo.backend().remove(FileKind::Index, name)?;
@@ -270,24 +316,18 @@ fn quick(repo: &Repository, opts: &MaintainOptions, report: &mut MaintainReport)
     Ok(())
 }
 
-/// The set of reachable blobs. Data blobs are kept as 64-bit prefixes (a
-/// collision only keeps garbage, never deletes live data); trees and chunk
-/// lists are kept whole because they also decide what to walk.
-#[derive(Default)]
+/// The set of reachable blobs. Data blobs are kept as 64-bit prefixes in
+/// a sorted vector (8 bytes per chunk; a collision only keeps garbage,
+/// never deletes live data); trees and chunk lists are kept whole because
+/// they also decide what to walk, and are few.
 pub(crate) struct Marks {
-    data: HashSet<u64>,
+    data: PrefixSet,
     trees: HashSet<Id>,
-}
-
-fn prefix(id: &Id) -> u64 {
-    u64::from_le_bytes([
-        id.0[0], id.0[1], id.0[2], id.0[3], id.0[4], id.0[5], id.0[6], id.0[7],
-    ])
 }
 
 impl Marks {
     pub(crate) fn contains(&self, id: &Id) -> bool {
-        self.trees.contains(id) || self.data.contains(&prefix(id))
+        self.trees.contains(id) || self.data.contains(id)
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -298,7 +338,8 @@ impl Marks {
 /// Marks everything reachable from every snapshot. Any unreadable snapshot
 /// or tree aborts: deleting on incomplete knowledge could destroy data.
 pub(crate) fn mark(repo: &Repository, report: &mut MaintainReport) -> Result<Marks> {
-    let mut marks = Marks::default();
+    let mut trees = HashSet::new();
+    let mut data = PrefixCollector::default();
     let (snaps, bad) = repo.snapshots()?;
     if let Some((name, e)) = bad.into_iter().next() {
         return Err(Error::corrupt(
@@ -316,7 +357,7 @@ pub(crate) fn mark(repo: &Repository, report: &mut MaintainReport) -> Result<Mar
         .map(|t| (t, ()))
         .collect();
     Walker::new(repo).dedup(true).run(roots, |listing| {
-        marks.trees.insert(listing.id);
+        trees.insert(listing.id);
         report.trees_walked += 1;
         let tree = match listing.tree {
             // A backup that finished during an earlier phase 1 may
@@ -331,11 +372,11 @@ pub(crate) fn mark(repo: &Repository, report: &mut MaintainReport) -> Result<Mar
             match node.kind {
                 NodeKind::Dir => subdirs.extend(node.subtree.iter().map(|t| (*t, ()))),
                 NodeKind::File if node.indirect => {
-                    mark_chunk_lists(repo, &node.content, &mut marks)?
+                    mark_chunk_lists(repo, &node.content, &mut trees, &mut data)?
                 }
                 NodeKind::File => {
                     for c in &node.content {
-                        marks.data.insert(prefix(c));
+                        data.insert(c);
                     }
                 }
                 _ => {}
@@ -343,15 +384,24 @@ pub(crate) fn mark(repo: &Repository, report: &mut MaintainReport) -> Result<Mar
         }
         Ok(subdirs)
     })?;
+    let marks = Marks {
+        data: data.finish(),
+        trees,
+    };
     report.blobs_marked = marks.len() as u64;
     Ok(marks)
 }
 
 /// Marks the chunks an indirect file lists. Like trees, a chunk list only a
 /// planned pack holds is rescued, not fatal.
-fn mark_chunk_lists(repo: &Repository, lists: &[Id], marks: &mut Marks) -> Result<()> {
+fn mark_chunk_lists(
+    repo: &Repository,
+    lists: &[Id],
+    trees: &mut HashSet<Id>,
+    data: &mut PrefixCollector,
+) -> Result<()> {
     for list in lists {
-        if !marks.trees.insert(*list) {
+        if !trees.insert(*list) {
             continue;
         }
         let raw = match repo.load_blob(list) {
@@ -359,7 +409,7 @@ fn mark_chunk_lists(repo: &Repository, lists: &[Id], marks: &mut Marks) -> Resul
             other => other?,
         };
         for c in tree::decode_chunk_list(list, &raw)? {
-            marks.data.insert(prefix(&c));
+            data.insert(&c);
         }
     }
     Ok(())
@@ -380,26 +430,25 @@ fn full(
     execute_plans(repo, opts, &marks, storage_now, report)?;
     repo.sync_index()?;
 
-    let (index_names, packs) = load_all_index(repo)?;
+    let index_names = index_names(repo)?;
     report.index_files_before = index_names.len() as u64;
     let planned = planned_packs(repo)?;
     let existing: HashMap<String, u64> = repo.backend().list(FileKind::Pack)?.into_iter().collect();
     report.packs_total = existing.len() as u64;
 
-    // Live fraction per indexed pack (a pack listed twice counts once).
-    let mut keep: Vec<(Id, Vec<PackEntry>)> = Vec::new();
+    // Live fraction per indexed pack; only the verdicts are kept.
+    let mut indexed: HashSet<Id> = HashSet::new();
     let mut garbage: Vec<String> = Vec::new();
-    let mut rewrite: Vec<(Id, Vec<PackEntry>)> = Vec::new();
-    let mut seen = HashSet::new();
-    for (pack, entries) in packs {
+    let mut rewrite: HashSet<Id> = HashSet::new();
+    for_each_indexed_pack(repo, &index_names, |pack, entries| {
+        indexed.insert(pack);
         let name = pack.to_hex();
-        if !seen.insert(pack) || planned.contains(&name) {
-            continue;
+        if planned.contains(&name) {
+            return Ok(());
         }
         if !existing.contains_key(&name) {
             warn!(pack = %name, "indexed pack is missing from the repository; run `marmoset check`");
-            keep.push((pack, entries));
-            continue;
+            return Ok(());
         }
         let total: u64 = entries.iter().map(|e| u64::from(e.length)).sum();
         let live: u64 = entries
@@ -410,20 +459,21 @@ fn full(
         if live == 0 {
             garbage.push(name);
         } else if total > 0 && (total - live) as f64 / total as f64 > opts.max_unused {
-            rewrite.push((pack, entries));
-        } else {
-            keep.push((pack, entries));
+            rewrite.insert(pack);
         }
-    }
+        Ok(())
+    })?;
     // Orphans: packs no index lists and no plan holds (left by crashed
     // backups, or being written right now). Planning them is safe: phase 2
     // rescues any that a snapshot turns out to need.
-    let indexed: HashSet<String> = seen.iter().map(Id::to_hex).collect();
     let orphans: Vec<String> = existing
         .keys()
-        .filter(|n| !indexed.contains(*n) && !planned.contains(*n))
+        .filter(|n| {
+            !planned.contains(*n) && Id::from_hex(n).is_none_or(|id| !indexed.contains(&id))
+        })
         .cloned()
         .collect();
+    drop(indexed);
 
     let mut to_plan: Vec<String> = garbage;
     to_plan.extend(orphans);
@@ -432,38 +482,48 @@ fn full(
         report.packs_planned = (to_plan.len() + rewrite.len()) as u64;
         report.bytes_planned = to_plan
             .iter()
-            .chain(
-                rewrite
-                    .iter()
-                    .map(|(p, _)| p.to_hex())
-                    .collect::<Vec<_>>()
-                    .iter(),
-            )
-            .filter_map(|n| existing.get(n))
+            .cloned()
+            .chain(rewrite.iter().map(Id::to_hex))
+            .filter_map(|n| existing.get(&n))
             .sum();
         return Ok(());
     }
-    // Copy live blobs out of sparse packs; their new packs join `keep`.
-    for (pack, entries) in &rewrite {
-        let new = copy_live(repo, pack, entries, &marks)?;
-        report.packs_written += new.len() as u64;
-        keep.extend(new);
-        to_plan.push(pack.to_hex());
-        report.packs_rewritten += 1;
-    }
-    report.packs_planned = to_plan.len() as u64;
-    report.bytes_planned = to_plan.iter().filter_map(|n| existing.get(n)).sum();
-    if to_plan.is_empty() {
+    if to_plan.is_empty() && rewrite.is_empty() {
         // Nothing to hide; still compact index files.
         report.index_files_after = index_names.len() as u64;
         return quick(repo, opts, report);
     }
+    // The fresh index: every kept pack, and the new packs the live blobs
+    // of sparse packs are copied into; the sparse packs are planned.
+    let hidden: HashSet<&str> = to_plan.iter().map(String::as_str).collect();
+    let mut writer = IndexWriter::new(repo);
+    let mut rewritten = Vec::new();
+    for_each_indexed_pack(repo, &index_names, |pack, entries| {
+        let name = pack.to_hex();
+        if planned.contains(&name) || hidden.contains(name.as_str()) {
+            return Ok(());
+        }
+        if !rewrite.contains(&pack) {
+            return writer.add(pack, entries);
+        }
+        for (new, new_entries) in copy_live(repo, &pack, &entries, &marks)? {
+            report.packs_written += 1;
+            writer.add(new, new_entries)?;
+        }
+        report.packs_rewritten += 1;
+        rewritten.push(name);
+        Ok(())
+    })?;
+    let new_index = writer.finish()?;
+    drop(hidden);
+    to_plan.extend(rewritten);
+    report.packs_planned = to_plan.len() as u64;
+    report.bytes_planned = to_plan.iter().filter_map(|n| existing.get(n)).sum();
 
     // Phase 1: fresh index without the planned packs, then the plan, then
     // the old index files go, then the plan records when that happened and
     // which sessions were live then (a session that starts later reads the
     // new index only: it takes its lease before reading the index).
-    let new_index = write_index_files(repo, &keep)?;
     let plan_name = Id::random().to_hex();
     let mut plan = Plan {
         created: crate::util::now(),
@@ -553,8 +613,11 @@ fn execute_plans(
         return Ok(());
     }
     // Packs some index file lists right now must stay.
-    let (_, indexed_packs) = load_all_index(repo)?;
-    let indexed: HashSet<String> = indexed_packs.iter().map(|(p, _)| p.to_hex()).collect();
+    let mut indexed: HashSet<String> = HashSet::new();
+    for_each_indexed_pack(repo, &index_names(repo)?, |p, _| {
+        indexed.insert(p.to_hex());
+        Ok(())
+    })?;
     let existing: HashMap<String, u64> = repo.backend().list(FileKind::Pack)?.into_iter().collect();
     let ctx = Phase2 {
         repo,

@@ -4,6 +4,7 @@
 //! below imports from here.
 
 pub mod backup;
+mod blob_sets;
 pub mod browse;
 pub mod check;
 pub mod forget;
