@@ -3,7 +3,7 @@
 # when installed) on the cases that stress memory and cores rather than
 # average throughput.
 #
-#   benches/limits.sh [--quick] [--tiny N[,N...]] [--cases tiny,huge,sparse,large]
+#   benches/limits.sh [--quick] [--tiny N[,N...]] [--cases tiny,huge,sparse,large,index]
 #
 #   tiny    N files of 16-600 bytes, 1000 per directory (default 1 000 000
 #           and 2 000 000; --quick 20 000): initial backup, no-change
@@ -15,6 +15,10 @@
 #           sparse as well.
 #   large   a tree of a few large files, half of them compressible text
 #           (8 x 512 MiB; --quick 4 x 64 MiB): backup.
+#   index   a repository of 10 000 000 chunks (--quick 200 000), built by
+#           `synth_repo` (two snapshots, 1000 one-chunk files per
+#           directory): `check`, then `forget` of one snapshot and
+#           `maintain --full`. marmoset only: peers cannot share the data.
 #
 # The page cache is dropped before every phase. Wall time, CPU seconds
 # (user+sys) per wall second, and peak RSS come from GNU time. Prints a
@@ -26,20 +30,22 @@ cd "$(dirname "$0")/.."
 
 QUICK=0
 TINY=""
-CASES="tiny,huge,sparse,large"
+CASES="tiny,huge,sparse,large,index"
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
         --tiny) TINY="$2"; shift ;;
         --cases) CASES="$2"; shift ;;
-        *) echo "usage: $0 [--quick] [--tiny N[,N...]] [--cases tiny,huge,sparse,large]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--quick] [--tiny N[,N...]] [--cases tiny,huge,sparse,large,index]" >&2; exit 2 ;;
     esac
     shift
 done
 [ -n "$TINY" ] || TINY=$([ "$QUICK" = 1 ] && echo 20000 || echo 1000000,2000000)
 
 apt_need restic time python3
-cargo build --release --bin marmoset -q
+# The whole workspace, as scripts/test builds it (synth_repo lives in the
+# testing crate): building one package alone would resolve other features.
+cargo build --release --workspace --all-targets -q
 MARMOSET="$CARGO_TARGET_DIR/release/marmoset"
 export PATH="$PATH:/opt/rustic/bin:$HOME/.cargo/bin"
 TOOLS=(marmoset restic)
@@ -179,6 +185,24 @@ run_case() { # CASE SRC PHASES
     done
 }
 
+# run_index N: check and maintain --full on a synthetic repository.
+run_index() {
+    local n=$1 pristine="$WORK/data/synth-$1" repo="$WORK/repos/marmoset-index$1"
+    if [ ! -f "$pristine/.complete" ]; then
+        log "generating a repository of $n chunks"
+        rm -rf "$pristine" && mkdir -p "$pristine"
+        "$CARGO_TARGET_DIR/release/synth_repo" "$pristine/repo" "$WORK/pw" "$pristine/cache" "$n" 2>/dev/null
+        touch "$pristine/.complete"
+    fi
+    rm -rf "$repo" "$WORK/cache/marmoset"
+    cp -a "$pristine/repo" "$repo"
+    log "index$n: marmoset"
+    measure "marmoset.index$n.check" "$MARMOSET" -q --repo "$repo" check
+    "$MARMOSET" -q --repo "$repo" forget --keep-tag most >/dev/null
+    measure "marmoset.index$n.maintain" "$MARMOSET" -q --repo "$repo" maintain --full
+    rm -rf "$repo"
+}
+
 RAN=()
 IFS=, read -r -a want <<<"$CASES"
 for c in "${want[@]}"; do
@@ -205,6 +229,10 @@ for c in "${want[@]}"; do
             gen_large "$WORK/data/large-$count-$mib" "$count" "$mib"
             run_case large "$WORK/data/large-$count-$mib" "backup"
             RAN+=(large) ;;
+        index)
+            n=$([ "$QUICK" = 1 ] && echo 200000 || echo 10000000)
+            run_index "$n"
+            RAN+=("index$n") ;;
         *) echo "unknown case $c" >&2; exit 2 ;;
     esac
 done
@@ -236,7 +264,7 @@ print("| case | phase | marmoset wall | CPU/wall | peak RSS | " + " | ".join(f"v
 print("|---|---|---|---|---|" + "---|" * (len(tools) - 1))
 for case in cases:
     res["cases"][case] = {}
-    for phase in ["backup", "rebackup", "restore"]:
+    for phase in ["backup", "rebackup", "restore", "check", "maintain"]:
         figs = {t: read(t, case, phase) for t in tools}
         if not figs.get("marmoset"):
             continue

@@ -24,7 +24,7 @@ impl BlobTable {
 
     /// Sorts and de-duplicates: call once, after the last `push`.
     pub(crate) fn finish(&mut self) {
-        self.entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        self.entries.sort_unstable_by_key(|e| e.0);
         self.entries.dedup_by(|a, b| a.0 == b.0);
         self.entries.shrink_to_fit();
         self.seen = vec![0; self.entries.len().div_ceil(64)];

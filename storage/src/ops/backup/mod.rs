@@ -242,7 +242,7 @@ pub fn backup(
         missing_packs,
         used_packs: Mutex::new(HashSet::new()),
         packer: Mutex::new(PackBuilder::with_capacity(pack_capacity)),
-        tree_packer: Mutex::new(PackBuilder::default()),
+        tree_packer: Mutex::new(PackBuilder::with_capacity(tree_pack_capacity(pack_size))),
         upload_tx: Mutex::new(Some(upload_tx)),
         pending_index: Mutex::new(Vec::new()),
         written_index: Mutex::new(Vec::new()),

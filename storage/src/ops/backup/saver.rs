@@ -18,6 +18,20 @@ pub(super) const PACKS_PER_INDEX: usize = 32;
 /// of a backup of a million small files.
 pub(super) const ENTRIES_PER_INDEX: usize = 65_536;
 
+/// Tree packs are smaller than data packs: a backup of millions of small
+/// files writes hundreds of MiB of trees, and a 16 MiB tree pack growing
+/// in memory beside the data packs was most of what such a backup's peak
+/// memory gained over a small one. Whole-pack metadata reads stay few.
+pub(super) fn tree_pack_size(pack_size: usize) -> usize {
+    pack_size.min(4 << 20)
+}
+
+/// Room for a full tree pack and a last directory part, so filling it
+/// never reallocates.
+pub(super) fn tree_pack_capacity(pack_size: usize) -> usize {
+    tree_pack_size(pack_size) + (1 << 20)
+}
+
 /// Shared state of the blob-saving half of the pipeline.
 pub(super) struct Saver<'r> {
     pub(super) repo: &'r Repository,
@@ -140,12 +154,17 @@ impl<'r> Saver<'r> {
                 &self.tree_packer
             });
             p.add(blob)?;
-            if p.len() >= self.pack_size {
-                let fresh = if is_data {
-                    PackBuilder::with_capacity(self.pack_capacity)
+            let limit = if is_data {
+                self.pack_size
+            } else {
+                tree_pack_size(self.pack_size)
+            };
+            if p.len() >= limit {
+                let fresh = PackBuilder::with_capacity(if is_data {
+                    self.pack_capacity
                 } else {
-                    PackBuilder::default()
-                };
+                    tree_pack_capacity(self.pack_size)
+                });
                 Some(std::mem::replace(&mut *p, fresh))
             } else {
                 None
