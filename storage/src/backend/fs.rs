@@ -9,9 +9,9 @@
 //! let any local user guess the password offline, and the rest (sizes,
 //! names, times) is nobody else's business either.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use super::{
@@ -238,14 +238,7 @@ impl WriteBackend for FsBackend {
             crate::format::id::Id::random().short()
         ));
         let result = (|| -> std::io::Result<()> {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(FILE_MODE)
-                .open(&tmp)?;
-            f.write_all(&data)?;
-            f.sync_all()?;
-            drop(f);
+            super::direct_io::create_synced(&tmp, &data, FILE_MODE)?;
             fs::rename(&tmp, &path)?;
             fsync_dir(&dir)
         })();

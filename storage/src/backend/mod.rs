@@ -28,6 +28,7 @@
 //! buffer instead of copying a pack.
 
 pub mod cache;
+mod direct_io;
 pub mod fs;
 pub mod metered;
 mod open;
