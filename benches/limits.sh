@@ -46,7 +46,8 @@ apt_need restic time python3
 # The whole workspace, as scripts/test builds it (synth_repo lives in the
 # testing crate): building one package alone would resolve other features.
 cargo build --release --workspace --all-targets -q
-MARMOSET="$CARGO_TARGET_DIR/release/marmoset"
+# MARMOSET_BIN: measure a copy of the binary while the tree is rebuilt.
+MARMOSET="${MARMOSET_BIN:-$CARGO_TARGET_DIR/release/marmoset}"
 export PATH="$PATH:/opt/rustic/bin:$HOME/.cargo/bin"
 TOOLS=(marmoset restic)
 command -v rustic >/dev/null && TOOLS+=(rustic)
