@@ -694,3 +694,52 @@ fn pause_campaign_no_unrestorable_snapshot() {
         "pause campaign: {trials} trials, {restored} snapshots restored bit-identically, {failed} backups failed cleanly, 0 unrestorable"
     );
 }
+
+/// A backup overlaps a `maintain --full` that plans its packs (unindexed
+/// then) for deletion; the backup finishes and indexes them again. The
+/// next `maintain --full`, inside the plan's safety margin, must keep them
+/// in the index it rewrites: the snapshot stays whole, not only once the
+/// plan's phase 2 would rescue them.
+#[test]
+fn packs_indexed_again_after_being_planned_stay_indexed() {
+    let env = Env::new();
+    env.init();
+    let keep = env.path("keep");
+    fs::create_dir_all(&keep).unwrap();
+    fs::write(keep.join("k"), random_bytes(&mut rng(1), 200_000)).unwrap();
+    env.backup(&keep, &["--tag", "keep"]);
+    let src = big_source(&env, "big", 6, 2);
+    let child = start_and_stop_backup(&env, &src, &[]);
+    let first = env.json(&["maintain", "--full"]);
+    assert!(
+        first["packs_planned"].as_u64().unwrap() >= 1,
+        "the stopped backup's packs are planned as orphans: {first}"
+    );
+    let out = resume(child);
+    assert_eq!(
+        judge(&env, &src, &out, "overlapping backup"),
+        Outcome::Restored
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let snap = v["snapshot"].as_str().unwrap().to_string();
+
+    // Garbage (a forgotten snapshot's data), so that the second run
+    // writes a new index.
+    let junk = env.path("junk");
+    fs::create_dir_all(&junk).unwrap();
+    fs::write(junk.join("j"), random_bytes(&mut rng(3), 300_000)).unwrap();
+    env.backup(&junk, &[]);
+    fs::write(junk.join("j"), random_bytes(&mut rng(4), 300_000)).unwrap();
+    env.backup(&junk, &[]);
+    env.ok(&["forget", "--keep-last", "1"]);
+    let second = env.json(&["maintain", "--full"]);
+    assert!(
+        second["plans_deferred"].as_u64().unwrap() >= 1,
+        "the first plan is still inside its margin: {second}"
+    );
+    assert!(second["packs_planned"].as_u64().unwrap() >= 1, "{second}");
+    env.ok(&["check", "--read-data"]);
+    let dst = env.path("restored");
+    env.ok(&["restore", &snap, "--target", dst.to_str().unwrap()]);
+    assert_same_tree(&src, &dst);
+}

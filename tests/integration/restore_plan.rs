@@ -750,3 +750,38 @@ fn updating_a_sparse_file_in_place_keeps_it_sparse() {
         "{allocated} bytes allocated for 12 KiB of data: zero runs were written"
     );
 }
+
+/// A restore of more files than one batch plans at a time: every file
+/// arrives whole, and a hard link whose first name was fetched in an
+/// earlier batch is linked to the finished file.
+#[test]
+fn many_files_are_restored_in_batches_with_hard_links_across_them() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    for d in ["a", "m", "z"] {
+        fs::create_dir_all(src.join(d)).unwrap();
+    }
+    let mut r = rng(8);
+    fs::write(src.join("a/first"), random_bytes(&mut r, 70_000)).unwrap();
+    for i in 0..45_000 {
+        fs::write(src.join(format!("m/f{i:05}")), format!("file {i}\n")).unwrap();
+    }
+    fs::hard_link(src.join("a/first"), src.join("z/second")).unwrap();
+    env.backup(&src, &[]);
+    let dst = env.path("dst");
+    let v = env.json(&["restore", "latest", "--target", dst.to_str().unwrap()]);
+    assert_eq!(
+        v["summary"]["errors"].as_array().map(Vec::len),
+        Some(0),
+        "{v}"
+    );
+    assert_eq!(v["summary"]["files"], 45_002, "{v}");
+    assert_same_tree(&src, &dst);
+    use std::os::unix::fs::MetadataExt;
+    let (a, z) = (
+        fs::metadata(dst.join("a/first")).unwrap(),
+        fs::metadata(dst.join("z/second")).unwrap(),
+    );
+    assert_eq!((a.ino(), a.nlink()), (z.ino(), 2), "one file, two names");
+}

@@ -440,10 +440,19 @@ fn full(
     let mut indexed: HashSet<Id> = HashSet::new();
     let mut garbage: Vec<String> = Vec::new();
     let mut rewrite: HashSet<Id> = HashSet::new();
+    // Packs an earlier run planned that an index file lists again (a
+    // backup or `repair index` re-indexed them since) and that hold live
+    // blobs: they stay indexed, so phase 2 keeps them. Dropping them from
+    // the new index would leave snapshots pointing at unindexed blobs
+    // until that plan's phase 2 rescued them.
+    let mut planned_live: HashSet<Id> = HashSet::new();
     for_each_indexed_pack(repo, &index_names, |pack, entries| {
         indexed.insert(pack);
         let name = pack.to_hex();
         if planned.contains(&name) {
+            if entries.iter().any(|e| marks.contains(&e.id)) {
+                planned_live.insert(pack);
+            }
             return Ok(());
         }
         if !existing.contains_key(&name) {
@@ -500,6 +509,9 @@ fn full(
     let mut rewritten = Vec::new();
     for_each_indexed_pack(repo, &index_names, |pack, entries| {
         let name = pack.to_hex();
+        if planned_live.contains(&pack) {
+            return writer.add(pack, entries);
+        }
         if planned.contains(&name) || hidden.contains(name.as_str()) {
             return Ok(());
         }

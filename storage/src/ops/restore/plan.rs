@@ -46,6 +46,11 @@ pub(super) struct Plan {
 }
 
 impl Plan {
+    /// Distinct blobs planned.
+    pub fn len(&self) -> usize {
+        self.blobs.len()
+    }
+
     /// `id` (at `loc`) must be written to `dest`.
     pub fn add(&mut self, id: Id, loc: BlobLocation, dest: Dest) {
         self.blobs
