@@ -75,7 +75,6 @@ pub struct SparseFile {
     file: File,
     sparse: bool,
     offset: u64,
-    direct: Option<DirectReads>,
 }
 
 impl SparseFile {
@@ -84,100 +83,14 @@ impl SparseFile {
             file,
             sparse,
             offset: 0,
-            direct: None,
         }
-    }
-
-    /// Reads past the page cache from now on (see [`DirectReads`]), when
-    /// the filesystem allows it; otherwise as before.
-    pub fn read_direct(mut self) -> Self {
-        if set_direct(&self.file, true).is_ok() {
-            self.direct = Some(DirectReads::default());
-        }
-        self
     }
 }
 
 impl Read for SparseFile {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if let Some(d) = &mut self.direct {
-            match d.read(&self.file, self.offset, buf) {
-                Ok(n) => {
-                    self.offset += n as u64;
-                    return Ok(n);
-                }
-                // Accepted at open but refused at read (some FUSE and
-                // network filesystems): through the page cache after all.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    self.direct = None;
-                    set_direct(&self.file, false)?;
-                }
-                Err(e) => return Err(e),
-            }
-        }
         let n = self.file.read_at(buf, self.offset)?;
         self.offset += n as u64;
-        Ok(n)
-    }
-}
-
-fn set_direct(file: &File, on: bool) -> std::io::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let flags = OFlag::from_bits_truncate(fcntl(file, FcntlArg::F_GETFL)?);
-    let flags = if on {
-        flags | OFlag::O_DIRECT
-    } else {
-        flags - OFlag::O_DIRECT
-    };
-    fcntl(file, FcntlArg::F_SETFL(flags))?;
-    Ok(())
-}
-
-/// Alignment of `O_DIRECT` reads: memory, offset and length.
-const ALIGN: usize = 4096;
-/// Bytes read from the disk at once.
-const WINDOW: usize = 4 << 20;
-
-/// An aligned window of a large file read with `O_DIRECT`, handed out to
-/// the chunker in whatever pieces it asks for. A large file's backup
-/// otherwise spends as much CPU copying from the page cache as cutting,
-/// on virtual machines above all (a cold 4 GiB file: 29 % of the profile),
-/// and evicts the node's applications from the page cache as it goes.
-#[derive(Default)]
-struct DirectReads {
-    space: Vec<u8>,
-    /// Where the aligned window starts in `space`.
-    start: usize,
-    /// File offset and length of what the window holds.
-    at: u64,
-    len: usize,
-}
-
-impl DirectReads {
-    fn read(&mut self, file: &File, offset: u64, out: &mut [u8]) -> std::io::Result<usize> {
-        let inside = |d: &Self| offset >= d.at && offset < d.at + d.len as u64;
-        if !inside(self) {
-            if self.space.is_empty() {
-                // Zeroed by the allocator, so untouched until read into.
-                self.space = vec![0; WINDOW + ALIGN];
-                self.start = self.space.as_ptr().align_offset(ALIGN);
-            }
-            let window = self
-                .space
-                .get_mut(self.start..self.start + WINDOW)
-                .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-            let aligned = offset - offset % ALIGN as u64;
-            self.at = aligned;
-            self.len = 0;
-            self.len = file.read_at(window, aligned)?;
-            if !inside(self) {
-                return Ok(0);
-            }
-        }
-        let skip = (offset - self.at) as usize;
-        let n = (self.len - skip).min(out.len());
-        let from = self.start + skip;
-        out[..n].copy_from_slice(&self.space[from..from + n]);
         Ok(n)
     }
 }
@@ -398,35 +311,6 @@ impl<R: Holes> Iterator for Chunker<'_, R> {
 mod tests {
     use super::*;
     use fastcdc::v2020::StreamCDC;
-
-    /// Direct reads hand out exactly the file's bytes, in any piece sizes,
-    /// from the start, after seeks to unaligned offsets and at the end.
-    #[test]
-    fn direct_reads_give_the_files_bytes() -> std::io::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let p = dir.path().join("f");
-        let data: Vec<u8> = (0..2 * WINDOW + 12_345).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&p, &data)?;
-        let mut f = SparseFile::new(File::open(&p)?, false).read_direct();
-        let mut got = Vec::new();
-        let mut buf = vec![0u8; 777_777];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            got.extend_from_slice(&buf[..n]);
-        }
-        assert!(got == data, "whole file read back differs");
-        for off in [WINDOW + 3, 5, 2 * WINDOW + 12_000, WINDOW - 1] {
-            f.seek_to(off as u64)?;
-            let n = f.read(&mut buf)?;
-            assert!(n > 0 && buf[..n] == data[off..off + n], "at {off}");
-        }
-        f.seek_to(data.len() as u64)?;
-        assert_eq!(f.read(&mut buf)?, 0);
-        Ok(())
-    }
 
     fn params() -> ChunkerParams {
         ChunkerParams {

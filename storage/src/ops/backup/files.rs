@@ -65,11 +65,7 @@ pub(super) fn read_file(
     let params = &saver.repo.config().chunker;
     // Fewer blocks than bytes: the file has holes worth looking for.
     let sparse = job.meta.blocks().saturating_mul(512) < job.meta.len();
-    let mut file = SparseFile::new(f, sparse);
-    if job.meta.len() >= DIRECT_READ_MIN {
-        file = file.read_direct();
-    }
-    let mut chunker = Chunker::new(file, buf, params, keys.chunker_seed());
+    let mut chunker = Chunker::new(SparseFile::new(f, sparse), buf, params, keys.chunker_seed());
     let zero = sparse.then(|| saver.zero_chunk());
     if let Some((z, _)) = zero {
         chunker = chunker.skipping_holes(z, job.meta.len());
@@ -169,11 +165,6 @@ pub(super) fn cpu_worker(saver: &Saver, chunks: Receiver<Chunk>) {
         }
     }
 }
-
-/// Files at least this large are read past the page cache: they are read
-/// once, and the copy out of the cache costs more than reading ahead
-/// saves. Smaller files keep the kernel's read-ahead.
-const DIRECT_READ_MIN: u64 = 64 << 20;
 
 /// Chunks at least this long are hashed by the cpu workers; smaller ones
 /// (the only chunk of a small file, most often) where they are read, which
