@@ -84,6 +84,11 @@ pub struct ObjectInfo {
 pub trait ListBackend: Send + Sync {
     fn list(&self, kind: FileKind) -> Result<Vec<(String, u64)>>;
 
+    /// The names [`ListBackend::list`] gives, without their sizes.
+    fn list_names(&self, kind: FileKind) -> Result<Vec<String>> {
+        Ok(self.list(kind)?.into_iter().map(|(n, _)| n).collect())
+    }
+
     /// Like [`ListBackend::list`], with the storage's modification times.
     /// Coordination (leases, plans) times objects by the storage's clock
     /// where it offers one, so two hosts' clocks are never compared.

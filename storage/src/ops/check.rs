@@ -146,11 +146,7 @@ pub fn check(repo: &Repository, read_data: ReadData) -> Result<CheckReport> {
     // files again, a few at a time, for the rest.
     let mut table = BlobTable::default();
     let mut indexed_packs: HashSet<Id> = HashSet::new();
-    let index_names: Vec<String> = backend
-        .list(FileKind::Index)?
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
+    let index_names = backend.list_names(FileKind::Index)?;
     for name in &index_names {
         r.index_files += 1;
         let packs = match repo.load_index_file(name) {

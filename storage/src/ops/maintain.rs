@@ -204,20 +204,13 @@ pub fn maintain(repo: &Repository, opts: &MaintainOptions) -> Result<MaintainRep
     Ok(report)
 }
 
-/// The index files there are now. Later passes go over exactly these:
-/// an index file a backup writes meanwhile is neither merged nor removed.
-fn index_names(repo: &Repository) -> Result<Vec<String>> {
-    Ok(repo
-        .backend()
-        .list(FileKind::Index)?
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect())
-}
-
 /// Calls `f` with every pack the index files `names` list, once (a pack
 /// listed twice after a recovery counts once), one index file in memory
 /// at a time: ten million entries are never held together.
+///
+/// Callers list the index files once and make every later pass over
+/// exactly those: an index file a backup writes meanwhile is neither
+/// merged nor removed.
 fn for_each_indexed_pack(
     repo: &Repository,
     names: &[String],
@@ -281,7 +274,7 @@ impl<'r> IndexWriter<'r> {
 
 /// Quick: merge index files into few large ones; drop superseded ones.
 fn quick(repo: &Repository, opts: &MaintainOptions, report: &mut MaintainReport) -> Result<()> {
-    let names = index_names(repo)?;
+    let names = repo.backend().list_names(FileKind::Index)?;
     report.index_files_before = names.len() as u64;
     let (mut packs, mut entries) = (0u64, 0usize);
     for_each_indexed_pack(repo, &names, |_, e| {
@@ -430,7 +423,7 @@ fn full(
     execute_plans(repo, opts, &marks, storage_now, report)?;
     repo.sync_index()?;
 
-    let index_names = index_names(repo)?;
+    let index_names = repo.backend().list_names(FileKind::Index)?;
     report.index_files_before = index_names.len() as u64;
     let planned = planned_packs(repo)?;
     let existing: HashMap<String, u64> = repo.backend().list(FileKind::Pack)?.into_iter().collect();
@@ -626,10 +619,14 @@ fn execute_plans(
     }
     // Packs some index file lists right now must stay.
     let mut indexed: HashSet<String> = HashSet::new();
-    for_each_indexed_pack(repo, &index_names(repo)?, |p, _| {
-        indexed.insert(p.to_hex());
-        Ok(())
-    })?;
+    for_each_indexed_pack(
+        repo,
+        &repo.backend().list_names(FileKind::Index)?,
+        |p, _| {
+            indexed.insert(p.to_hex());
+            Ok(())
+        },
+    )?;
     let existing: HashMap<String, u64> = repo.backend().list(FileKind::Pack)?.into_iter().collect();
     let ctx = Phase2 {
         repo,

@@ -48,9 +48,8 @@ impl Repository {
             self.index.loaded_index_files()?.into_iter().collect();
         let remote: std::collections::HashSet<String> = self
             .backend
-            .list(FileKind::Index)?
+            .list_names(FileKind::Index)?
             .into_iter()
-            .map(|(n, _)| n)
             .collect();
         let to_load: Vec<&String> = if loaded.iter().any(|n| !remote.contains(n)) {
             debug!("index files were removed remotely; rebuilding the blob cache");
@@ -444,12 +443,7 @@ impl Repository {
     /// Rebuilds all index files from pack trailers (`repair index`).
     /// New index files are written before old ones are removed.
     pub fn repair_index(&self) -> Result<RepairIndexReport> {
-        let old: Vec<String> = self
-            .backend
-            .list(FileKind::Index)?
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
+        let old = self.backend.list_names(FileKind::Index)?;
         let mut packs = Vec::new();
         let mut report = RepairIndexReport::default();
         for (name, size) in self.backend.list(FileKind::Pack)? {

@@ -68,9 +68,8 @@ impl Repository {
         }
         let names: Vec<String> = self
             .backend
-            .list(FileKind::Snapshot)?
+            .list_names(FileKind::Snapshot)?
             .into_iter()
-            .map(|(n, _)| n)
             .filter(|n| n.starts_with(spec))
             .collect();
         match names.as_slice() {

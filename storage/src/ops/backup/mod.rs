@@ -421,9 +421,8 @@ fn missing_packs(indexed: Vec<[u8; 32]>, packs: &[(String, u64)]) -> HashSet<[u8
 fn confirm_packs_exist(repo: &Repository, used: &HashSet<[u8; 32]>) -> Result<()> {
     let present: HashSet<String> = repo
         .backend()
-        .list(FileKind::Pack)?
+        .list_names(FileKind::Pack)?
         .into_iter()
-        .map(|(n, _)| n)
         .collect();
     let gone: Vec<String> = used
         .iter()
@@ -442,9 +441,8 @@ fn confirm_packs_exist(repo: &Repository, used: &HashSet<[u8; 32]>) -> Result<()
 fn index_names(repo: &Repository) -> Result<HashSet<String>> {
     Ok(repo
         .backend()
-        .list(FileKind::Index)?
+        .list_names(FileKind::Index)?
         .into_iter()
-        .map(|(n, _)| n)
         .collect())
 }
 

@@ -263,8 +263,8 @@ impl<'r> Saver<'r> {
     /// that is gone are removed, so the repository stays consistent (packs
     /// that remain are indexed again by the next backup's recovery).
     pub(super) fn withdraw_index(&self) {
-        let present: HashSet<String> = match self.repo.backend().list(FileKind::Pack) {
-            Ok(l) => l.into_iter().map(|(n, _)| n).collect(),
+        let present: HashSet<String> = match self.repo.backend().list_names(FileKind::Pack) {
+            Ok(l) => l.into_iter().collect(),
             Err(_) => return,
         };
         for (name, packs) in crate::util::lock(&self.written_index).iter() {
