@@ -3,6 +3,7 @@
 //! resuming an interrupted restore).
 
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Stdio;
@@ -282,7 +283,7 @@ fn overwrite_and_delete_on_a_target_with_extra_changed_and_identical_files() {
         b"edited by someone"
     );
     assert!(dst.join("extra.txt").exists());
-    assert_eq!(v["summary"]["files_unchanged"], 3, "{v}");
+    assert_eq!(v["summary"]["files_kept"], 3, "{v}");
     assert_eq!(v["summary"]["blobs_fetched"], 0, "{v}");
 
     // if-changed + delete: exactly the snapshot again; the identical file
@@ -664,6 +665,106 @@ fn damaged_data_removes_every_name_of_a_hard_link_and_spares_intact_blobs() {
         "intact blobs of a truncated pack are restored: {restored}"
     );
     assert_eq!(restored + lost, 6, "every file either exact or reported");
+}
+
+/// `--overwrite if-changed` over hard-linked files: a correct one is
+/// neither downloaded again nor lost when the repository's copy is
+/// damaged; a link planted to a file outside the target is replaced, and
+/// the outside file keeps its mode. Counts in the summary add up.
+#[test]
+fn if_changed_keeps_correct_hard_linked_files_without_downloading_them() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    let linked = random_bytes(&mut rng(4), 300_000);
+    fs::write(src.join("a"), &linked).unwrap();
+    fs::hard_link(src.join("a"), src.join("d/a2")).unwrap();
+    let plain = random_bytes(&mut rng(5), 200_000);
+    fs::write(src.join("plain"), &plain).unwrap();
+    fs::set_permissions(src.join("plain"), fs::Permissions::from_mode(0o644)).unwrap();
+    env.backup(&src, &[]);
+    let dst = env.path("dst");
+    env.ok(&["restore", "latest", "--target", dst.to_str().unwrap()]);
+    assert_same_tree(&src, &dst);
+
+    // A file outside the target with the snapshot's bytes, hard-linked
+    // in place of `plain` (a tenant who can write the target).
+    let outside = env.path("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("secret"), &plain).unwrap();
+    fs::set_permissions(outside.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::remove_file(dst.join("plain")).unwrap();
+    fs::hard_link(outside.join("secret"), dst.join("plain")).unwrap();
+
+    let packs = data_packs(&env);
+    assert_eq!(packs.len(), 1);
+    let p = env.pack_path(&packs[0]);
+    let mut bytes = fs::read(&p).unwrap();
+    bytes[200] ^= 0xff;
+    fs::write(&p, &bytes).unwrap();
+
+    let v = env.json(&[
+        "restore",
+        "latest",
+        "--target",
+        dst.to_str().unwrap(),
+        "--overwrite",
+        "if-changed",
+    ]);
+    assert_eq!(v["summary"]["blobs_fetched"], 0, "{v}");
+    assert_eq!(v["summary"]["files"], 3, "{v}");
+    assert_eq!(v["summary"]["files_failed"], 0, "{v}");
+    assert!(fs::read(dst.join("a")).unwrap() == linked, "kept");
+    assert!(fs::read(dst.join("d/a2")).unwrap() == linked, "kept");
+    assert_same_tree(&src, &dst);
+    let outside_meta = fs::metadata(outside.join("secret")).unwrap();
+    assert_eq!(outside_meta.permissions().mode() & 0o7777, 0o600);
+    assert_eq!(outside_meta.nlink(), 1, "the planted link was replaced");
+
+    // A hard-linked file that differs, with the repository's copy
+    // damaged: reported and removed, never left wrong; the count says so.
+    fs::remove_file(dst.join("d/a2")).unwrap();
+    fs::write(dst.join("a"), random_bytes(&mut rng(6), 300_000)).unwrap();
+    fs::hard_link(dst.join("a"), dst.join("d/a2")).unwrap();
+    let out = env
+        .cmd()
+        .args([
+            "--json",
+            "restore",
+            "latest",
+            "--target",
+            dst.to_str().unwrap(),
+            "--overwrite",
+            "if-changed",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let v = json(&out);
+    assert_eq!(v["summary"]["files_failed"], 2, "{v}");
+    assert!(!dst.join("a").exists() && !dst.join("d/a2").exists());
+    assert!(fs::read(dst.join("plain")).unwrap() == plain);
+
+    // never: kept files are counted as kept, not as "already correct".
+    fs::write(dst.join("a"), b"someone else's").unwrap();
+    let out = env
+        .cmd()
+        .args([
+            "restore",
+            "latest",
+            "--target",
+            dst.to_str().unwrap(),
+            "--overwrite",
+            "never",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("kept unchecked") && !text.contains("already correct"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -11,6 +11,7 @@ use serde_json::json;
 use tokio::runtime::Runtime;
 
 use crate::cli::{AgentArgs, Global};
+use crate::output::outln;
 use crate::output::print_json;
 use crate::repo_open::open;
 
@@ -118,7 +119,7 @@ fn print_run(g: &Global, report: &RunReport) -> Result<()> {
         );
     }
     for v in &report.volumes {
-        println!(
+        outln!(
             "{:<16} {:<40} {}",
             v.phase.as_str(),
             v.target.source(),
@@ -126,12 +127,16 @@ fn print_run(g: &Global, report: &RunReport) -> Result<()> {
         );
     }
     for s in report.skipped.iter().filter(|s| !s.intentional) {
-        println!(
+        outln!(
             "{:<16} {}/{} volume {}: {}",
-            "Skipped", s.namespace, s.pod, s.volume, s.reason
+            "Skipped",
+            s.namespace,
+            s.pod,
+            s.volume,
+            s.reason
         );
     }
-    println!(
+    outln!(
         "set {}: {} volumes, {} failed, {} old snapshots forgotten",
         report.set,
         report.volumes.len(),
@@ -155,12 +160,15 @@ fn print_plan(g: &Global, plan: &Plan) -> Result<ExitCode> {
         print_json(&json!({"volumes": vols, "skipped": skipped}))?;
     } else {
         for v in plan.volumes() {
-            println!("back up  {:<40} {}", v.source(), v.path.display());
+            outln!("back up  {:<40} {}", v.source(), v.path.display());
         }
         for s in &plan.skipped {
-            println!(
+            outln!(
                 "skip     {}/{} volume {}: {}",
-                s.namespace, s.pod, s.volume, s.reason
+                s.namespace,
+                s.pod,
+                s.volume,
+                s.reason
             );
         }
     }

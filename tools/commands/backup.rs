@@ -11,6 +11,7 @@ use marmoset_storage::{BackupOptions, Id, Progress, Repository, Snapshot};
 use serde_json::json;
 
 use crate::cli::{BackupArgs, Global};
+use crate::output::outln;
 use crate::output::print_json;
 use crate::progress::{bytes, Ticker};
 use crate::repo_open::open;
@@ -66,11 +67,14 @@ fn print_summary(repo: &Repository, id: &Id, snap: &Snapshot) {
         let tty = std::io::stderr().is_terminal();
         eprintln!("warning: {}: {}", shown(&e.path, tty), shown(&e.error, tty));
     }
-    println!(
+    outln!(
         "files: {} new, {} changed, {} unmodified; {} dirs",
-        s.files_new, s.files_changed, s.files_unmodified, s.dirs_total
+        s.files_new,
+        s.files_changed,
+        s.files_unmodified,
+        s.dirs_total
     );
-    println!(
+    outln!(
         "read {} of {}; added {} in {} packs ({} data blobs, {} tree blobs)",
         bytes(s.bytes_read),
         bytes(s.bytes_total),
@@ -79,7 +83,7 @@ fn print_summary(repo: &Repository, id: &Id, snap: &Snapshot) {
         s.data_blobs_added,
         s.tree_blobs_added
     );
-    println!("snapshot {} saved in {:.2}s", id.short(), s.duration_secs);
+    outln!("snapshot {} saved in {:.2}s", id.short(), s.duration_secs);
     print_backend_stats(repo);
     if snap.incomplete {
         eprintln!(
@@ -96,7 +100,7 @@ fn print_backend_stats(repo: &Repository) {
         return;
     }
     if let Some(s) = repo.backend().stats() {
-        println!(
+        outln!(
             "requests: {} put, {} get, {} ranged get, {} head, {} list, {} delete, {} errors, {} retries; {} up, {} down (B2 class A {}, B {}, C {})",
             s.put, s.get, s.get_range, s.head, s.list, s.delete, s.errors, s.retries,
             bytes(s.bytes_up), bytes(s.bytes_down), s.b2_class_a, s.b2_class_b, s.b2_class_c

@@ -7,6 +7,7 @@ use anyhow::Result;
 use marmoset_storage::{CheckReport, ReadData};
 
 use crate::cli::{CheckArgs, Global};
+use crate::output::outln;
 use crate::output::print_json;
 use crate::progress::{bytes, Ticker};
 use crate::repo_open::open;
@@ -34,12 +35,17 @@ pub(super) fn run(g: &Global, a: CheckArgs) -> Result<ExitCode> {
 }
 
 fn print_report(r: &CheckReport) {
-    println!(
+    outln!(
         "checked {} keys, {} index files, {} packs, {} snapshots, {} trees, {} data blobs",
-        r.keys, r.index_files, r.packs, r.snapshots, r.trees, r.data_blobs_referenced
+        r.keys,
+        r.index_files,
+        r.packs,
+        r.snapshots,
+        r.trees,
+        r.data_blobs_referenced
     );
     if r.packs_read > 0 {
-        println!(
+        outln!(
             "read {} packs ({}), {} blobs authenticated",
             r.packs_read,
             bytes(r.bytes_read),
@@ -47,12 +53,12 @@ fn print_report(r: &CheckReport) {
         );
     }
     for w in &r.warnings {
-        println!("warning: {w}");
+        outln!("warning: {w}");
     }
     for e in &r.errors {
-        println!("error: {e}");
+        outln!("error: {e}");
     }
-    println!(
+    outln!(
         "{}",
         if r.ok() {
             "no errors found"

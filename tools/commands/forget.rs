@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use marmoset_storage::{ForgetReport, GroupBy, RetentionPolicy, SnapshotFilter};
 
 use crate::cli::{ForgetArgs, Global};
+use crate::output::outln;
 use crate::output::print_json;
 use crate::repo_open::open;
 
@@ -58,9 +59,9 @@ fn group_by(s: &str) -> Result<GroupBy> {
 /// Every snapshot with its decision and why, group by group, then totals.
 fn print_report(report: &ForgetReport, dry_run: bool) {
     for (group, decisions) in &report.groups {
-        println!("group {group}:");
+        outln!("group {group}:");
         for d in decisions {
-            println!(
+            outln!(
                 "  {} {} {:<8} {}",
                 if d.keep { "keep  " } else { "remove" },
                 d.id.short(),
@@ -75,7 +76,7 @@ fn print_report(report: &ForgetReport, dry_run: bool) {
             );
         }
     }
-    println!(
+    outln!(
         "{} kept, {} {}",
         report.kept,
         report.removed,

@@ -8,6 +8,7 @@ use marmoset_storage::{Config, Repository};
 use serde_json::json;
 
 use crate::cli::{Global, InitArgs};
+use crate::output::outln;
 use crate::output::print_json;
 use crate::repo_open::{open_backend, open_opts, password};
 
@@ -21,12 +22,12 @@ pub(super) fn run(g: &Global, a: InitArgs) -> Result<ExitCode> {
             &json!({"repository_id": repo.config().repository_id, "location": backend.location()}),
         )?;
     } else {
-        println!(
+        outln!(
             "created repository {} at {}",
             repo.config().repository_id.short(),
             backend.location()
         );
-        println!("keep the password safe: data cannot be recovered without it");
+        outln!("keep the password safe: data cannot be recovered without it");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -8,6 +8,7 @@ use marmoset_storage::KeyInfo;
 use serde_json::json;
 
 use crate::cli::{Global, KeyCommand};
+use crate::output::outln;
 use crate::output::print_json;
 use crate::repo_open::{new_password, open};
 
@@ -19,7 +20,7 @@ pub(super) fn run(g: &Global, c: KeyCommand) -> Result<ExitCode> {
             if g.json {
                 print_json(&json!({"added": id}))?;
             } else {
-                println!("added key {}", &id[..8]);
+                outln!("added key {}", &id[..8]);
             }
         }
         KeyCommand::List => {
@@ -35,7 +36,7 @@ pub(super) fn run(g: &Global, c: KeyCommand) -> Result<ExitCode> {
             if g.json {
                 print_json(&json!({"removed": id}))?;
             } else {
-                println!("removed key {id}");
+                outln!("removed key {id}");
             }
         }
         KeyCommand::Passwd(a) => {
@@ -43,7 +44,7 @@ pub(super) fn run(g: &Global, c: KeyCommand) -> Result<ExitCode> {
             if g.json {
                 print_json(&json!({"key": id}))?;
             } else {
-                println!(
+                outln!(
                     "password changed (new key {}); data was not rewritten",
                     &id[..8]
                 );
@@ -55,9 +56,9 @@ pub(super) fn run(g: &Global, c: KeyCommand) -> Result<ExitCode> {
 
 /// The key table; `*` marks the key this password opened.
 fn print_keys(keys: &[KeyInfo]) {
-    println!("  {:<10} {:<20} {:<16} User", "ID", "Created", "Host");
+    outln!("  {:<10} {:<20} {:<16} User", "ID", "Created", "Host");
     for k in keys {
-        println!(
+        outln!(
             "{} {:<10} {:<20} {:<16} {}",
             if k.current { "*" } else { " " },
             &k.id[..8],

@@ -8,6 +8,7 @@ use anyhow::Result;
 use marmoset_storage::{MaintainOptions, MaintainReport};
 
 use crate::cli::{Global, MaintainArgs};
+use crate::output::outln;
 use crate::output::print_json;
 use crate::progress::{bytes, Ticker};
 use crate::repo_open::open;
@@ -42,32 +43,35 @@ fn safety_margin(s: &str) -> Result<std::time::Duration> {
 }
 
 fn print_report(r: &MaintainReport) {
-    println!(
+    outln!(
         "{} maintenance{} in {:.2}s (peak memory {})",
         if r.full { "full" } else { "quick" },
         if r.dry_run { " (dry run)" } else { "" },
         r.duration_secs,
         bytes(r.peak_rss_kib * 1024)
     );
-    println!(
+    outln!(
         "  index files: {} -> {}",
-        r.index_files_before, r.index_files_after
+        r.index_files_before,
+        r.index_files_after
     );
     if r.full {
         print_full(r);
     }
     if r.leases_removed > 0 {
-        println!("  removed {} stale leases", r.leases_removed);
+        outln!("  removed {} stale leases", r.leases_removed);
     }
 }
 
 /// What only a full run does: marking, rewriting and deleting packs.
 fn print_full(r: &MaintainReport) {
-    println!(
+    outln!(
         "  snapshots: {}, trees walked: {}, blobs marked: {}",
-        r.snapshots, r.trees_walked, r.blobs_marked
+        r.snapshots,
+        r.trees_walked,
+        r.blobs_marked
     );
-    println!(
+    outln!(
         "  packs: {} total, {} rewritten ({} new), {} planned for deletion ({})",
         r.packs_total,
         r.packs_rewritten,
@@ -75,7 +79,7 @@ fn print_full(r: &MaintainReport) {
         r.packs_planned,
         bytes(r.bytes_planned)
     );
-    println!(
+    outln!(
         "  earlier plans: {} packs deleted ({} reclaimed), {} rescued, {} plans deferred",
         r.packs_deleted,
         bytes(r.bytes_reclaimed),

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use crate::cli::Global;
+use crate::output::outln;
 use crate::output::print_json;
 use crate::repo_open::open;
 
@@ -15,9 +16,12 @@ pub(super) fn index(g: &Global) -> Result<ExitCode> {
     if g.json {
         print_json(&serde_json::to_value(&r)?)?;
     } else {
-        println!(
+        outln!(
             "rebuilt index from {} packs ({} blobs): {} index files written, {} removed",
-            r.packs, r.blobs, r.index_files_written, r.index_files_removed
+            r.packs,
+            r.blobs,
+            r.index_files_written,
+            r.index_files_removed
         );
         for p in &r.unreadable_packs {
             eprintln!("warning: pack {p} is unreadable and was left out");
@@ -37,16 +41,16 @@ pub(super) fn snapshots(g: &Global, dry_run: bool) -> Result<ExitCode> {
         print_json(&serde_json::to_value(&r)?)?;
     } else {
         for e in &r.removed_entries {
-            println!("dropped {e}");
+            outln!("dropped {e}");
         }
         for (old, new) in &r.repaired {
             if new.is_empty() {
-                println!("would repair snapshot {}", &old[..8]);
+                outln!("would repair snapshot {}", &old[..8]);
             } else {
-                println!("snapshot {} replaced by {}", &old[..8], &new[..8]);
+                outln!("snapshot {} replaced by {}", &old[..8], &new[..8]);
             }
         }
-        println!(
+        outln!(
             "{} snapshots checked, {} repaired",
             r.snapshots_checked,
             r.repaired.len()

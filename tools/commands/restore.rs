@@ -14,6 +14,7 @@ use marmoset_storage::{
 use serde_json::json;
 
 use crate::cli::{split_target, Global, RestoreArgs};
+use crate::output::outln;
 use crate::output::print_json;
 use crate::progress::{bytes, Ticker};
 use crate::repo_open::open;
@@ -101,22 +102,35 @@ fn print_summary(summary: &RestoreSummary, target: &std::path::Path) {
             summary.skipped.len()
         );
     }
-    println!(
+    outln!(
         "restored {} files, {} dirs, {} links, {} in {:.2}s to {}",
-        summary.files,
+        summary
+            .files
+            .saturating_sub(summary.files_unchanged + summary.files_failed),
         summary.dirs,
         summary.links,
         bytes(summary.bytes),
         summary.duration_secs,
         target.display()
     );
-    if summary.files_unchanged > 0 || summary.deleted > 0 {
-        println!(
-            "{} files already correct, {} entries deleted",
-            summary.files_unchanged, summary.deleted
-        );
+    let others = [
+        (summary.files_unchanged, "files already correct"),
+        (
+            summary.files_kept,
+            "existing files kept unchecked (--overwrite never)",
+        ),
+        (summary.files_failed, "files failed"),
+        (summary.deleted, "entries deleted"),
+    ];
+    let others: Vec<String> = others
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
+    if !others.is_empty() {
+        outln!("{}", others.join(", "));
     }
-    println!(
+    outln!(
         "downloaded {} in {} reads of {} packs ({} blobs)",
         bytes(summary.bytes_downloaded),
         summary.requests,

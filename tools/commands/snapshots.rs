@@ -9,6 +9,7 @@ use marmoset_storage::{Id, Snapshot};
 use serde_json::json;
 
 use crate::cli::{Global, SnapshotsArgs};
+use crate::output::outln;
 use crate::output::print_json;
 use crate::progress::bytes;
 use crate::repo_open::open;
@@ -38,14 +39,18 @@ pub(super) fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
 }
 
 fn print_table(snaps: &[(Id, Snapshot)]) {
-    println!(
+    outln!(
         "{:<10} {:<20} {:<30} {:<16} {:>10}",
-        "ID", "Time", "Source", "Tags", "Size"
+        "ID",
+        "Time",
+        "Source",
+        "Tags",
+        "Size"
     );
     // Sources and tags come from whoever wrote the snapshot.
     let tty = std::io::stdout().is_terminal();
     for (id, s) in snaps {
-        println!(
+        outln!(
             "{:<10} {:<20} {:<30} {:<16} {:>10}{}",
             id.short(),
             s.time
@@ -57,5 +62,5 @@ fn print_table(snaps: &[(Id, Snapshot)]) {
             if s.incomplete { " (incomplete)" } else { "" }
         );
     }
-    println!("{} snapshots", snaps.len());
+    outln!("{} snapshots", snaps.len());
 }

@@ -9,6 +9,7 @@ use marmoset_storage::{Repository, StatsReport};
 use serde_json::json;
 
 use crate::cli::{Global, StatsArgs};
+use crate::output::outln;
 use crate::output::print_json;
 use crate::progress::bytes;
 use crate::repo_open::open;
@@ -34,14 +35,14 @@ fn snapshot(g: &Global, repo: &Repository, spec: &str) -> Result<ExitCode> {
         print_json(&json!({"snapshot": id, "summary": s.summary}))?;
     } else {
         let m = &s.summary;
-        println!("snapshot {} of {} at {}", id.short(), s.source, s.time);
-        println!(
+        outln!("snapshot {} of {} at {}", id.short(), s.source, s.time);
+        outln!(
             "  files: {}  dirs: {}  size: {}",
             m.files_total,
             m.dirs_total,
             bytes(m.bytes_total)
         );
-        println!(
+        outln!(
             "  added when taken: {}  took {:.2}s",
             bytes(m.bytes_added),
             m.duration_secs
@@ -63,26 +64,27 @@ fn report_json(r: &StatsReport) -> serde_json::Value {
 }
 
 fn print_report(r: &StatsReport) {
-    println!("repository {}", r.repository_id.short());
-    println!("  snapshots:          {}", r.snapshots);
-    println!(
+    outln!("repository {}", r.repository_id.short());
+    outln!("  snapshots:          {}", r.snapshots);
+    outln!(
         "  packs:              {} ({})",
         r.packs,
         bytes(r.pack_bytes)
     );
-    println!(
+    outln!(
         "  blobs:              {} data, {} tree",
-        r.data_blobs, r.tree_blobs
+        r.data_blobs,
+        r.tree_blobs
     );
-    println!(
+    outln!(
         "  unique data:        {} ({} stored)",
         bytes(r.raw_bytes),
         bytes(r.stored_blob_bytes)
     );
-    println!(
+    outln!(
         "  all snapshots size: {}",
         bytes(r.logical_bytes_all_snapshots)
     );
-    println!("  dedup ratio:        {:.2}x", r.dedup_ratio);
-    println!("  compression ratio:  {:.2}x", r.compression_ratio);
+    outln!("  dedup ratio:        {:.2}x", r.dedup_ratio);
+    outln!("  compression ratio:  {:.2}x", r.compression_ratio);
 }

@@ -9,6 +9,7 @@ use anyhow::Result;
 use marmoset_storage::{VerifyOptions, VerifyReport};
 
 use crate::cli::{Global, VerifyArgs};
+use crate::output::outln;
 use crate::output::print_json;
 use crate::progress::bytes;
 use crate::repo_open::open;
@@ -39,13 +40,13 @@ pub(super) fn run(g: &Global, a: VerifyArgs) -> Result<ExitCode> {
 /// One PASS/FAIL line per source (with its errors), then the verdict.
 fn print_report(r: &VerifyReport, restore_test: bool) {
     if let Some(set) = &r.set {
-        println!("backup set {set}");
+        outln!("backup set {set}");
     }
     for e in &r.errors {
-        println!("FAIL {e}");
+        outln!("FAIL {e}");
     }
     for s in &r.sources {
-        println!(
+        outln!(
             "{} {}: snapshot {} age {}{}",
             if s.pass { "PASS" } else { "FAIL" },
             s.source,
@@ -65,10 +66,10 @@ fn print_report(r: &VerifyReport, restore_test: bool) {
             }
         );
         for e in &s.errors {
-            println!("    {e}");
+            outln!("    {e}");
         }
     }
-    println!(
+    outln!(
         "{}",
         if r.pass {
             "verify passed"

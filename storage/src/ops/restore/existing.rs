@@ -50,9 +50,12 @@ impl std::str::FromStr for Overwrite {
     }
 }
 
-/// An existing regular file that may be kept, opened for writing.
+/// An existing regular file that may be kept.
 pub(super) struct Existing {
     pub file: File,
+    /// Opened for writing and safe to update in place; otherwise it is
+    /// replaced by a new file, its matching chunks copied over.
+    pub in_place: bool,
     pub dev: u64,
     pub ino: u64,
     pub uid: u32,
@@ -95,17 +98,29 @@ pub(super) fn open_regular(
     Ok(Some(file))
 }
 
-/// Opens the regular file `name` in `dir` for update, if there is one and
-/// it may be written; `None` means "replace it" (absent, another kind of
-/// entry, hard-linked, or not writable).
+/// Opens the regular file at `name` in `dir`, if there is one: for update
+/// in place when that is safe (its only name, and writable), else read
+/// only, so that its matching chunks can be copied into a new file instead
+/// of downloaded again. `None`: nothing, or not a regular file, is there.
 pub(super) fn open_existing(dir: &OwnedFd, name: &OsStr, node: &Node) -> Option<Existing> {
-    // A hard-linked file is replaced, never changed in place: the other
-    // names may be outside what this restore owns.
-    let file = open_regular(dir, name, OFlag::O_RDWR, |st| st.st_nlink == 1).ok()??;
+    // A hard-linked file is never changed in place: the other names may be
+    // outside what this restore owns (a link to a system file planted in
+    // the target would otherwise get the snapshot's owner and mode).
+    let writable = open_regular(dir, name, OFlag::O_RDWR, |st| st.st_nlink == 1)
+        .ok()
+        .flatten();
+    let (file, in_place) = match writable {
+        Some(f) => (f, true),
+        None => (
+            open_regular(dir, name, OFlag::O_RDONLY, |_| true).ok()??,
+            false,
+        ),
+    };
     let st = nix::sys::stat::fstat(&file).ok()?;
     let mtime_ns = st.st_mtime.saturating_mul(1_000_000_000) + st.st_mtime_nsec;
     Some(Existing {
         file,
+        in_place,
         dev: st.st_dev,
         ino: st.st_ino,
         uid: st.st_uid,
@@ -147,6 +162,29 @@ pub(super) fn matching_chunks(
             same
         })
         .collect()
+}
+
+/// Like [`matching_chunks`], and each matching chunk is also written to
+/// `to` at its offset (zero blocks left as holes: `to` is new and sized).
+pub(super) fn copy_matching_chunks(
+    from: &File,
+    to: &File,
+    keys: &Keys,
+    chunks: &[(Id, BlobLocation)],
+) -> io::Result<Vec<bool>> {
+    let mut buf = Vec::new();
+    let mut offset = 0u64;
+    let mut same = Vec::with_capacity(chunks.len());
+    for (id, loc) in chunks {
+        buf.resize(loc.raw_length as usize, 0);
+        let matches = from.read_exact_at(&mut buf, offset).is_ok() && keys.content_id(&buf) == *id;
+        if matches {
+            super::fetch::write_data(to, &buf, offset, true)?;
+        }
+        same.push(matches);
+        offset += u64::from(loc.raw_length);
+    }
+    Ok(same)
 }
 
 /// Removes every entry of `dir` whose name is not in `keep` and not

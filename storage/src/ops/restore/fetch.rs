@@ -334,7 +334,7 @@ pub(super) fn reopen(shared: &Shared, entry: &FileEntry) -> io::Result<File> {
 /// as zeros) a zero block is simply skipped; an existing file updated in
 /// place may hold old bytes there, so the block is punched out (or, where
 /// the filesystem cannot punch holes, written as zeros).
-fn write_data(file: &File, data: &[u8], offset: u64, fresh: bool) -> io::Result<()> {
+pub(super) fn write_data(file: &File, data: &[u8], offset: u64, fresh: bool) -> io::Result<()> {
     const BLOCK: usize = 64 << 10;
     let mut pos = 0;
     while pos < data.len() {
@@ -384,6 +384,7 @@ pub(super) fn finish(shared: &Shared, entry: &FileEntry, handle: Option<File>) {
         let links = std::mem::take(&mut *crate::util::lock(&entry.links));
         let names = std::iter::once((entry.rel.clone(), entry.path.clone())).chain(links);
         for (rel, path) in names {
+            shared.files_failed.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = remove_entry(&shared.tree, &rel) {
                 warn!(path = %path.display(), error = %e, "unrestored file not removed");
             }

@@ -118,14 +118,22 @@ pub struct RestoreProgress {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RestoreSummary {
+    /// Regular files of the snapshot restored: written, found already
+    /// correct (`files_unchanged`) or failed (`files_failed`).
     pub files: u64,
     pub dirs: u64,
     pub links: u64,
     pub special: u64,
     pub bytes: u64,
-    /// Files already correct in the target (`--overwrite if-changed` or
-    /// `never`): nothing downloaded for them.
+    /// Files found already correct in the target (`--overwrite
+    /// if-changed`): nothing downloaded for them.
     pub files_unchanged: u64,
+    /// Existing files left as they were, unchecked (`--overwrite never`);
+    /// not counted in `files`.
+    pub files_kept: u64,
+    /// Files (each name of a hard-linked one) not restored: damaged data
+    /// or I/O errors, each also in `errors`.
+    pub files_failed: u64,
     /// Entries removed by `--delete`.
     pub deleted: u64,
     /// Packs read, ranged reads made, bytes they returned and blobs
@@ -367,6 +375,7 @@ struct Shared<'r> {
     errors: Mutex<Vec<SourceError>>,
     progress: &'r RestoreProgress,
     bytes: AtomicU64,
+    files_failed: AtomicU64,
     meta: MetaPolicy,
     fatal: AtomicBool,
     tree: Beneath,
@@ -441,6 +450,7 @@ pub fn restore(
         errors: Mutex::new(Vec::new()),
         progress,
         bytes: AtomicU64::new(0),
+        files_failed: AtomicU64::new(0),
         meta: MetaPolicy::new(opts, nix::unistd::geteuid().is_root()),
         fatal: AtomicBool::new(false),
         tree,
@@ -512,6 +522,7 @@ pub fn restore(
         }
     }
     summary.bytes = shared.bytes.load(Ordering::Relaxed);
+    summary.files_failed = shared.files_failed.load(Ordering::Relaxed);
     summary.packs = stats.packs.load(Ordering::Relaxed);
     summary.requests = stats.requests.load(Ordering::Relaxed);
     summary.bytes_downloaded = stats.bytes_downloaded.load(Ordering::Relaxed);
@@ -837,7 +848,7 @@ impl Restorer<'_, '_> {
         let name = os_str(&node.name);
         let exists = nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok();
         if exists && self.opts.overwrite == Overwrite::Never {
-            self.summary.files_unchanged += 1;
+            self.summary.files_kept += 1;
             return Ok(());
         }
         if node.links > 1 && node.inode != 0 {
@@ -860,36 +871,38 @@ impl Restorer<'_, '_> {
             Overwrite::IfChanged if exists => existing::open_existing(dir, name, &node),
             _ => None,
         };
-        let fresh = existing.is_none();
+        let fresh = !existing.as_ref().is_some_and(|e| e.in_place);
         let (file, wanted) = match existing {
             Some(e)
-                if e.same_stat && size == node.size && e.trusted(&node, self.shared.meta.chown) =>
+                if e.in_place
+                    && e.same_stat
+                    && size == node.size
+                    && e.trusted(&node, self.shared.meta.chown) =>
             {
                 self.summary.files_unchanged += 1;
                 return self.finish_now(node, rel, path, e.file, e.dev, e.ino);
             }
-            Some(e) => {
+            Some(e) if e.in_place => {
                 let same = existing::matching_chunks(&e.file, self.shared.repo.keys(), &chunks);
                 e.file.set_len(size)?;
                 let wanted: Vec<bool> = same.iter().map(|s| !s).collect();
                 (e.file, wanted)
             }
-            None => {
-                remove_existing(dir, name)?;
-                let fd = nix::fcntl::openat(
-                    dir,
-                    name,
-                    OFlag::O_WRONLY
-                        | OFlag::O_CREAT
-                        | OFlag::O_EXCL
-                        | OFlag::O_NOFOLLOW
-                        | OFlag::O_CLOEXEC,
-                    Mode::from_bits_truncate(0o600),
+            // Hard-linked (or not writable): a new file, with what the old
+            // one already holds copied over. Its data stays reachable
+            // through the handle (and the other names) meanwhile, and no
+            // correct byte is downloaded again or lost to a damaged blob.
+            Some(e) => {
+                let file = create_fresh(dir, name, size)?;
+                let same = existing::copy_matching_chunks(
+                    &e.file,
+                    &file,
+                    self.shared.repo.keys(),
+                    &chunks,
                 )?;
-                let file = File::from(fd);
-                file.set_len(size)?;
-                (file, vec![true; chunks.len()])
+                (file, same.iter().map(|s| !s).collect())
             }
+            None => (create_fresh(dir, name, size)?, vec![true; chunks.len()]),
         };
         let st = nix::sys::stat::fstat(&file)?;
         let needed = wanted.iter().filter(|w| **w).count();
@@ -1013,6 +1026,21 @@ impl Restorer<'_, '_> {
         nix::unistd::linkat(&*first_dir, first_name, dir, name, AtFlags::empty())?;
         Ok(())
     }
+}
+
+/// Replaces whatever non-directory is at `name` in `dir` with a new empty
+/// file of `size` bytes, private until its metadata is applied.
+fn create_fresh(dir: &OwnedFd, name: &OsStr, size: u64) -> io::Result<File> {
+    remove_existing(dir, name)?;
+    let fd = nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )?;
+    let file = File::from(fd);
+    file.set_len(size)?;
+    Ok(file)
 }
 
 /// Makes room for a new entry `name` in `dir`: anything but a directory is
