@@ -284,6 +284,10 @@ pub enum RepairCommand {
         /// Only report what would be changed.
         #[arg(long)]
         dry_run: bool,
+        /// Also read and authenticate every chunk, dropping files whose
+        /// data is damaged in place (not only those with missing blobs).
+        #[arg(long)]
+        read_data: bool,
     },
 }
 

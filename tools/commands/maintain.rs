@@ -29,7 +29,18 @@ pub(super) fn run(g: &Global, a: MaintainArgs) -> Result<ExitCode> {
     } else {
         print_report(&r);
     }
-    Ok(ExitCode::SUCCESS)
+    if r.damaged_blobs.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    for d in &r.damaged_blobs {
+        eprintln!("warning: {d}");
+    }
+    eprintln!(
+        "warning: {} damaged blobs were left where they are; `marmoset check --read-data` \
+         names the snapshots affected, `marmoset repair snapshots` drops the files that use them",
+        r.damaged_blobs.len()
+    );
+    Ok(ExitCode::from(1))
 }
 
 /// `--safety-margin`: the engine's duration syntax, plus `0`/`0s` (tests

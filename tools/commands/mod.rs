@@ -52,7 +52,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Key { command } => key::run(g, command),
         Command::Repair { command } => match command {
             RepairCommand::Index => repair::index(g),
-            RepairCommand::Snapshots { dry_run } => repair::snapshots(g, dry_run),
+            RepairCommand::Snapshots { dry_run, read_data } => {
+                repair::snapshots(g, dry_run, read_data)
+            }
         },
     }
 }

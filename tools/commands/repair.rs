@@ -24,19 +24,30 @@ pub(super) fn index(g: &Global) -> Result<ExitCode> {
             r.index_files_removed
         );
         for p in &r.unreadable_packs {
-            eprintln!("warning: pack {p} is unreadable and was left out");
+            eprintln!("warning: pack {p} has a damaged trailer and was left out of the index");
+        }
+        if r.blobs_salvaged > 0 {
+            outln!(
+                "{} blobs of those packs were whole and were copied into new packs",
+                r.blobs_salvaged
+            );
+        }
+        for b in &r.blobs_lost {
+            eprintln!("error: blob lost: {b}");
         }
     }
-    Ok(if r.unreadable_packs.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(
+        if r.blobs_lost.is_empty() && r.unreadable_packs.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        },
+    )
 }
 
-pub(super) fn snapshots(g: &Global, dry_run: bool) -> Result<ExitCode> {
+pub(super) fn snapshots(g: &Global, dry_run: bool, read_data: bool) -> Result<ExitCode> {
     let repo = open(g)?;
-    let r = marmoset_storage::repair_snapshots(&repo, dry_run)?;
+    let r = marmoset_storage::repair_snapshots(&repo, dry_run, read_data)?;
     if g.json {
         print_json(&serde_json::to_value(&r)?)?;
     } else {

@@ -13,9 +13,9 @@ use tracing::warn;
 use crate::backend::{FileKind, CONFIG_NAME};
 use crate::error::{Error, Result};
 use crate::format::blob::{self, BlobType};
-use crate::format::crypto::KeyFile;
+use crate::format::crypto::{KeyFile, OVERHEAD};
 use crate::format::id::Id;
-use crate::format::pack::{self, PackEntry, FOOTER_LEN};
+use crate::format::pack::{self, PackEntry, ENTRY_LEN, FOOTER_LEN};
 use crate::format::snapshot::Snapshot;
 use crate::format::tree::{self, Node, NodeKind, Tree};
 use crate::ops::blob_sets::BlobTable;
@@ -253,7 +253,44 @@ fn check_index_entries(
             index: index.to_string(),
             reason: format!("blob {} points beyond the end of pack {pname}", e.id),
         });
+        return;
     }
+    // The trailer after the last blob holds at least one entry per listed
+    // blob: a pack shorter than that lost its end (a truncated upload or
+    // copy), though every blob may still be whole. Found from the listing
+    // alone, without reading the pack.
+    if let Some(least) = least_pack_size(entries).filter(|least| size < *least) {
+        let problem = pack_problem(
+            &pname,
+            format!(
+                "{size} bytes, shorter than its indexed blobs and their trailer \
+                 ({least} bytes at least): truncated. `marmoset repair index` \
+                 saves the blobs that are whole into a new pack"
+            ),
+        );
+        if !r
+            .errors
+            .iter()
+            .any(|e| e.to_string() == problem.to_string())
+        {
+            r.errors.push(problem);
+        }
+    }
+}
+
+/// The smallest size of a pack holding `entries`: its last blob's end, then
+/// an encrypted trailer of at least one entry per distinct blob offset, then
+/// the footer. `None` on numbers that overflow (reported elsewhere).
+fn least_pack_size(entries: &[PackEntry]) -> Option<u64> {
+    let mut offsets: Vec<u64> = entries.iter().map(|e| e.offset).collect();
+    offsets.sort_unstable();
+    offsets.dedup();
+    let blobs_end = entries
+        .iter()
+        .map(|e| e.offset.checked_add(u64::from(e.length)))
+        .try_fold(0u64, |m, end| end.map(|end| m.max(end)))?;
+    let trailer = (offsets.len() as u64).checked_mul(ENTRY_LEN as u64)? + OVERHEAD as u64;
+    blobs_end.checked_add(trailer)?.checked_add(FOOTER_LEN)
 }
 
 /// `--read-data`: the selected packs, each compared with the first index
@@ -587,12 +624,27 @@ pub struct RepairSnapshotsReport {
 /// blobs: damaged directories parts and files are dropped, everything else
 /// is kept; the new snapshot is tagged `repaired` and marked incomplete,
 /// the old manifest is removed.
-pub fn repair_snapshots(repo: &Repository, dry_run: bool) -> Result<RepairSnapshotsReport> {
+///
+/// With `read_data`, every chunk of every file is also read and
+/// authenticated (once, however many files share it), so files whose data
+/// is damaged in place are dropped too, not only those whose blobs are
+/// missing from the index.
+pub fn repair_snapshots(
+    repo: &Repository,
+    dry_run: bool,
+    read_data: bool,
+) -> Result<RepairSnapshotsReport> {
     let mut report = RepairSnapshotsReport {
         dry_run,
         ..Default::default()
     };
     let (snaps, bad) = repo.snapshots()?;
+    let mut intact = Intact {
+        repo,
+        read_data,
+        good: HashSet::new(),
+        bad: HashMap::new(),
+    };
     for (name, e) in bad {
         warn!(snapshot = %name, error = %e, "unreadable snapshot manifest cannot be repaired");
         report
@@ -603,8 +655,13 @@ pub fn repair_snapshots(repo: &Repository, dry_run: bool) -> Result<RepairSnapsh
         report.snapshots_checked += 1;
         let mut new_trees = Vec::new();
         let mut removed = Vec::new();
-        let (parts, changed) =
-            repair_dir(repo, &snap.root_parts(), "", &mut new_trees, &mut removed)?;
+        let (parts, changed) = repair_dir(
+            &mut intact,
+            &snap.root_parts(),
+            "",
+            &mut new_trees,
+            &mut removed,
+        )?;
         if !changed {
             continue;
         }
@@ -633,12 +690,13 @@ pub fn repair_snapshots(repo: &Repository, dry_run: bool) -> Result<RepairSnapsh
 }
 
 fn repair_dir(
-    repo: &Repository,
+    intact: &mut Intact<'_>,
     parts: &[Id],
     path: &str,
     new_trees: &mut Vec<(BlobType, Vec<u8>)>,
     removed: &mut Vec<String>,
 ) -> Result<(Vec<Id>, bool)> {
+    let repo = intact.repo;
     let mut changed = false;
     let mut out = Vec::new();
     for part in parts {
@@ -656,17 +714,17 @@ fn repair_dir(
             let p = format!("{path}/{}", node.name_lossy());
             match node.kind {
                 NodeKind::Dir => {
-                    let (sub, c) = repair_dir(repo, &node.subtree, &p, new_trees, removed)?;
+                    let (sub, c) = repair_dir(intact, &node.subtree, &p, new_trees, removed)?;
                     if c {
                         part_changed = true;
                         node.subtree = sub;
                     }
                     nodes.push(node);
                 }
-                NodeKind::File => match file_intact(repo, &node) {
-                    Ok(()) => nodes.push(node),
-                    Err(e) => {
-                        removed.push(format!("{p}: {e}"));
+                NodeKind::File => match intact.file(&node)? {
+                    None => nodes.push(node),
+                    Some(why) => {
+                        removed.push(format!("{p}: {why}"));
                         part_changed = true;
                     }
                 },
@@ -691,9 +749,70 @@ fn repair_dir(
     Ok((out, changed))
 }
 
-fn file_intact(repo: &Repository, node: &Node) -> Result<()> {
-    for c in repo.file_chunks(node)? {
-        repo.blob_location(&c)?;
+/// Which files `repair snapshots` keeps: those whose chunks are all
+/// indexed (and, with `read_data`, authenticate). Verdicts per blob are
+/// remembered, so a chunk shared by many files is read once.
+struct Intact<'r> {
+    repo: &'r Repository,
+    read_data: bool,
+    good: HashSet<Id>,
+    bad: HashMap<Id, String>,
+}
+
+impl Intact<'_> {
+    /// `None` if the file is whole, else why not. A storage error is not a
+    /// verdict on the file: it stops the repair instead of dropping files.
+    fn file(&mut self, node: &Node) -> Result<Option<String>> {
+        let chunks = match self.repo.file_chunks(node) {
+            Ok(c) => c,
+            Err(e) if is_damage(&e) => return Ok(Some(e.to_string())),
+            Err(e) => return Err(e),
+        };
+        for c in chunks {
+            if let Some(why) = self.blob(&c)? {
+                return Ok(Some(why));
+            }
+        }
+        Ok(None)
     }
-    Ok(())
+
+    fn blob(&mut self, id: &Id) -> Result<Option<String>> {
+        if let Some(why) = self.bad.get(id) {
+            return Ok(Some(why.clone()));
+        }
+        if !self.read_data {
+            return match self.repo.blob_location(id) {
+                Ok(_) => Ok(None),
+                Err(e) if is_damage(&e) => Ok(Some(e.to_string())),
+                Err(e) => Err(e),
+            };
+        }
+        if self.good.contains(id) {
+            return Ok(None);
+        }
+        match self.repo.load_blob(id) {
+            Ok(_) => {
+                self.good.insert(*id);
+                Ok(None)
+            }
+            Err(e) if is_damage(&e) => {
+                let why = e.to_string();
+                self.bad.insert(*id, why.clone());
+                Ok(Some(why))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Errors that say the data is gone or damaged, as opposed to the storage
+/// failing to answer right now.
+fn is_damage(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::BlobNotFound { .. }
+            | Error::Corrupt { .. }
+            | Error::Decrypt { .. }
+            | Error::NotFound { .. }
+    )
 }

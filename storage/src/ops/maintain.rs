@@ -35,9 +35,8 @@ use tracing::{debug, info, warn};
 
 use crate::backend::FileKind;
 use crate::error::{Error, Result};
-use crate::format::blob::{self, EncodedBlob};
 use crate::format::id::Id;
-use crate::format::pack::{PackBuilder, PackEntry};
+use crate::format::pack::PackEntry;
 use crate::format::tree::{self, NodeKind};
 use crate::ops::blob_sets::{PrefixCollector, PrefixSet};
 use crate::repo::coordination::clock;
@@ -101,6 +100,11 @@ pub struct MaintainReport {
     /// Plans kept for a later run because a planned pack could not be read
     /// (transient backend error).
     pub plans_postponed: u64,
+    /// Live blobs that did not authenticate while their sparse pack was
+    /// rewritten (`pack …, blob …: why`): that pack was kept, indexed for
+    /// those blobs only. `marmoset check --read-data` and `repair
+    /// snapshots` deal with them.
+    pub damaged_blobs: Vec<String>,
     /// This host's clock minus the storage's, when the storage stamps
     /// objects (decisions use the storage's clock either way).
     pub clock_skew_secs: Option<i64>,
@@ -511,9 +515,27 @@ fn full(
         if !rewrite.contains(&pack) {
             return writer.add(pack, entries);
         }
-        for (new, new_entries) in copy_live(repo, &pack, &entries, &marks)? {
+        let live: Vec<PackEntry> = entries
+            .into_iter()
+            .filter(|e| marks.contains(&e.id))
+            .collect();
+        let mut damaged = Vec::new();
+        let copied = repo.copy_blobs(&name, &live, |e, why| {
+            warn!(pack = %name, blob = %e.id, error = %why, "live blob damaged; its pack is kept");
+            report
+                .damaged_blobs
+                .push(format!("pack {name}, blob {}: {why}", e.id));
+            damaged.push(*e);
+        })?;
+        for (new, new_entries) in copied {
             report.packs_written += 1;
             writer.add(new, new_entries)?;
+        }
+        if !damaged.is_empty() {
+            // Not deleted: the damaged blobs stay where `check` finds and
+            // names them (and `repair snapshots` drops the files that use
+            // them); the whole ones now live in the new packs.
+            return writer.add(pack, damaged);
         }
         report.packs_rewritten += 1;
         rewritten.push(name);
@@ -549,49 +571,6 @@ fn full(
     report.index_files_after = new_index.len() as u64;
     info!(packs = plan.packs.len(), "packs hidden; deletion planned");
     Ok(())
-}
-
-/// Copies the live blobs of one pack into new packs (verifying each blob on
-/// the way, so corruption is never propagated) and indexes them.
-fn copy_live(
-    repo: &Repository,
-    pack: &Id,
-    entries: &[PackEntry],
-    marks: &Marks,
-) -> Result<Vec<(Id, Vec<PackEntry>)>> {
-    let name = pack.to_hex();
-    let mut out = Vec::new();
-    let mut builder = PackBuilder::default();
-    let pack_size = repo.config().pack_size as usize;
-    for e in entries.iter().filter(|e| marks.contains(&e.id)) {
-        let raw =
-            repo.backend()
-                .read_range(FileKind::Pack, &name, e.offset, u64::from(e.length))?;
-        blob::decode(repo.keys(), e.kind, &e.id, e.flags, e.raw_length, &raw)?;
-        builder.add(EncodedBlob {
-            kind: e.kind,
-            id: e.id,
-            flags: e.flags,
-            raw_length: e.raw_length,
-            ciphertext: raw,
-        })?;
-        if builder.len() >= pack_size {
-            out.push(store_pack(repo, std::mem::take(&mut builder))?);
-        }
-    }
-    if !builder.is_empty() {
-        out.push(store_pack(repo, builder)?);
-    }
-    Ok(out)
-}
-
-fn store_pack(repo: &Repository, builder: PackBuilder) -> Result<(Id, Vec<PackEntry>)> {
-    let sealed = builder.seal(repo.keys())?;
-    repo.backend()
-        .write(FileKind::Pack, &sealed.id.to_hex(), sealed.bytes.into())?;
-    // Indexed right away: the blobs must never be unindexed in between.
-    repo.write_index(&[(sealed.id, sealed.entries.clone())])?;
-    Ok((sealed.id, sealed.entries))
 }
 
 /// Phase 2: deletes planned packs whose time has come.

@@ -25,7 +25,15 @@ pub struct RepairIndexReport {
     pub blobs: u64,
     pub index_files_written: u64,
     pub index_files_removed: u64,
+    /// Packs whose trailer is damaged (truncated, or corrupt): left out of
+    /// the new index, so later maintenance may delete them.
     pub unreadable_packs: Vec<String>,
+    /// Blobs of those packs that an old index file located and that
+    /// authenticate at that location: copied into new packs, nothing lost.
+    pub blobs_salvaged: u64,
+    /// Blobs of those packs that an old index located but that are damaged
+    /// (`pack/blob: why`); they are lost unless another pack holds them.
+    pub blobs_lost: Vec<String>,
 }
 
 impl Repository {
@@ -446,6 +454,7 @@ impl Repository {
         let old = self.backend.list_names(FileKind::Index)?;
         let mut packs = Vec::new();
         let mut report = RepairIndexReport::default();
+        let mut damaged: HashMap<Id, String> = HashMap::new();
         for (name, size) in self.backend.list(FileKind::Pack)? {
             let Some(id) = Id::from_hex(&name) else {
                 continue;
@@ -455,14 +464,37 @@ impl Repository {
                     report.blobs += entries.len() as u64;
                     packs.push((id, entries));
                 }
-                Err(e) => {
-                    warn!(pack = %name, error = %e, "pack trailer unreadable");
-                    report.unreadable_packs.push(name);
+                Err(e @ (Error::Corrupt { .. } | Error::Decrypt { .. })) => {
+                    warn!(pack = %name, error = %e, "pack trailer damaged");
+                    damaged.insert(id, name);
                 }
+                // A storage error says nothing about the pack: rebuilding
+                // without it would unindex good data. Nothing changed yet.
+                Err(e) => return Err(e),
             }
         }
-        report.packs = packs.len() as u64;
+        // The cache forgets every location (and every loaded file, so an
+        // interrupted repair is followed by a full sync); what is written
+        // from here on is cached as it is written.
         self.index.clear_blobs()?;
+        // What the old index knew of damaged packs is kept, blob by blob,
+        // where the blob authenticates: into new packs, indexed at once.
+        if !damaged.is_empty() {
+            for (pack, entries) in self.old_entries_of(&old, &damaged) {
+                let name = pack.to_hex();
+                let copied = self.copy_blobs(&name, &entries, |e, why| {
+                    report.blobs_lost.push(format!("{name}/{}: {why}", e.id));
+                })?;
+                for (_, new_entries) in copied {
+                    report.blobs_salvaged += new_entries.len() as u64;
+                    report.blobs += new_entries.len() as u64;
+                    report.index_files_written += 1;
+                }
+            }
+            report.unreadable_packs = damaged.into_values().collect();
+            report.unreadable_packs.sort();
+        }
+        report.packs = packs.len() as u64;
         for part in packs.chunks(5000) {
             self.write_index(part)?;
             report.index_files_written += 1;
@@ -472,6 +504,91 @@ impl Repository {
             report.index_files_removed += 1;
         }
         Ok(report)
+    }
+
+    /// The entries the index files `names` list for the packs of `wanted`,
+    /// once per blob; index files that cannot be read are skipped (that may
+    /// be why the index is being repaired).
+    fn old_entries_of(
+        &self,
+        names: &[String],
+        wanted: &HashMap<Id, String>,
+    ) -> HashMap<Id, Vec<PackEntry>> {
+        let mut found: HashMap<Id, Vec<PackEntry>> = HashMap::new();
+        for name in names {
+            let listed = match self.load_index_file(name) {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(index = %name, error = %e, "index file unreadable; skipped");
+                    continue;
+                }
+            };
+            for (pack, entries) in listed.into_iter().filter(|(p, _)| wanted.contains_key(p)) {
+                let known = found.entry(pack).or_default();
+                for e in entries {
+                    if !known.iter().any(|k| k.id == e.id) {
+                        known.push(e);
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    /// Copies the blobs `entries` locates in `pack` into new packs, each
+    /// authenticated on the way so damage is never propagated, and indexes
+    /// each new pack as soon as it is stored. A blob that does not
+    /// authenticate is handed to `damaged` and skipped; a storage error
+    /// stops the copy.
+    pub(crate) fn copy_blobs(
+        &self,
+        pack: &str,
+        entries: &[PackEntry],
+        mut damaged: impl FnMut(&PackEntry, &Error),
+    ) -> Result<Vec<(Id, Vec<PackEntry>)>> {
+        let mut out = Vec::new();
+        let mut builder = pack::PackBuilder::default();
+        let pack_size = self.config.pack_size as usize;
+        for e in entries {
+            let raw = self
+                .backend
+                .read_range(FileKind::Pack, pack, e.offset, u64::from(e.length))
+                .and_then(|raw| {
+                    blob::decode(&self.keys, e.kind, &e.id, e.flags, e.raw_length, &raw)?;
+                    Ok(raw)
+                });
+            let raw = match raw {
+                Ok(raw) => raw,
+                Err(err @ (Error::Corrupt { .. } | Error::Decrypt { .. })) => {
+                    damaged(e, &err);
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
+            builder.add(blob::EncodedBlob {
+                kind: e.kind,
+                id: e.id,
+                flags: e.flags,
+                raw_length: e.raw_length,
+                ciphertext: raw,
+            })?;
+            if builder.len() >= pack_size {
+                out.push(self.store_pack(std::mem::take(&mut builder))?);
+            }
+        }
+        if !builder.is_empty() {
+            out.push(self.store_pack(builder)?);
+        }
+        Ok(out)
+    }
+
+    fn store_pack(&self, builder: pack::PackBuilder) -> Result<(Id, Vec<PackEntry>)> {
+        let sealed = builder.seal(&self.keys)?;
+        self.backend
+            .write(FileKind::Pack, &sealed.id.to_hex(), sealed.bytes.into())?;
+        // Indexed right away: the blobs must never be unindexed in between.
+        self.write_index(&[(sealed.id, sealed.entries.clone())])?;
+        Ok((sealed.id, sealed.entries))
     }
 
     /// Stores blobs outside a backup (repair tools): one pack, then its
