@@ -12,6 +12,8 @@ mod progress;
 mod repo_open;
 mod terminal;
 
+use output::errln;
+
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -24,7 +26,7 @@ fn main() -> ExitCode {
     match commands::run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {}", describe(&err));
+            errln!("error: {}", describe(&err));
             ExitCode::from(exit_code(&err))
         }
     }
@@ -97,9 +99,12 @@ fn init_logging(verbose: u8) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MARMOSET_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("RUST_LOG"))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // A log line that cannot be written (stderr closed: `2>&1 | head`) is
+    // dropped; reporting that on stderr would panic the logging thread.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        .log_internal_errors(false);
     // Log fields carry file names: on a terminal, escape them (and so go
     // without colours, whose escape codes would be escaped too).
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {

@@ -18,6 +18,20 @@ macro_rules! outln {
 }
 pub(crate) use outln;
 
+/// `eprintln!` that does not panic when stderr is closed: warnings are
+/// dropped rather than abort a command that has done its work.
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::output::write_err_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use errln;
+
+pub(crate) fn write_err_line(args: std::fmt::Arguments<'_>) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(args).and_then(|()| err.write_all(b"\n"));
+}
+
 pub(crate) fn write_line(args: std::fmt::Arguments<'_>) {
     use std::sync::atomic::{AtomicBool, Ordering};
     static CLOSED: AtomicBool = AtomicBool::new(false);

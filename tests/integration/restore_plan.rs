@@ -743,8 +743,36 @@ fn if_changed_keeps_correct_hard_linked_files_without_downloading_them() {
     assert_eq!(out.status.code(), Some(3));
     let v = json(&out);
     assert_eq!(v["summary"]["files_failed"], 2, "{v}");
-    assert!(!dst.join("a").exists() && !dst.join("d/a2").exists());
+    // The first name is removed; the later one is reported and left as
+    // found, never linked to the failed file.
+    assert!(!dst.join("a").exists());
+    assert!(fs::read(dst.join("d/a2")).unwrap() != linked);
     assert!(fs::read(dst.join("plain")).unwrap() == plain);
+
+    // The first name missing, a later name still correct, the repository
+    // copy damaged: the later name is not given up for the failed first.
+    fs::remove_file(dst.join("a")).ok();
+    fs::write(dst.join("d/a2"), &linked).unwrap();
+    let out = env
+        .cmd()
+        .args([
+            "--json",
+            "restore",
+            "latest",
+            "--target",
+            dst.to_str().unwrap(),
+            "--overwrite",
+            "if-changed",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let v = json(&out);
+    assert!(
+        fs::read(dst.join("d/a2")).unwrap() == linked,
+        "correct later name kept: {v}"
+    );
+    assert_eq!(v["summary"]["files_failed"], 2, "{v}");
 
     // never: kept files are counted as kept, not as "already correct".
     fs::write(dst.join("a"), b"someone else's").unwrap();
@@ -765,6 +793,74 @@ fn if_changed_keeps_correct_hard_linked_files_without_downloading_them() {
         text.contains("kept unchecked") && !text.contains("already correct"),
         "{text}"
     );
+}
+
+/// A hard-linked file whose first name cannot be restored at all (its
+/// blob is missing from the index) while something else sits at that
+/// name: later names are reported, never linked to what is there.
+#[test]
+fn later_names_of_an_unrestorable_file_are_not_linked_to_what_is_there() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("d1")).unwrap();
+    fs::create_dir_all(src.join("d2")).unwrap();
+    fs::write(src.join("d1/a"), random_bytes(&mut rng(11), 300_000)).unwrap();
+    fs::hard_link(src.join("d1/a"), src.join("d2/a_link")).unwrap();
+    env.backup(&src, &[]);
+    // The blob leaves the index: its pack is moved away, the index rebuilt.
+    let packs = data_packs(&env);
+    let aside = env.path("aside");
+    fs::create_dir_all(&aside).unwrap();
+    for p in &packs {
+        fs::rename(env.pack_path(p), aside.join(p)).unwrap();
+    }
+    env.ok(&["repair", "index"]);
+    let dst = env.path("dst");
+    fs::create_dir_all(dst.join("d1")).unwrap();
+    let outside = env.path("outside");
+    fs::write(&outside, b"planted").unwrap();
+    fs::hard_link(&outside, dst.join("d1/a")).unwrap();
+    let out = restore_expecting_losses(&env, &dst);
+    let v = json(&out);
+    assert_eq!(v["summary"]["files_failed"], 2, "{v}");
+    let link = dst.join("d2/a_link");
+    assert!(
+        !link.exists()
+            || fs::metadata(&link).unwrap().ino() != fs::metadata(&outside).unwrap().ino(),
+        "a later name linked to the planted file"
+    );
+    assert_eq!(fs::metadata(&outside).unwrap().nlink(), 2);
+}
+
+/// Closed stderr (`2>&1 | head -c1`) with debug logging: log lines are
+/// dropped, and the backup either fails or saves a snapshot whose every
+/// blob is indexed, never a snapshot pointing at unindexed packs.
+#[test]
+fn a_closed_stderr_never_leaves_an_unrestorable_snapshot() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    random_tree(&src, 12, 40);
+    let mut c = env.cmd();
+    c.args(["-vv", "backup", src.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert_ne!(status.code(), Some(101), "no panic");
+    let out = env.cmd().args(["check", "--read-data"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    if status.success() {
+        let dst = env.path("dst");
+        env.ok(&["restore", "latest", "--target", dst.to_str().unwrap()]);
+        assert_same_tree(&src, &dst);
+    }
 }
 
 #[test]

@@ -11,8 +11,8 @@ use marmoset_storage::{BackupOptions, Id, Progress, Repository, Snapshot};
 use serde_json::json;
 
 use crate::cli::{BackupArgs, Global};
-use crate::output::outln;
 use crate::output::print_json;
+use crate::output::{errln, outln};
 use crate::progress::{bytes, Ticker};
 use crate::repo_open::open;
 use crate::terminal::shown;
@@ -65,7 +65,7 @@ fn print_summary(repo: &Repository, id: &Id, snap: &Snapshot) {
     let s = &snap.summary;
     for e in &s.errors {
         let tty = std::io::stderr().is_terminal();
-        eprintln!("warning: {}: {}", shown(&e.path, tty), shown(&e.error, tty));
+        errln!("warning: {}: {}", shown(&e.path, tty), shown(&e.error, tty));
     }
     outln!(
         "files: {} new, {} changed, {} unmodified; {} dirs",
@@ -86,7 +86,7 @@ fn print_summary(repo: &Repository, id: &Id, snap: &Snapshot) {
     outln!("snapshot {} saved in {:.2}s", id.short(), s.duration_secs);
     print_backend_stats(repo);
     if snap.incomplete {
-        eprintln!(
+        errln!(
             "warning: {} files or folders could not be read; the snapshot is incomplete",
             s.errors.len()
         );

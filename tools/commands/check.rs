@@ -46,9 +46,10 @@ fn print_report(r: &CheckReport) {
     );
     if r.packs_read > 0 {
         outln!(
-            "read {} packs ({}), {} blobs authenticated",
+            "read {} packs ({}), {} of {} blobs authenticated",
             r.packs_read,
             bytes(r.bytes_read),
+            r.blobs_ok,
             r.blobs_read
         );
     }

@@ -8,8 +8,8 @@ use anyhow::Result;
 use marmoset_storage::{MaintainOptions, MaintainReport};
 
 use crate::cli::{Global, MaintainArgs};
-use crate::output::outln;
 use crate::output::print_json;
+use crate::output::{errln, outln};
 use crate::progress::{bytes, Ticker};
 use crate::repo_open::open;
 
@@ -33,9 +33,9 @@ pub(super) fn run(g: &Global, a: MaintainArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     for d in &r.damaged_blobs {
-        eprintln!("warning: {d}");
+        errln!("warning: {d}");
     }
-    eprintln!(
+    errln!(
         "warning: {} damaged blobs were left where they are; `marmoset check --read-data` \
          names the snapshots affected, `marmoset repair snapshots` drops the files that use them",
         r.damaged_blobs.len()

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Result;
 
 use crate::cli::{Global, MountArgs};
+use crate::output::errln;
 use crate::repo_open::open;
 
 pub(super) fn run(g: &Global, a: MountArgs) -> Result<ExitCode> {
@@ -19,7 +20,7 @@ pub(super) fn run(g: &Global, a: MountArgs) -> Result<ExitCode> {
         ..Default::default()
     };
     if !g.json {
-        eprintln!(
+        errln!(
             "mounted at {}; press Ctrl-C to unmount",
             a.mountpoint.display()
         );

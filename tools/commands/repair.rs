@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use crate::cli::Global;
-use crate::output::outln;
 use crate::output::print_json;
+use crate::output::{errln, outln};
 use crate::repo_open::open;
 
 pub(super) fn index(g: &Global) -> Result<ExitCode> {
@@ -24,7 +24,7 @@ pub(super) fn index(g: &Global) -> Result<ExitCode> {
             r.index_files_removed
         );
         for p in &r.unreadable_packs {
-            eprintln!("warning: pack {p} has a damaged trailer and was left out of the index");
+            errln!("warning: pack {p} has a damaged trailer and was left out of the index");
         }
         if r.blobs_salvaged > 0 {
             outln!(
@@ -33,7 +33,7 @@ pub(super) fn index(g: &Global) -> Result<ExitCode> {
             );
         }
         for b in &r.blobs_lost {
-            eprintln!("error: blob lost: {b}");
+            errln!("error: blob lost: {b}");
         }
     }
     Ok(

@@ -14,8 +14,8 @@ use marmoset_storage::{
 use serde_json::json;
 
 use crate::cli::{split_target, Global, RestoreArgs};
-use crate::output::outln;
 use crate::output::print_json;
+use crate::output::{errln, outln};
 use crate::progress::{bytes, Ticker};
 use crate::repo_open::open;
 use crate::terminal::shown;
@@ -49,7 +49,7 @@ pub(super) fn run(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
         print_summary(&summary, &a.target);
     }
     if !summary.errors.is_empty() {
-        eprintln!("{} files could not be restored", summary.errors.len());
+        errln!("{} files could not be restored", summary.errors.len());
         return Ok(ExitCode::from(3));
     }
     Ok(ExitCode::SUCCESS)
@@ -94,10 +94,10 @@ fn progress_line(p: Arc<RestoreProgress>, total: u64) -> impl Fn() -> String + S
 fn print_summary(summary: &RestoreSummary, target: &std::path::Path) {
     let tty = std::io::stderr().is_terminal();
     for e in &summary.errors {
-        eprintln!("error: {}: {}", shown(&e.path, tty), shown(&e.error, tty));
+        errln!("error: {}: {}", shown(&e.path, tty), shown(&e.error, tty));
     }
     if !summary.skipped.is_empty() {
-        eprintln!(
+        errln!(
             "skipped {} fifos and device files (--no-special)",
             summary.skipped.len()
         );

@@ -9,8 +9,8 @@ use marmoset_storage::{Id, Snapshot};
 use serde_json::json;
 
 use crate::cli::{Global, SnapshotsArgs};
-use crate::output::outln;
 use crate::output::print_json;
+use crate::output::{errln, outln};
 use crate::progress::bytes;
 use crate::repo_open::open;
 use crate::terminal::shown;
@@ -19,7 +19,7 @@ pub(super) fn run(g: &Global, a: SnapshotsArgs) -> Result<ExitCode> {
     let repo = open(g)?;
     let (snaps, bad) = repo.snapshots()?;
     for (name, e) in &bad {
-        eprintln!("warning: snapshot {name} unreadable: {e}");
+        errln!("warning: snapshot {name} unreadable: {e}");
     }
     let snaps: Vec<_> = snaps
         .into_iter()

@@ -87,9 +87,16 @@ pub enum CheckProblem {
 }
 
 fn pack_problem(pack: &str, reason: impl ToString) -> CheckProblem {
+    // Errors about the pack already name it: said once is enough.
+    let reason = reason.to_string();
+    let reason = reason
+        .strip_prefix(&format!("pack {pack}: "))
+        .map(str::to_string)
+        .unwrap_or(reason)
+        .replace(&format!(" in pack {pack}"), "");
     CheckProblem::BadPack {
         pack: pack.to_string(),
-        reason: reason.to_string(),
+        reason,
     }
 }
 
@@ -105,6 +112,8 @@ pub struct CheckReport {
     pub data_blobs_referenced: u64,
     pub packs_read: u64,
     pub blobs_read: u64,
+    /// Of `blobs_read`, those that authenticated.
+    pub blobs_ok: u64,
     pub bytes_read: u64,
 }
 
@@ -361,6 +370,7 @@ fn read_batch(
     for part in read_packs_parallel(repo, &names, indexed) {
         r.packs_read += part.packs_read;
         r.blobs_read += part.blobs_read;
+        r.blobs_ok += part.blobs_ok;
         r.bytes_read += part.bytes_read;
         r.errors.extend(part.errors);
     }
@@ -596,16 +606,34 @@ fn read_pack(
             ));
             continue;
         };
-        if let Err(err) = blob::decode(repo.keys(), e.kind, &e.id, e.flags, e.raw_length, raw) {
-            r.errors.push(pack_problem(name, err));
+        match blob::decode(repo.keys(), e.kind, &e.id, e.flags, e.raw_length, raw) {
+            Ok(_) => r.blobs_ok += 1,
+            Err(err) => r.errors.push(pack_problem(name, err)),
         }
     }
     if let Some(listed) = Id::from_hex(name).and_then(|id| indexed.get(&id)) {
-        let in_pack: HashSet<Id> = entries.iter().map(|e| e.id).collect();
-        if let Some(e) = listed.iter().find(|e| !in_pack.contains(&e.id)) {
+        // Whole entries, not ids: an index pointing at the right blob with
+        // a wrong offset, length or type fails restores just the same.
+        let key = |e: &PackEntry| {
+            (
+                e.id,
+                e.kind as u8,
+                e.flags,
+                e.offset,
+                e.length,
+                e.raw_length,
+            )
+        };
+        let in_pack: HashMap<Id, _> = entries.iter().map(|e| (e.id, key(e))).collect();
+        if let Some(e) = listed.iter().find(|e| in_pack.get(&e.id) != Some(&key(e))) {
+            let what = if in_pack.contains_key(&e.id) {
+                "at another place or with other lengths than"
+            } else {
+                "that"
+            };
             r.errors.push(pack_problem(
                 name,
-                format!("index lists blob {} that the pack does not hold", e.id),
+                format!("index lists blob {} {what} the pack holds", e.id),
             ));
         }
     }

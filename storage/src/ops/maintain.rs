@@ -474,8 +474,14 @@ fn full(
     // rescues any that a snapshot turns out to need.
     let orphans: Vec<String> = existing
         .keys()
-        .filter(|n| {
-            !planned.contains(*n) && Id::from_hex(n).is_none_or(|id| !indexed.contains(&id))
+        .filter(|n| match Id::from_hex(n) {
+            Some(id) => !planned.contains(*n) && !indexed.contains(&id),
+            // Not a name marmoset writes (an operator's file?): not ours
+            // to delete, and the backend could not address it anyway.
+            None => {
+                warn!(name = %n, "file among the packs is not a pack; left alone");
+                false
+            }
         })
         .cloned()
         .collect();

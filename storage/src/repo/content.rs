@@ -480,7 +480,7 @@ impl Repository {
         // What the old index knew of damaged packs is kept, blob by blob,
         // where the blob authenticates: into new packs, indexed at once.
         if !damaged.is_empty() {
-            for (pack, entries) in self.old_entries_of(&old, &damaged) {
+            for (pack, entries) in self.old_entries_of(&old, &damaged)? {
                 let name = pack.to_hex();
                 let copied = self.copy_blobs(&name, &entries, |e, why| {
                     report.blobs_lost.push(format!("{name}/{}: {why}", e.id));
@@ -507,21 +507,25 @@ impl Repository {
     }
 
     /// The entries the index files `names` list for the packs of `wanted`,
-    /// once per blob; index files that cannot be read are skipped (that may
-    /// be why the index is being repaired).
+    /// once per blob; damaged index files are skipped (that may be why the
+    /// index is being repaired), a storage error stops the repair.
     fn old_entries_of(
         &self,
         names: &[String],
         wanted: &HashMap<Id, String>,
-    ) -> HashMap<Id, Vec<PackEntry>> {
+    ) -> Result<HashMap<Id, Vec<PackEntry>>> {
         let mut found: HashMap<Id, Vec<PackEntry>> = HashMap::new();
         for name in names {
             let listed = match self.load_index_file(name) {
                 Ok(l) => l,
-                Err(e) => {
-                    warn!(index = %name, error = %e, "index file unreadable; skipped");
+                Err(e @ (Error::Corrupt { .. } | Error::Decrypt { .. })) => {
+                    warn!(index = %name, error = %e, "index file damaged; skipped");
                     continue;
                 }
+                // The storage failing to answer is not damage: the repair
+                // stops before removing the file that may be the only
+                // record of a damaged pack's blobs.
+                Err(e) => return Err(e),
             };
             for (pack, entries) in listed.into_iter().filter(|(p, _)| wanted.contains_key(p)) {
                 let known = found.entry(pack).or_default();
@@ -532,7 +536,7 @@ impl Repository {
                 }
             }
         }
-        found
+        Ok(found)
     }
 
     /// Copies the blobs `entries` locates in `pack` into new packs, each

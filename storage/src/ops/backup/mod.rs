@@ -293,11 +293,14 @@ pub fn backup(
         drop(event_tx);
         drop(job_tx);
         let assembled = assembler.join();
+        // A worker that panicked may have dropped a chunk or a pack: the
+        // backup fails rather than save a snapshot that needs it.
+        let mut panicked = false;
         for h in file_handles {
-            let _ = h.join();
+            panicked |= h.join().is_err();
         }
         for h in cpu_handles {
-            let _ = h.join();
+            panicked |= h.join().is_err();
         }
         // All blobs are queued: seal the last pack, then let uploaders drain.
         let flushed = if saver.aborted() {
@@ -308,7 +311,12 @@ pub fn backup(
         // Close the channel so the uploaders' loops end.
         drop(crate::util::lock(&saver.upload_tx).take());
         for h in uploader_handles {
-            let _ = h.join();
+            panicked |= h.join().is_err();
+        }
+        if panicked {
+            return Err(Error::Aborted(
+                "a backup worker thread panicked; no snapshot was saved".into(),
+            ));
         }
         walk_result?;
         flushed?;

@@ -9,14 +9,14 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nix::fcntl::OFlag;
 use tracing::warn;
 
 use super::plan::{Need, PackReads};
-use super::{apply_fd_meta, mtime, remove_entry, Shared};
+use super::{apply_fd_meta, mtime, relink, remove_entry, Shared};
 use crate::backend::FileKind;
 use crate::format::tree::Node;
 use crate::repo::reads::ReadRange;
@@ -39,8 +39,11 @@ pub(super) struct FileEntry {
     /// Blob destinations not yet written.
     pub remaining: AtomicUsize,
     pub failed: Mutex<Option<String>>,
-    /// Other names of the same inode (hard links), below the target and
-    /// as shown: removed with it if its data is damaged.
+    /// Set once every byte is written (metadata may still have failed).
+    pub complete: AtomicBool,
+    /// Later names of the same inode (hard links), below the target and as
+    /// shown: linked to it once it is complete; if it fails, left as they
+    /// are and reported.
     pub links: Mutex<Vec<(PathBuf, PathBuf)>>,
 }
 
@@ -374,21 +377,28 @@ fn zero_range(file: &File, zeros: &[u8], offset: u64) -> io::Result<()> {
     }
 }
 
-/// Applies a finished file's metadata, or removes a damaged one and
-/// reports it by name.
+/// Applies a finished file's metadata and links its later names, or
+/// removes a damaged one and reports it (and its later names) by name.
 pub(super) fn finish(shared: &Shared, entry: &FileEntry, handle: Option<File>) {
     shared.progress.files_done.fetch_add(1, Ordering::Relaxed);
     let failed = crate::util::lock(&entry.failed).take();
+    let links = std::mem::take(&mut *crate::util::lock(&entry.links));
     if let Some(msg) = failed {
         drop(handle);
-        let links = std::mem::take(&mut *crate::util::lock(&entry.links));
-        let names = std::iter::once((entry.rel.clone(), entry.path.clone())).chain(links);
-        for (rel, path) in names {
+        if let Err(e) = remove_entry(&shared.tree, &entry.rel) {
+            warn!(path = %entry.path.display(), error = %e, "unrestored file not removed");
+        }
+        shared.error(&entry.path, format!("not restored, file removed: {msg}"));
+        shared.files_failed.fetch_add(1, Ordering::Relaxed);
+        for (_, path) in links {
+            shared.error(
+                &path,
+                format!(
+                    "not restored (hard link to {}): {msg}",
+                    entry.path.display()
+                ),
+            );
             shared.files_failed.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = remove_entry(&shared.tree, &rel) {
-                warn!(path = %path.display(), error = %e, "unrestored file not removed");
-            }
-            shared.error(&path, format!("not restored, file removed: {msg}"));
         }
         return;
     }
@@ -396,12 +406,25 @@ pub(super) fn finish(shared: &Shared, entry: &FileEntry, handle: Option<File>) {
         Ok(f) => f,
         Err(e) => {
             shared.error(&entry.path, format!("metadata: {e}"));
+            for (_, path) in links {
+                shared.error(&path, format!("hard link not made: {e}"));
+                shared.files_failed.fetch_add(1, Ordering::Relaxed);
+            }
             return;
         }
     };
+    entry.complete.store(true, Ordering::Release);
     let times = fs::FileTimes::new().set_modified(mtime(&entry.node));
     if let Err(e) = apply_fd_meta(&file, &entry.node, shared.meta, times) {
         shared.error(&entry.path, format!("metadata: {e}"));
+    }
+    // Linked through the open handle: exactly the inode written, whatever
+    // its name has become meanwhile.
+    for (rel, path) in links {
+        if let Err(e) = relink(&shared.tree, &file, &rel) {
+            shared.error(&path, format!("hard link: {e}"));
+            shared.files_failed.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

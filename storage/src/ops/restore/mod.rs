@@ -557,6 +557,18 @@ struct At {
     selected: bool,
 }
 
+/// The first name of a hard-linked inode, for its later names.
+#[derive(Clone)]
+enum LinkSource {
+    /// Complete (restored or verified): later names are linked to it.
+    Ready(PathBuf),
+    /// Its data is still to come (entry `usize` of the batch): later names
+    /// are linked once it is complete, and left as they are if it fails.
+    Pending(PathBuf, usize),
+    /// It could not be restored (why): nor can the later names.
+    Failed(String),
+}
+
 /// The walk of a restore: creates what has no data and plans the rest.
 struct Restorer<'a, 'r> {
     shared: &'a Shared<'r>,
@@ -568,10 +580,8 @@ struct Restorer<'a, 'r> {
     opts: &'a RestoreOptions,
     summary: RestoreSummary,
     dirs: Vec<DirMeta>,
-    /// Inode → path (below the target) of its first restored name.
-    /// Inode → path (below the target) of its first restored name, and
-    /// its file-table entry while its data is still to come.
-    hardlinks: HashMap<u64, (PathBuf, Option<usize>)>,
+    /// Inode → where its later names come from: its first restored name.
+    hardlinks: HashMap<u64, LinkSource>,
     /// The directory written into last: a listing's entries share it. Only
     /// this one handle is kept open, however large the tree.
     cur: Option<(PathBuf, Arc<OwnedFd>)>,
@@ -851,22 +861,76 @@ impl Restorer<'_, '_> {
             self.summary.files_kept += 1;
             return Ok(());
         }
-        if node.links > 1 && node.inode != 0 {
-            if let Some((first, entry)) = self.hardlinks.get(&node.inode).cloned() {
+        self.summary.files += 1;
+        let inode = (node.links > 1 && node.inode != 0).then_some(node.inode);
+        let r = match inode.and_then(|i| self.hardlinks.get(&i).cloned()) {
+            Some(source) => self.later_name(source, dir, name, rel, path),
+            None => match self.first_name(node, dir, exists, rel, path) {
+                Ok(source) => {
+                    if let Some(i) = inode {
+                        self.hardlinks.insert(i, source);
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    if let Some(i) = inode {
+                        self.hardlinks.insert(i, LinkSource::Failed(e.to_string()));
+                    }
+                    Err(e)
+                }
+            },
+        };
+        if r.is_err() {
+            self.shared.files_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.files.len() >= FILES_PER_BATCH || self.plan.len() >= BLOBS_PER_BATCH {
+            self.fetch_batch();
+        }
+        r
+    }
+
+    /// A later name of a hard-linked inode: linked to the first name once
+    /// that is complete. Whatever is at this name stays until then, so a
+    /// correct file there is not lost if the first name fails.
+    fn later_name(
+        &mut self,
+        source: LinkSource,
+        dir: &OwnedFd,
+        name: &OsStr,
+        rel: &Path,
+        path: &Path,
+    ) -> io::Result<()> {
+        match source {
+            LinkSource::Ready(first) => {
                 remove_existing(dir, name)?;
-                self.link(&first, dir, name)?;
-                // If the data turns out damaged, this name goes too.
-                if let Some(e) = entry.and_then(|i| self.files.get(i)) {
+                self.link(&first, dir, name)
+            }
+            LinkSource::Pending(_, idx) => {
+                if let Some(e) = self.files.get(idx) {
                     crate::util::lock(&e.links).push((rel.to_path_buf(), path.to_path_buf()));
                 }
-                self.summary.files += 1;
-                return Ok(());
+                Ok(())
             }
-            self.hardlinks.insert(node.inode, (rel.to_path_buf(), None));
+            LinkSource::Failed(why) => Err(io::Error::other(format!(
+                "hard link to a file that could not be restored: {why}"
+            ))),
         }
+    }
+
+    /// The first (or only) name of a file: kept, updated or created, and
+    /// its missing chunks planned. Returns where later names of the same
+    /// inode come from.
+    fn first_name(
+        &mut self,
+        node: Node,
+        dir: &OwnedFd,
+        exists: bool,
+        rel: &Path,
+        path: &Path,
+    ) -> io::Result<LinkSource> {
+        let name = os_str(&node.name);
         let chunks = self.chunk_plan(&node)?;
         let size: u64 = chunks.iter().map(|(_, l)| u64::from(l.raw_length)).sum();
-        self.summary.files += 1;
         let existing = match self.opts.overwrite {
             Overwrite::IfChanged if exists => existing::open_existing(dir, name, &node),
             _ => None,
@@ -880,7 +944,8 @@ impl Restorer<'_, '_> {
                     && e.trusted(&node, self.shared.meta.chown) =>
             {
                 self.summary.files_unchanged += 1;
-                return self.finish_now(node, rel, path, e.file, e.dev, e.ino);
+                self.finish_now(node, rel, path, e.file, e.dev, e.ino);
+                return Ok(LinkSource::Ready(rel.to_path_buf()));
             }
             Some(e) if e.in_place => {
                 let same = existing::matching_chunks(&e.file, self.shared.repo.keys(), &chunks);
@@ -910,7 +975,8 @@ impl Restorer<'_, '_> {
             if exists && self.opts.overwrite == Overwrite::IfChanged && !chunks.is_empty() {
                 self.summary.files_unchanged += 1;
             }
-            return self.finish_now(node, rel, path, file, st.st_dev, st.st_ino);
+            self.finish_now(node, rel, path, file, st.st_dev, st.st_ino);
+            return Ok(LinkSource::Ready(rel.to_path_buf()));
         }
         // The fetchers reopen it; holding every file open would exhaust
         // the descriptors on a large tree.
@@ -923,11 +989,6 @@ impl Restorer<'_, '_> {
             }
             offset += u64::from(loc.raw_length);
         }
-        if let Some((_, slot)) = self.hardlinks.get_mut(&node.inode) {
-            if node.links > 1 && node.inode != 0 {
-                *slot = Some(idx);
-            }
-        }
         self.files.push(Arc::new(FileEntry {
             path: path.to_owned(),
             rel: rel.to_owned(),
@@ -937,12 +998,10 @@ impl Restorer<'_, '_> {
             fresh,
             remaining: AtomicUsize::new(needed),
             failed: Mutex::new(None),
+            complete: AtomicBool::new(false),
             links: Mutex::new(Vec::new()),
         }));
-        if self.files.len() >= FILES_PER_BATCH || self.plan.len() >= BLOBS_PER_BATCH {
-            self.fetch_batch();
-        }
-        Ok(())
+        Ok(LinkSource::Pending(rel.to_path_buf(), idx))
     }
 
     /// Phase 2 for the files planned so far: their data, each blob fetched
@@ -963,22 +1022,21 @@ impl Restorer<'_, '_> {
             self.stats,
         );
         // Those files are complete (or removed as damaged): a later name
-        // of one of them is a plain hard link now.
-        for (_, slot) in self.hardlinks.values_mut() {
-            *slot = None;
+        // of one of them is linked right away, or fails, from now on.
+        for source in self.hardlinks.values_mut() {
+            if let LinkSource::Pending(first, idx) = source {
+                *source = match files.get(*idx) {
+                    Some(e) if e.complete.load(Ordering::Acquire) => {
+                        LinkSource::Ready(std::mem::take(first))
+                    }
+                    _ => LinkSource::Failed(format!("{} was not restored", first.display())),
+                };
+            }
         }
     }
 
     /// A file with nothing to fetch: its metadata now.
-    fn finish_now(
-        &mut self,
-        node: Node,
-        rel: &Path,
-        path: &Path,
-        file: File,
-        dev: u64,
-        ino: u64,
-    ) -> io::Result<()> {
+    fn finish_now(&mut self, node: Node, rel: &Path, path: &Path, file: File, dev: u64, ino: u64) {
         let entry = FileEntry {
             path: path.to_owned(),
             rel: rel.to_owned(),
@@ -988,10 +1046,10 @@ impl Restorer<'_, '_> {
             fresh: false,
             remaining: AtomicUsize::new(0),
             failed: Mutex::new(None),
+            complete: AtomicBool::new(false),
             links: Mutex::new(Vec::new()),
         };
         fetch::finish(self.shared, &entry, Some(file));
-        Ok(())
     }
 
     /// A file's chunk ids with their locations.
@@ -1014,18 +1072,57 @@ impl Restorer<'_, '_> {
     /// Hard link `name` in `dir` to `first` (a path below the target),
     /// whose directory is reached again from the target handle.
     fn link(&self, first: &Path, dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
-        let (Some(parent), Some(first_name)) = (first.parent(), first.file_name()) else {
-            return Err(io::Error::other("hard link source has no name"));
+        let first_dir = match (&self.cur, first.parent()) {
+            (Some((p, fd)), Some(parent)) if p == parent => Some(fd.clone()),
+            _ => None,
         };
-        let first_dir = match &self.cur {
-            Some((p, fd)) if p == parent => fd.clone(),
-            _ => Arc::new(self.shared.tree.open_dir(parent, false, &mut Vec::new())?),
-        };
-        // Flags 0: a first name swapped for a symlink is linked as the
-        // symlink itself, never followed.
-        nix::unistd::linkat(&*first_dir, first_name, dir, name, AtFlags::empty())?;
-        Ok(())
+        link_beneath(&self.shared.tree, first, first_dir.as_deref(), dir, name)
     }
+}
+
+/// Hard links `name` in `dir` to `first` (below the target), reaching its
+/// directory from the target handle unless given. Flags 0: a first name
+/// swapped for a symlink is linked as the symlink itself, never followed.
+fn link_beneath(
+    tree: &Beneath,
+    first: &Path,
+    first_dir: Option<&OwnedFd>,
+    dir: &OwnedFd,
+    name: &OsStr,
+) -> io::Result<()> {
+    let (Some(parent), Some(first_name)) = (first.parent(), first.file_name()) else {
+        return Err(io::Error::other("hard link source has no name"));
+    };
+    let opened;
+    let first_dir = match first_dir {
+        Some(d) => d,
+        None => {
+            opened = tree.open_dir(parent, false, &mut Vec::new())?;
+            &opened
+        }
+    };
+    nix::unistd::linkat(first_dir, first_name, dir, name, AtFlags::empty())?;
+    Ok(())
+}
+
+/// Replaces `rel` (below the target) with a hard link to the open `file`,
+/// made through its `/proc/self/fd` link so it is that very inode.
+fn relink(tree: &Beneath, file: &File, rel: &Path) -> io::Result<()> {
+    let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+        return Err(io::Error::other("hard link has no name"));
+    };
+    let dir = tree.open_dir(parent, false, &mut Vec::new())?;
+    remove_existing(&dir, name)?;
+    let source = format!("/proc/self/fd/{}", file.as_raw_fd());
+    // An absolute source: its directory handle is not used.
+    nix::unistd::linkat(
+        &dir,
+        source.as_str(),
+        &dir,
+        name,
+        AtFlags::AT_SYMLINK_FOLLOW,
+    )?;
+    Ok(())
 }
 
 /// Replaces whatever non-directory is at `name` in `dir` with a new empty
