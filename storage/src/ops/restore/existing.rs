@@ -145,40 +145,21 @@ impl Existing {
 
 /// Which chunks of an existing file already hold the snapshot's content:
 /// `true` at index i when the bytes at chunk i's offset hash to its id.
+/// With `copy_to`, each matching chunk is also written there at its offset
+/// (zero blocks left as holes: `copy_to` is new and sized).
 pub(super) fn matching_chunks(
     file: &File,
     keys: &Keys,
     chunks: &[(Id, BlobLocation)],
-) -> Vec<bool> {
-    let mut buf = Vec::new();
-    let mut offset = 0u64;
-    chunks
-        .iter()
-        .map(|(id, loc)| {
-            let len = loc.raw_length as usize;
-            buf.resize(len, 0);
-            let same = file.read_exact_at(&mut buf, offset).is_ok() && keys.content_id(&buf) == *id;
-            offset += u64::from(loc.raw_length);
-            same
-        })
-        .collect()
-}
-
-/// Like [`matching_chunks`], and each matching chunk is also written to
-/// `to` at its offset (zero blocks left as holes: `to` is new and sized).
-pub(super) fn copy_matching_chunks(
-    from: &File,
-    to: &File,
-    keys: &Keys,
-    chunks: &[(Id, BlobLocation)],
+    copy_to: Option<&File>,
 ) -> io::Result<Vec<bool>> {
     let mut buf = Vec::new();
     let mut offset = 0u64;
     let mut same = Vec::with_capacity(chunks.len());
     for (id, loc) in chunks {
         buf.resize(loc.raw_length as usize, 0);
-        let matches = from.read_exact_at(&mut buf, offset).is_ok() && keys.content_id(&buf) == *id;
-        if matches {
+        let matches = file.read_exact_at(&mut buf, offset).is_ok() && keys.content_id(&buf) == *id;
+        if let (true, Some(to)) = (matches, copy_to) {
             super::fetch::write_data(to, &buf, offset, true)?;
         }
         same.push(matches);

@@ -948,7 +948,8 @@ impl Restorer<'_, '_> {
                 return Ok(LinkSource::Ready(rel.to_path_buf()));
             }
             Some(e) if e.in_place => {
-                let same = existing::matching_chunks(&e.file, self.shared.repo.keys(), &chunks);
+                let same =
+                    existing::matching_chunks(&e.file, self.shared.repo.keys(), &chunks, None)?;
                 e.file.set_len(size)?;
                 let wanted: Vec<bool> = same.iter().map(|s| !s).collect();
                 (e.file, wanted)
@@ -959,11 +960,11 @@ impl Restorer<'_, '_> {
             // correct byte is downloaded again or lost to a damaged blob.
             Some(e) => {
                 let file = create_fresh(dir, name, size)?;
-                let same = existing::copy_matching_chunks(
+                let same = existing::matching_chunks(
                     &e.file,
-                    &file,
                     self.shared.repo.keys(),
                     &chunks,
+                    Some(&file),
                 )?;
                 (file, same.iter().map(|s| !s).collect())
             }
