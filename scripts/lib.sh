@@ -2,7 +2,7 @@
 # shellcheck shell=bash
 
 # Build outputs live outside the clone so CI runs on the same machine reuse
-# the (slow, C++) RocksDB build; a cold machine simply builds once.
+# them; a cold machine simply builds once.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/marmoset-target}"
 export CARGO_TERM_QUIET=true
 
@@ -25,8 +25,12 @@ apt_need() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
+# librocksdb-dev: marmoset links Debian's RocksDB (see .cargo/config.toml)
+# instead of compiling RocksDB's C++, which was most of a cold build;
+# libclang-dev: bindgen generates the bindings from its C header.
 build_deps() {
-    apt_need clang libclang-dev pkg-config fuse3 libfuse3-dev attr
+    apt_need librocksdb-dev clang libclang-dev pkg-config fuse3 libfuse3-dev attr
+    [ -n "${ROCKSDB_COMPILE:-}" ] || scripts/rocksdb-abi-check
 }
 
 # need_pip_tool CMD PACKAGE: makes sure CMD (installed by the PyPI PACKAGE)

@@ -328,7 +328,7 @@ fn cf_options(cache: &Cache) -> Options {
 }
 
 fn open_db(opts: &Options, path: &Path) -> std::result::Result<DB, rocksdb::Error> {
-    let cache = Cache::new_lru_cache(BLOCK_CACHE);
+    let cache = Cache::new_lru_cache(BLOCK_CACHE)?;
     let cfs = ALL_CFS
         .into_iter()
         .map(|n| ColumnFamilyDescriptor::new(n, cf_options(&cache)));
