@@ -690,3 +690,95 @@ fn a_damaged_live_blob_does_not_block_maintenance() {
         assert!(fs::read(dst.join(&name)).unwrap() == fs::read(src.join(&name)).unwrap());
     }
 }
+
+/// A damaged directory that several snapshots (and two directories of one
+/// snapshot) share is checked once, but reported at every path of every
+/// snapshot that reaches it: the operator must know all that is affected.
+#[test]
+fn check_names_every_snapshot_that_reaches_a_shared_damaged_tree() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("shared")).unwrap();
+    let mut r = rng(10);
+    fs::write(src.join("shared/data"), random_bytes(&mut r, 5000)).unwrap();
+    fs::write(src.join("a"), b"first").unwrap();
+    // Same names, contents and times: one tree for both directories.
+    let when = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let settle = |dir: &Path| {
+        fs::File::open(dir.join("data"))
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
+        fs::File::open(dir).unwrap().set_modified(when).unwrap();
+    };
+    settle(&src.join("shared"));
+    let first = env.backup(&src, &[])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    fs::write(src.join("a"), b"second").unwrap();
+    fs::create_dir_all(src.join("copy")).unwrap();
+    fs::copy(src.join("shared/data"), src.join("copy/data")).unwrap();
+    settle(&src.join("copy"));
+    let second = env.backup(&src, &[])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // An untouched snapshot must not be named.
+    let other = env.path("other");
+    fs::create_dir_all(&other).unwrap();
+    fs::write(other.join("b"), b"unrelated").unwrap();
+    let third = env.backup(&other, &[])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let root = env.json(&["cat", "tree", &format!("{second}:/")]);
+    let subtree = |name: &str| {
+        root.as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .unwrap()["subtree"][0]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let tree = subtree("shared");
+    assert_eq!(
+        tree,
+        subtree("copy"),
+        "identical directories share one tree"
+    );
+    let (pack, offset) = locate(&env, &tree);
+    let path = env.pack_path(&pack);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[offset as usize + 20] ^= 0x55;
+    fs::write(&path, &bytes).unwrap();
+
+    let out = env.cmd().args(["--json", "check"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut named: Vec<(String, String)> = v["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "bad_tree")
+        .map(|e| {
+            (
+                e["snapshot"].as_str().unwrap().to_string(),
+                e["path"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    named.sort();
+    let mut want = vec![
+        (first.clone(), "/shared".to_string()),
+        (second.clone(), "/copy".to_string()),
+        (second.clone(), "/shared".to_string()),
+    ];
+    want.sort();
+    assert_eq!(named, want, "{v}");
+    assert!(!v["errors"].to_string().contains(&third), "{v}");
+}

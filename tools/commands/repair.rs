@@ -51,8 +51,9 @@ pub(super) fn snapshots(g: &Global, dry_run: bool, read_data: bool) -> Result<Ex
     if g.json {
         print_json(&serde_json::to_value(&r)?)?;
     } else {
+        let verb = if dry_run { "would drop" } else { "dropped" };
         for e in &r.removed_entries {
-            outln!("dropped {e}");
+            outln!("{verb} {e}");
         }
         for (old, new) in &r.repaired {
             if new.is_empty() {
@@ -62,9 +63,14 @@ pub(super) fn snapshots(g: &Global, dry_run: bool, read_data: bool) -> Result<Ex
             }
         }
         outln!(
-            "{} snapshots checked, {} repaired",
+            "{} snapshots checked, {} {}",
             r.snapshots_checked,
-            r.repaired.len()
+            r.repaired.len(),
+            if dry_run {
+                "would be repaired"
+            } else {
+                "repaired"
+            }
         );
     }
     Ok(ExitCode::SUCCESS)

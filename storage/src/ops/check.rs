@@ -4,6 +4,7 @@
 //! Check works from the repository alone (index files, packs, snapshots),
 //! never from the local cache, so a stale cache cannot hide damage.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 
 use rand::seq::SliceRandom;
@@ -19,7 +20,7 @@ use crate::format::pack::{self, PackEntry, ENTRY_LEN, FOOTER_LEN};
 use crate::format::snapshot::Snapshot;
 use crate::format::tree::{self, Node, NodeKind, Tree};
 use crate::ops::blob_sets::BlobTable;
-use crate::repo::walk::Walker;
+use crate::repo::walk::{Listing, Walker};
 use crate::repo::Repository;
 
 /// Which packs `--read-data` reads.
@@ -221,10 +222,12 @@ pub fn check(repo: &Repository, read_data: ReadData) -> Result<CheckReport> {
         });
     }
     r.snapshots = snaps.len() as u64;
-    let mut seen_trees = HashSet::new();
+    let mut graph = TreeGraph::default();
     for (id, snap) in &snaps {
-        check_snapshot(repo, id, snap, &mut table, &mut seen_trees, &mut r);
+        check_snapshot(repo, id, snap, &mut table, &mut graph, &mut r);
     }
+    report_shared_damage(repo, &snaps, &mut table, &graph, &mut r);
+    drop(graph);
     r.data_blobs_referenced = table.marked();
     drop(table);
 
@@ -412,7 +415,7 @@ fn check_snapshot(
     id: &Id,
     snap: &Snapshot,
     table: &mut BlobTable,
-    seen_trees: &mut HashSet<Id>,
+    graph: &mut TreeGraph,
     r: &mut CheckReport,
 ) {
     // The full id, as in `bad_snapshot`: problems are matched by tools.
@@ -420,7 +423,7 @@ fn check_snapshot(
     let roots = snap
         .root_parts()
         .into_iter()
-        .filter(|t| seen_trees.insert(*t))
+        .filter(|t| graph.number(*t).1)
         .map(|t| (t, "/".to_string()))
         .collect();
     let w = Walk {
@@ -431,32 +434,153 @@ fn check_snapshot(
     // goes on with the rest.
     let walked = Walker::new(repo).run(roots, |listing| {
         r.trees += 1;
-        let path = listing.at;
-        let mut next = Vec::new();
-        match listing.tree {
-            Ok(t) => check_tree(&w, &path, t, table, &mut next, r),
-            Err(e) => {
-                let msg = match e {
-                    Error::BlobNotFound { .. } => {
-                        format!("tree {} is missing (in no index)", listing.id)
-                    }
-                    e => e.to_string(),
-                };
-                r.errors.push(CheckProblem::BadTree {
-                    snapshot: short.clone(),
-                    path: path.clone(),
-                    reason: msg,
-                });
+        let errors_before = r.errors.len();
+        let (parent, _) = graph.number(listing.id);
+        let next = check_listing(&w, listing, table, r);
+        if r.errors.len() > errors_before {
+            graph.damaged.push(parent);
+        }
+        let mut fresh = Vec::with_capacity(next.len());
+        for (t, path) in next {
+            let (child, new) = graph.number(t);
+            graph.edges.push((parent, child));
+            if new {
+                fresh.push((t, path));
             }
         }
-        next.retain(|(t, _)| seen_trees.insert(*t));
-        Ok(next)
+        Ok(fresh)
     });
     if let Err(e) = walked {
         r.errors.push(CheckProblem::BadSnapshot {
             snapshot: short.clone(),
             reason: e.to_string(),
         });
+    }
+}
+
+/// Checks one loaded (or unloadable) directory; returns its subdirectories.
+fn check_listing(
+    w: &Walk<'_>,
+    listing: Listing<String>,
+    table: &mut BlobTable,
+    r: &mut CheckReport,
+) -> Vec<(Id, String)> {
+    let mut next = Vec::new();
+    match listing.tree {
+        Ok(t) => check_tree(w, &listing.at, t, table, &mut next, r),
+        Err(e) => {
+            let reason = match e {
+                Error::BlobNotFound { .. } => {
+                    format!("tree {} is missing (in no index)", listing.id)
+                }
+                e => e.to_string(),
+            };
+            r.errors.push(CheckProblem::BadTree {
+                snapshot: w.short.to_string(),
+                path: listing.at,
+                reason,
+            });
+        }
+    }
+    next
+}
+
+/// The trees the snapshot walks went through, numbered, and the directory
+/// edges between them. Each tree is checked once however many snapshots
+/// (or directories) share it, so its problems are first reported only
+/// where the walk met it; these edges say afterwards who else reaches it.
+#[derive(Default)]
+struct TreeGraph {
+    numbers: HashMap<Id, u32>,
+    /// (parent, child) for every subdirectory entry of every checked tree.
+    edges: Vec<(u32, u32)>,
+    /// Trees with a problem of their own (unreadable, or a bad entry).
+    damaged: Vec<u32>,
+}
+
+impl TreeGraph {
+    /// The number of `id`, and whether this is the first time it is seen.
+    fn number(&mut self, id: Id) -> (u32, bool) {
+        // Past 4 billion trees numbers repeat: that only widens the set
+        // of trees walked again when damage is reported.
+        let next = self.numbers.len() as u32;
+        match self.numbers.entry(id) {
+            Entry::Occupied(e) => (*e.get(), false),
+            Entry::Vacant(e) => (*e.insert(next), true),
+        }
+    }
+
+    /// Trees that are damaged or hold a damaged tree somewhere below.
+    fn tainted(&self) -> HashSet<Id> {
+        if self.damaged.is_empty() {
+            return HashSet::new();
+        }
+        let mut up: Vec<(u32, u32)> = self.edges.iter().map(|&(p, c)| (c, p)).collect();
+        up.sort_unstable();
+        let mut tainted: HashSet<u32> = self.damaged.iter().copied().collect();
+        let mut todo: Vec<u32> = tainted.iter().copied().collect();
+        while let Some(child) = todo.pop() {
+            let from = up.partition_point(|&(c, _)| c < child);
+            for &(_, parent) in up[from..].iter().take_while(|&&(c, _)| c == child) {
+                if tainted.insert(parent) {
+                    todo.push(parent);
+                }
+            }
+        }
+        self.numbers
+            .iter()
+            .filter(|(_, n)| tainted.contains(n))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
+
+/// Reports the damage each snapshot reaches through a tree that another
+/// snapshot (or another directory) reached first, at its own paths: an
+/// operator deciding what to forget or repair needs every snapshot that
+/// is affected, not the first one. Only damaged trees and their ancestors
+/// are walked again.
+fn report_shared_damage(
+    repo: &Repository,
+    snaps: &[(Id, Snapshot)],
+    table: &mut BlobTable,
+    graph: &TreeGraph,
+    r: &mut CheckReport,
+) {
+    let tainted = graph.tainted();
+    if tainted.is_empty() {
+        return;
+    }
+    let mut reported: HashSet<String> = r.errors.iter().map(ToString::to_string).collect();
+    for (id, snap) in snaps {
+        let short = id.to_hex();
+        let w = Walk {
+            repo,
+            short: &short,
+        };
+        let roots = snap
+            .root_parts()
+            .into_iter()
+            .filter(|t| tainted.contains(t))
+            .map(|t| (t, "/".to_string()))
+            .collect();
+        let mut found = CheckReport::default();
+        let walked = Walker::new(repo).run(roots, |listing| {
+            let mut next = check_listing(&w, listing, table, &mut found);
+            next.retain(|(t, _)| tainted.contains(t));
+            Ok(next)
+        });
+        if let Err(e) = walked {
+            found.errors.push(CheckProblem::BadSnapshot {
+                snapshot: short.clone(),
+                reason: e.to_string(),
+            });
+        }
+        for p in found.errors {
+            if reported.insert(p.to_string()) {
+                r.errors.push(p);
+            }
+        }
     }
 }
 
@@ -477,11 +601,7 @@ fn check_tree(
 ) {
     let (repo, short) = (w.repo, w.short);
     for node in t.nodes {
-        let child = format!(
-            "{}{}",
-            if path == "/" { "/" } else { "" },
-            child_path(path, &node)
-        );
+        let child = child_path(path, &node);
         if !node.has_safe_name() {
             r.errors.push(CheckProblem::BadTree {
                 snapshot: short.to_string(),
