@@ -34,7 +34,9 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
-use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, WriteBatch, DB};
+use rocksdb::{
+    BlockBasedIndexType, BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, WriteBatch, DB,
+};
 
 /// Errors of the index cache. The cache can always be rebuilt, so callers
 /// usually react by logging and starting from an empty cache.
@@ -320,6 +322,16 @@ fn cf_options(cache: &Cache) -> Options {
     table.set_cache_index_and_filter_blocks(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     table.set_bloom_filter(10.0, false);
+    // Index and filter in 4 KiB partitions under a small pinned top level.
+    // Whole, a table's index and filter grow with its keys (about 2 MiB
+    // for a 64 MiB table of a million files): past a few such tables they
+    // no longer fit the cache, and every lookup evicted and read again
+    // megabytes. A backup of 1 M unchanged files took 80 times as long as
+    // one of 100 k.
+    table.set_index_type(BlockBasedIndexType::TwoLevelIndexSearch);
+    table.set_partition_filters(true);
+    table.set_metadata_block_size(4096);
+    table.set_pin_top_level_index_and_filter(true);
     let mut opts = Options::default();
     opts.set_write_buffer_size(4 << 20);
     opts.set_max_write_buffer_number(2);
