@@ -27,9 +27,10 @@ apt_need() {
 
 # librocksdb-dev: marmoset links Debian's RocksDB (see .cargo/config.toml)
 # instead of compiling RocksDB's C++, which was most of a cold build;
-# libclang-dev: bindgen generates the bindings from its C header.
+# libclang-dev: bindgen generates the bindings from its C header;
+# python3: scripts/rocksdb-abi-check.
 build_deps() {
-    apt_need librocksdb-dev clang libclang-dev pkg-config fuse3 libfuse3-dev attr
+    apt_need librocksdb-dev clang libclang-dev python3 pkg-config fuse3 libfuse3-dev attr
     [ -n "${ROCKSDB_COMPILE:-}" ] || scripts/rocksdb-abi-check
 }
 

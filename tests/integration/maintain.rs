@@ -683,7 +683,12 @@ fn a_damaged_live_blob_does_not_block_maintenance() {
     let removed = rep["removed_entries"].to_string();
     assert!(removed.contains("f39") && !removed.contains("f38"), "{rep}");
     let dst = env.path("dst");
-    env.ok(&["restore", "latest", "--target", dst.to_str().unwrap()]);
+    let out = env.ok(&["restore", "latest", "--target", dst.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("is incomplete"),
+        "a repaired snapshot says so: {said}"
+    );
     assert!(!dst.join("f39").exists());
     for i in 35..39 {
         let name = format!("f{i:02}");

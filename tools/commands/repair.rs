@@ -51,9 +51,11 @@ pub(super) fn snapshots(g: &Global, dry_run: bool, read_data: bool) -> Result<Ex
     if g.json {
         print_json(&serde_json::to_value(&r)?)?;
     } else {
+        // Entries are dropped from a snapshot that is then replaced; the
+        // snapshot itself stays.
         let verb = if dry_run { "would drop" } else { "dropped" };
         for e in &r.removed_entries {
-            outln!("{verb} {e}");
+            outln!("{verb} from {e}");
         }
         for (old, new) in &r.repaired {
             if new.is_empty() {

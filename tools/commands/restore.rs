@@ -24,6 +24,16 @@ pub(super) fn run(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
     let repo = open(g)?;
     let (spec, path) = split_target(&a.snapshot);
     let (id, snap) = pick_snapshot(&repo, spec, &a)?;
+    if snap.incomplete {
+        // A repaired snapshot (parts dropped as unreadable) or one saved
+        // with files missing: say so before an exit status of 0 does not.
+        errln!(
+            "warning: snapshot {} is incomplete (tags: {}): what it still holds is restored, \
+             and dropped parts are not",
+            id.short(),
+            snap.tags.join(",")
+        );
+    }
     let opts = RestoreOptions {
         includes: a.includes,
         excludes: a.excludes,
@@ -43,7 +53,7 @@ pub(super) fn run(g: &Global, a: RestoreArgs) -> Result<ExitCode> {
     drop(ticker);
     if g.json {
         print_json(
-            &json!({"snapshot": id, "summary": summary, "backend": repo.backend().stats()}),
+            &json!({"snapshot": id, "incomplete": snap.incomplete, "summary": summary, "backend": repo.backend().stats()}),
         )?;
     } else {
         print_summary(&summary, &a.target);
