@@ -491,9 +491,9 @@ fn a_run_of_neighbouring_chunks_is_one_ranged_read() {
     assert!(joined == data, "every chunk authenticated and in order");
 }
 
-/// Restores `latest` into `dst` where some files cannot be restored: exit
-/// code 3, and the JSON on stdout.
-fn restore_expecting_losses(env: &Env, dst: &Path) -> std::process::Output {
+/// Restores `latest` into `dst` (with `extra` flags) where some files
+/// cannot be restored: exit code 3, and the JSON on stdout.
+fn restore_expecting_losses(env: &Env, dst: &Path, extra: &[&str]) -> std::process::Output {
     let out = env
         .cmd()
         .args([
@@ -503,6 +503,7 @@ fn restore_expecting_losses(env: &Env, dst: &Path) -> std::process::Output {
             "--target",
             dst.to_str().unwrap(),
         ])
+        .args(extra)
         .output()
         .unwrap();
     assert_eq!(
@@ -616,7 +617,7 @@ fn damaged_data_removes_every_name_of_a_hard_link_and_spares_intact_blobs() {
     bytes[200] ^= 0xff;
     fs::write(&p, &bytes).unwrap();
     let dst = env.path("dst");
-    let out = restore_expecting_losses(&env, &dst);
+    let out = restore_expecting_losses(&env, &dst, &[]);
     let v = json(&out);
     let errors = v["summary"]["errors"].to_string();
     assert!(
@@ -652,7 +653,7 @@ fn damaged_data_removes_every_name_of_a_hard_link_and_spares_intact_blobs() {
         .set_len(len / 2)
         .unwrap();
     let dst = env.path("dst");
-    let out = restore_expecting_losses(&env, &dst);
+    let out = restore_expecting_losses(&env, &dst, &[]);
     let restored = (0..6)
         .filter(|i| {
             fs::read(dst.join(format!("f{i}")))
@@ -727,20 +728,7 @@ fn if_changed_keeps_correct_hard_linked_files_without_downloading_them() {
     fs::remove_file(dst.join("d/a2")).unwrap();
     fs::write(dst.join("a"), random_bytes(&mut rng(6), 300_000)).unwrap();
     fs::hard_link(dst.join("a"), dst.join("d/a2")).unwrap();
-    let out = env
-        .cmd()
-        .args([
-            "--json",
-            "restore",
-            "latest",
-            "--target",
-            dst.to_str().unwrap(),
-            "--overwrite",
-            "if-changed",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(3));
+    let out = restore_expecting_losses(&env, &dst, &["--overwrite", "if-changed"]);
     let v = json(&out);
     assert_eq!(v["summary"]["files_failed"], 2, "{v}");
     // The first name is removed; the later one is reported and left as
@@ -753,20 +741,7 @@ fn if_changed_keeps_correct_hard_linked_files_without_downloading_them() {
     // copy damaged: the later name is not given up for the failed first.
     fs::remove_file(dst.join("a")).ok();
     fs::write(dst.join("d/a2"), &linked).unwrap();
-    let out = env
-        .cmd()
-        .args([
-            "--json",
-            "restore",
-            "latest",
-            "--target",
-            dst.to_str().unwrap(),
-            "--overwrite",
-            "if-changed",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(3));
+    let out = restore_expecting_losses(&env, &dst, &["--overwrite", "if-changed"]);
     let v = json(&out);
     assert!(
         fs::read(dst.join("d/a2")).unwrap() == linked,
@@ -821,7 +796,7 @@ fn later_names_of_an_unrestorable_file_are_not_linked_to_what_is_there() {
     let outside = env.path("outside");
     fs::write(&outside, b"planted").unwrap();
     fs::hard_link(&outside, dst.join("d1/a")).unwrap();
-    let out = restore_expecting_losses(&env, &dst);
+    let out = restore_expecting_losses(&env, &dst, &[]);
     let v = json(&out);
     assert_eq!(v["summary"]["files_failed"], 2, "{v}");
     let link = dst.join("d2/a_link");
