@@ -597,6 +597,13 @@ fn a_pack_truncated_in_its_trailer_is_found_and_its_blobs_saved() {
     }
     env.backup(&src, &[]);
     let (pack, _) = locate(&env, &first_chunk(&env, "f0"));
+    // How many chunks 300 kB of random data makes depends on the
+    // repository's random chunker seed: the pack says how many it holds.
+    let held = env.json(&["cat", "pack", &pack])[0]["blobs"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert!(held >= 5, "every file's data in one pack: {held} blobs");
     let path = env.pack_path(&pack);
     let len = fs::metadata(&path).unwrap().len();
     fs::File::options()
@@ -622,7 +629,7 @@ fn a_pack_truncated_in_its_trailer_is_found_and_its_blobs_saved() {
     assert_eq!(out.status.code(), Some(1), "damage is reported");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["unreadable_packs"][0], pack.as_str(), "{v}");
-    assert_eq!(v["blobs_salvaged"], 5, "{v}");
+    assert_eq!(v["blobs_salvaged"], held, "{v}");
     assert_eq!(v["blobs_lost"].as_array().unwrap().len(), 0, "{v}");
 
     // The damaged pack is no longer needed: maintenance removes it.
