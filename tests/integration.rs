@@ -17,6 +17,7 @@ mod integration {
     mod agent_cli;
     mod backends;
     mod bad_input;
+    mod copy;
     mod crash;
     mod decoders;
     mod dedup;

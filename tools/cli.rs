@@ -103,6 +103,8 @@ pub enum Command {
     Cat(CatArgs),
     /// Repository statistics (and one snapshot's with --snapshot).
     Stats(StatsArgs),
+    /// Copy snapshots from another repository (--from-repo) into this one, re-encrypted.
+    Copy(CopyArgs),
     /// Remove snapshots according to a retention policy (data goes at the next `maintain --full`).
     Forget(ForgetArgs),
     /// Compact the index (quick) or collect garbage (--full); safe while backups run.
@@ -142,6 +144,54 @@ pub struct InitArgs {
     /// zstd level for new data, 0 = off (default 3).
     #[arg(long)]
     pub compression: Option<i32>,
+    /// Take the chunker parameters and secret chunker seed of the
+    /// repository given by --from-repo, so `marmoset copy` from it cuts
+    /// the same chunks and deduplicates against what this one holds.
+    #[arg(long, requires = "from_repo", conflicts_with = "chunk_size")]
+    pub copy_chunker_params: bool,
+    #[command(flatten)]
+    pub from: FromRepo,
+}
+
+/// The other repository of `copy` (and of `init --copy-chunker-params`).
+/// For an S3 one the --s3-* flags apply too; its credentials come from
+/// MARMOSET_FROM_AWS_ACCESS_KEY_ID / MARMOSET_FROM_AWS_SECRET_ACCESS_KEY
+/// when set (another account or provider), else from the usual AWS
+/// variables.
+#[derive(Args, Debug, Clone)]
+pub struct FromRepo {
+    /// The repository to copy from (a directory or s3:URL, as --repo).
+    #[arg(long, env = "MARMOSET_FROM_REPOSITORY")]
+    pub from_repo: Option<String>,
+    /// Its password file (first line); else MARMOSET_FROM_PASSWORD or a prompt.
+    #[arg(long, env = "MARMOSET_FROM_PASSWORD_FILE")]
+    pub from_password_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct CopyArgs {
+    #[command(flatten)]
+    pub from: FromRepo,
+    /// Snapshots to copy: ids, unique id prefixes or `latest`; default every
+    /// snapshot the filters select.
+    pub snapshots: Vec<String>,
+    /// Only snapshots of this source (repeatable).
+    #[arg(long = "source")]
+    pub sources: Vec<String>,
+    /// Only snapshots of this host (repeatable).
+    #[arg(long = "host")]
+    pub hosts: Vec<String>,
+    /// Only snapshots with this tag; given several times, with all of them.
+    /// A backup set of the node agent: --tag set=NAME.
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Say what would be copied; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Threads reading and re-encrypting blobs (default: cores; 4 or more
+    /// for a remote source).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 #[derive(Args, Debug)]

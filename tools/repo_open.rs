@@ -14,7 +14,7 @@ use marmoset_storage::backend::retry::RetryPolicy;
 use marmoset_storage::backend::{self, Backend, BackendOptions};
 use marmoset_storage::{OpenOptions, Repository};
 
-use crate::cli::{Global, NewPassword};
+use crate::cli::{FromRepo, Global, NewPassword};
 
 /// Opens the repository with the password from the flags, environment or
 /// a prompt.
@@ -22,6 +22,78 @@ pub(crate) fn open(g: &Global) -> Result<Repository> {
     let backend = open_backend(g)?;
     let pw = password(g, false)?;
     Ok(Repository::open(backend, &pw, &open_opts(g))?)
+}
+
+/// The repository `--repo` names as the target of a copy: errors say so.
+pub(crate) fn open_target(g: &Global) -> Result<Repository> {
+    let what = || {
+        format!(
+            "target repository (--repo {})",
+            g.repo.as_deref().unwrap_or("?")
+        )
+    };
+    open(g).with_context(what)
+}
+
+/// The repository `--from-repo` names, with its own password and (when
+/// given) its own S3 credentials; errors say it is the source.
+pub(crate) fn open_from(g: &Global, f: &FromRepo) -> Result<Repository> {
+    let Some(url) = f.from_repo.as_deref() else {
+        bail!("no source repository given: use --from-repo or MARMOSET_FROM_REPOSITORY");
+    };
+    open_other(
+        g,
+        url,
+        f.from_password_file.as_deref(),
+        "MARMOSET_FROM",
+        &format!("source repository (--from-repo {url})"),
+    )
+}
+
+/// The node agent's secondary repository (`secondary` in its config).
+pub(crate) fn open_secondary(
+    g: &Global,
+    url: &str,
+    password_file: Option<&Path>,
+) -> Result<Repository> {
+    open_other(
+        g,
+        url,
+        password_file,
+        "MARMOSET_SECONDARY",
+        &format!("secondary repository ({url})"),
+    )
+}
+
+/// A repository other than `--repo`'s, with the same connection flags:
+/// its password from `password_file`, `{env}_PASSWORD` or a prompt; its
+/// S3 credentials from `{env}_AWS_ACCESS_KEY_ID` and
+/// `{env}_AWS_SECRET_ACCESS_KEY` when both are set (another account or
+/// provider), else the usual AWS ones. Errors name it as `what`.
+fn open_other(
+    g: &Global,
+    url: &str,
+    password_file: Option<&Path>,
+    env: &str,
+    what: &str,
+) -> Result<Repository> {
+    let mut opts = backend_options(g)?;
+    if let (Ok(id), Ok(secret)) = (
+        std::env::var(format!("{env}_AWS_ACCESS_KEY_ID")),
+        std::env::var(format!("{env}_AWS_SECRET_ACCESS_KEY")),
+    ) {
+        opts.static_credentials = Some((id, secret));
+    }
+    let backend = backend::open(url, &opts).with_context(|| what.to_string())?;
+    let pw = match password_file {
+        Some(p) => read_password_file(p),
+        None => match std::env::var(format!("{env}_PASSWORD")) {
+            Ok(p) => Ok(p.into_bytes()),
+            Err(_) => prompt(&format!("{what} password"), false),
+        },
+    }
+    .with_context(|| what.to_string())?;
+    Repository::open(backend, &pw, &open_opts(g)).with_context(|| what.to_string())
 }
 
 pub(crate) fn open_opts(g: &Global) -> OpenOptions {

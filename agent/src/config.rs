@@ -73,6 +73,25 @@ pub struct AgentConfig {
     pub parallel_volumes: usize,
     #[serde(default)]
     pub retry: RetryConfig,
+    /// A second repository kept in step with the first: after each run
+    /// (and its retention), this node's snapshots of the schedule are
+    /// copied there, and the schedule's retention applied there too.
+    #[serde(default)]
+    pub secondary: Option<SecondaryConfig>,
+}
+
+/// The second, independent copy (another bucket, region or provider, its
+/// own key). S3 credentials come from `MARMOSET_SECONDARY_AWS_ACCESS_KEY_ID`
+/// and `MARMOSET_SECONDARY_AWS_SECRET_ACCESS_KEY` when set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecondaryConfig {
+    /// Its location (`/path`, `s3:https://host/bucket/prefix`).
+    pub repository: String,
+    /// A file holding its password (a mounted Secret);
+    /// `MARMOSET_SECONDARY_PASSWORD` is used when absent.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
 }
 
 /// What the agent does when the API server or a volume fails mid-run.

@@ -7,10 +7,11 @@
 //! metrics (`status`, `metrics`), and the Lease that elects the one
 //! maintenance runner (`lease`). A volume's backup and its reporting are in
 //! `volume`; the promise that no application is left frozen (pending post
-//! hooks, run on shutdown and at start-up) in `freeze`.
+//! hooks, run on shutdown and at start-up) in `freeze`; keeping a second
+//! repository in step (`marmoset copy` after each run) in `secondary`.
 //!
 //! It must not know the repository format: it drives
-//! `marmoset_storage`'s public operations (backup, forget, maintain) on a
+//! `marmoset_storage`'s public operations (backup, forget, maintain, copy) on a
 //! `Repository` the caller opened, and it never parses command lines.
 
 pub mod cluster;
@@ -23,6 +24,7 @@ pub mod lease;
 pub mod metrics;
 pub mod runner;
 pub mod schedule;
+pub mod secondary;
 pub mod state;
 pub mod status;
 mod volume;

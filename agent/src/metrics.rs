@@ -32,6 +32,10 @@ struct VolumeMetrics {
     in_progress_bytes: u64,
     running: bool,
     skips: u64,
+    /// When the volume's newest snapshot was last found in (or copied to)
+    /// the secondary repository.
+    secondary_success: Option<f64>,
+    secondary_failures: u64,
 }
 
 /// How one volume backup ended.
@@ -128,6 +132,15 @@ impl Metrics {
         }
     }
 
+    /// The volume's newest snapshot is in the secondary repository.
+    pub fn secondary_copied(&self, ns: &str, pvc: &str, schedule: &str, at: f64) {
+        self.with(ns, pvc, schedule, |v| v.secondary_success = Some(at));
+    }
+
+    pub fn secondary_failed(&self, ns: &str, pvc: &str, schedule: &str) {
+        self.with(ns, pvc, schedule, |v| v.secondary_failures += 1);
+    }
+
     pub fn hook_failed(&self) {
         self.hook_failures.fetch_add(1, Ordering::Relaxed);
     }
@@ -212,6 +225,18 @@ impl Metrics {
             "counter",
             "Runs that could not back up the volume (pod not running with a CSI volume, PVC unbound, ...).",
             &|v| (v.skips > 0).then(|| v.skips.to_string()),
+        );
+        family(
+            "marmoset_secondary_last_success_timestamp_seconds",
+            "gauge",
+            "Unix time the volume's newest snapshot was last confirmed in the secondary repository.",
+            &|v| v.secondary_success.map(|t| format!("{t:.0}")),
+        );
+        family(
+            "marmoset_secondary_copy_failures_total",
+            "counter",
+            "Copies of the volume's snapshots to the secondary repository that failed.",
+            &|v| (v.secondary_failures > 0).then(|| v.secondary_failures.to_string()),
         );
         family(
             "marmoset_volume_backup_in_progress_bytes",

@@ -50,6 +50,8 @@ pub struct RunReport {
     pub snapshots_forgotten: u64,
     /// Extra passes made over failed volumes.
     pub retries: u32,
+    /// The copy to the secondary repository, when one is configured.
+    pub secondary: Option<crate::secondary::SecondaryOutcome>,
 }
 
 impl RunReport {
@@ -91,6 +93,8 @@ pub struct Agent {
     /// Held while failed thaws are retried, and by a run while it checks
     /// a pod's pending thaw and records its freeze.
     pub(crate) thaw_lock: tokio::sync::Mutex<()>,
+    /// The second repository kept in step (`secondary` in the config).
+    pub(crate) secondary: Option<crate::secondary::Secondary>,
 }
 
 impl Agent {
@@ -109,11 +113,21 @@ impl Agent {
             status_every: Duration::from_secs(30),
             cancel: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             thaw_lock: tokio::sync::Mutex::new(()),
+            secondary: None,
         })
     }
 
+    /// Keeps a second repository in step with the primary after every
+    /// run. `open` is called when a run first needs it (again after a
+    /// failure), so an unreachable secondary fails its copies, reported,
+    /// and never the primary's backups.
+    pub fn with_secondary(mut self, open: crate::secondary::SecondaryOpener) -> Self {
+        self.secondary = Some(crate::secondary::Secondary::new(open));
+        self
+    }
+
     /// Waits for a shared hold on the repository (not during maintenance).
-    async fn share_repo(&self) -> RepoShare {
+    pub(crate) async fn share_repo(&self) -> RepoShare {
         Arc::new(self.repo_lock.clone().read_owned().await)
     }
 
@@ -246,6 +260,9 @@ impl Agent {
         match self.apply_retention(sched).await {
             Ok(n) => report.snapshots_forgotten = n,
             Err(e) => error!(error = %e, schedule = %sched.name, "retention failed"),
+        }
+        if self.secondary.is_some() {
+            report.secondary = Some(self.copy_to_secondary(sched, &report).await);
         }
         if let Err(e) = self.clean_up_statuses().await {
             warn!(error = %e, "could not clean up status objects");

@@ -164,7 +164,17 @@ const CF_FILES: &str = "files";
 const CF_LOADED: &str = "loaded_index_files";
 const CF_PACKS: &str = "packs";
 const CF_UNCOMMITTED: &str = "uncommitted_packs";
-const ALL_CFS: [&str; 5] = [CF_BLOBS, CF_FILES, CF_LOADED, CF_PACKS, CF_UNCOMMITTED];
+/// `marmoset copy`: which blob of another repository became which blob of
+/// this one (key: that repository's id, then its blob id; value: our id).
+const CF_COPIES: &str = "copy_map";
+const ALL_CFS: [&str; 6] = [
+    CF_BLOBS,
+    CF_FILES,
+    CF_LOADED,
+    CF_PACKS,
+    CF_UNCOMMITTED,
+    CF_COPIES,
+];
 
 /// Creates `path` (and missing parents) with mode `0700`, and tightens an
 /// existing one made by older versions: the cache holds plaintext source
@@ -604,6 +614,28 @@ impl IndexCache {
             .map_err(|e| self.err(e))
     }
 
+    /// The blob of this repository that another repository's blob was
+    /// copied to (`key`: that repository's id, then the blob's id there).
+    /// A hint: the caller checks the index still holds the answer.
+    pub fn get_copy(&self, key: &[u8; 64]) -> Result<Option<RawId>> {
+        let cf = self.cf(CF_COPIES)?;
+        Ok(self
+            .db
+            .get_pinned_cf(cf, key)
+            .map_err(|e| self.err(e))?
+            .and_then(|v| <RawId>::try_from(&v[..]).ok()))
+    }
+
+    /// Records copied blobs (see [`IndexCache::get_copy`]) in one batch.
+    pub fn put_copies(&self, pairs: &[([u8; 64], RawId)]) -> Result<()> {
+        let cf = self.cf(CF_COPIES)?;
+        let mut batch = WriteBatch::default();
+        for (k, v) in pairs {
+            batch.put_cf(cf, k, v);
+        }
+        self.db.write(batch).map_err(|e| self.err(e))
+    }
+
     /// Flushes memtables so a crash after this call keeps the cache warm.
     pub fn flush(&self) -> Result<()> {
         for name in ALL_CFS {
@@ -648,6 +680,25 @@ mod tests {
         drop(IndexCache::open(&fresh)?);
         let mode = std::fs::metadata(&fresh).map_err(io)?.permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    #[test]
+    fn the_copy_map_survives_reopen_and_clearing_the_blobs() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("mrm-idx-copy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut key = [7u8; 64];
+        {
+            let c = IndexCache::open(&dir)?;
+            c.put_copies(&[(key, [9; 32])])?;
+            c.clear_blobs()?;
+        }
+        let c = IndexCache::open(&dir)?;
+        assert_eq!(c.get_copy(&key)?, Some([9; 32]));
+        key[0] = 8;
+        assert_eq!(c.get_copy(&key)?, None, "another source repository");
+        drop(c);
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }

@@ -51,6 +51,7 @@ pub use ops::browse::{diff, find, Change, DiffEntry, FindMatch};
 pub use ops::check::{
     check, repair_snapshots, CheckProblem, CheckReport, ReadData, RepairSnapshotsReport,
 };
+pub use ops::copy::{copy, CopiedSnapshot, CopyOptions, CopyReport};
 pub use ops::forget::{
     apply_policy, forget, parse_duration, Decision, ForgetReport, GroupBy, RetentionPolicy,
     SnapshotFilter,

@@ -1562,3 +1562,120 @@ async fn a_volume_directory_that_is_a_symlink_fails() {
         .iter()
         .all(|(_, s)| s.source != "default/postgresql-codetalk-pvc"));
 }
+
+/// A secondary repository with its own password, and the opener the
+/// agent calls (counting its calls).
+fn secondary(w: &World) -> (PathBuf, marmoset_agent::secondary::SecondaryOpener) {
+    let dir = w.dir.path().join("secondary");
+    let cache = w.dir.path().join("secondary-cache");
+    Repository::init(
+        Arc::new(FsBackend::new(&dir)),
+        b"secondary password",
+        marmoset_storage::Config::new(),
+        &OpenOptions {
+            cache_root: Some(cache.clone()),
+        },
+    )
+    .unwrap();
+    let d = dir.clone();
+    let opener: marmoset_agent::secondary::SecondaryOpener = Arc::new(move || {
+        Repository::open(
+            Arc::new(FsBackend::new(&d)),
+            b"secondary password",
+            &OpenOptions {
+                cache_root: Some(cache.clone()),
+            },
+        )
+        .map_err(|e| e.to_string())
+    });
+    (dir, opener)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_run_is_copied_to_the_secondary_repository_and_reported() {
+    let w = world().await;
+    let (dir, opener) = secondary(&w);
+    let agent = w.agent(NODE, "").with_secondary(opener);
+    let (addr, _task) = marmoset_agent::metrics::serve("127.0.0.1:0", agent.metrics())
+        .await
+        .unwrap();
+    let report = agent.run_once("daily").await.unwrap();
+    assert_eq!(report.failed(), 0, "{report:#?}");
+    let sec = report.secondary.clone().expect("secondary outcome");
+    assert!(sec.error.is_none(), "{sec:?}");
+    assert_eq!((sec.copied, sec.already), (3, 0), "{sec:?}");
+
+    // The secondary (read with its own key) holds every volume's
+    // snapshot, recorded as a copy of it, and restores it identically.
+    let repo = Repository::open(
+        Arc::new(FsBackend::new(&dir)),
+        b"secondary password",
+        &OpenOptions {
+            cache_root: Some(w.dir.path().join("reader-cache")),
+        },
+    )
+    .unwrap();
+    let (copies, _) = repo.snapshots().unwrap();
+    assert_eq!(copies.len(), 3);
+    for v in &report.volumes {
+        let (_, copy) = copies
+            .iter()
+            .find(|(_, s)| s.original.map(|o| o.to_hex()) == v.snapshot)
+            .expect("a copy of the volume's snapshot");
+        assert!(copy.tags.contains(&format!("set={}", report.set)));
+        let target = w.dir.path().join("from-secondary").join(&v.target.pvc);
+        let progress = marmoset_storage::RestoreProgress::default();
+        marmoset_storage::restore(&repo, copy, "", &target, &Default::default(), &progress)
+            .unwrap();
+        assert_eq!(read_tree(&target), read_tree(&v.target.path));
+    }
+    let text = scrape(addr).await;
+    let at = metric(
+        &text,
+        "marmoset_secondary_last_success_timestamp_seconds{namespace=\"default\",pvc=\"postgresql-codetalk-pvc\",schedule=\"daily\"}",
+    )
+    .expect("secondary metric");
+    assert!(at > 1.7e9, "{at}");
+    let events = w.api.with(|s| s.all("Event"));
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["reason"] == "SecondaryCopied")
+            .count(),
+        3
+    );
+
+    // The next run copies its own snapshots only.
+    let again = agent.run_once("daily").await.unwrap();
+    let sec = again.secondary.expect("secondary outcome");
+    assert_eq!((sec.copied, sec.already), (3, 3), "{sec:?}");
+    drop(repo);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_secondary_fails_its_copy_not_the_backups() {
+    let w = world().await;
+    let agent = w.agent(NODE, "").with_secondary(Arc::new(|| {
+        Err("bucket secondary: connection refused".into())
+    }));
+    let (addr, _task) = marmoset_agent::metrics::serve("127.0.0.1:0", agent.metrics())
+        .await
+        .unwrap();
+    let report = agent.run_once("daily").await.unwrap();
+    assert_eq!(report.failed(), 0, "the primary's backups are done");
+    let err = report.secondary.expect("outcome").error.expect("an error");
+    assert!(err.contains("connection refused"), "{err}");
+    let text = scrape(addr).await;
+    assert_eq!(
+        metric(
+            &text,
+            "marmoset_secondary_copy_failures_total{namespace=\"default\",pvc=\"postgresql-codetalk-pvc\",schedule=\"daily\"}"
+        ),
+        Some(1.0)
+    );
+    assert!(!text.contains("marmoset_secondary_last_success_timestamp_seconds{"));
+    let events = w.api.with(|s| s.all("Event"));
+    assert!(events
+        .iter()
+        .any(|e| e["reason"] == "SecondaryCopyFailed" && e["type"] == "Warning"));
+}

@@ -13,7 +13,7 @@ use tokio::runtime::Runtime;
 use crate::cli::{AgentArgs, Global};
 use crate::output::outln;
 use crate::output::print_json;
-use crate::repo_open::open;
+use crate::repo_open::{open, open_secondary};
 
 pub(super) fn run(g: &Global, a: AgentArgs) -> Result<ExitCode> {
     let cfg = AgentConfig::load(&a.config)?;
@@ -32,7 +32,15 @@ pub(super) fn run(g: &Global, a: AgentArgs) -> Result<ExitCode> {
         return print_plan(&g, &plan);
     }
     let repo = Arc::new(open(&g)?);
-    let agent = Agent::new(cfg, cluster, repo)?;
+    let secondary = cfg.secondary.clone();
+    let mut agent = Agent::new(cfg, cluster, repo)?;
+    if let Some(s) = secondary {
+        let g = g.clone();
+        agent = agent.with_secondary(Arc::new(move || {
+            open_secondary(&g, &s.repository, s.password_file.as_deref())
+                .map_err(|e| format!("{e:#}"))
+        }));
+    }
     match a.once {
         Some(name) => {
             // SIGTERM or Ctrl-C stops the run, not the promise: every pod
@@ -115,7 +123,8 @@ fn print_run(g: &Global, report: &RunReport) -> Result<()> {
         return print_json(
             &json!({"schedule": report.schedule, "set": report.set, "volumes": vols,
             "skipped": skipped, "retries": report.retries,
-            "hook_failures": report.hook_failures, "snapshots_forgotten": report.snapshots_forgotten}),
+            "hook_failures": report.hook_failures, "snapshots_forgotten": report.snapshots_forgotten,
+            "secondary": report.secondary}),
         );
     }
     for v in &report.volumes {
@@ -143,6 +152,18 @@ fn print_run(g: &Global, report: &RunReport) -> Result<()> {
         report.failed(),
         report.snapshots_forgotten
     );
+    if let Some(sec) = &report.secondary {
+        match &sec.error {
+            Some(e) => outln!("secondary: copy failed: {e}"),
+            None => outln!(
+                "secondary: {} snapshots copied, {} already there, {} failed, {} forgotten",
+                sec.copied,
+                sec.already,
+                sec.failed.len(),
+                sec.forgotten
+            ),
+        }
+    }
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! `marmoset init`: create a repository with the chosen chunking, pack size
-//! and compression.
+//! and compression, or with another repository's chunking
+//! (`--copy-chunker-params`, for `marmoset copy` between them).
 
 use std::process::ExitCode;
 
@@ -10,13 +11,22 @@ use serde_json::json;
 use crate::cli::{Global, InitArgs};
 use crate::output::outln;
 use crate::output::print_json;
-use crate::repo_open::{open_backend, open_opts, password};
+use crate::repo_open::{open_backend, open_from, open_opts, password};
 
 pub(super) fn run(g: &Global, a: InitArgs) -> Result<ExitCode> {
     let backend = open_backend(g)?;
-    let config = config(&a)?;
+    let mut config = config(&a)?;
+    // The source is opened (and its password asked) before ours.
+    let seed = if a.copy_chunker_params {
+        let from = open_from(g, &a.from)?;
+        config.chunker = from.config().chunker.clone();
+        Some(from.keys().chunker_seed())
+    } else {
+        None
+    };
     let pw = password(g, true)?;
-    let repo = Repository::init(backend.clone(), &pw, config, &open_opts(g))?;
+    let repo =
+        Repository::init_with_chunker_seed(backend.clone(), &pw, config, seed, &open_opts(g))?;
     if g.json {
         print_json(
             &json!({"repository_id": repo.config().repository_id, "location": backend.location()}),

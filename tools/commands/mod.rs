@@ -11,6 +11,7 @@ mod agent;
 mod backup;
 mod cat;
 mod check;
+mod copy;
 mod diff;
 mod find;
 mod forget;
@@ -41,6 +42,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Restore(a) => restore::run(g, a),
         Command::Cat(a) => cat::run(g, a),
         Command::Stats(a) => stats::run(g, a),
+        Command::Copy(a) => copy::run(g, a),
         Command::Forget(a) => forget::run(g, a),
         Command::Maintain(a) => maintain::run(g, a),
         Command::Check(a) => check::run(g, a),

@@ -44,6 +44,11 @@ pub struct Config {
     pub pack_size: u32,
     /// zstd level for new blobs (0 disables compression).
     pub compression_level: i32,
+    /// A chunker seed shared with another repository
+    /// (`init --copy-chunker-params`), sealed by [`Keys::seal_chunker_seed`];
+    /// absent, the seed is derived from the master key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunker_seed: Option<String>,
     /// Keyed MAC of this JSON serialized with `mac` set to the empty string.
     #[serde(default)]
     pub mac: String,
@@ -69,6 +74,7 @@ impl Config {
             chunker,
             pack_size: 16 << 20,
             compression_level: 3,
+            chunker_seed: None,
             mac: String::new(),
         }
     }

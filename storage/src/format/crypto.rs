@@ -28,6 +28,8 @@ const CTX_ENC: &str = "marmoset 2026-11 v1 encryption key";
 const CTX_ID: &str = "marmoset 2026-11 v1 content id key";
 const CTX_CHUNKER: &str = "marmoset 2026-11 v1 chunker seed";
 const CTX_CONFIG_MAC: &str = "marmoset 2026-11 v1 config mac key";
+/// Associated data of a shared chunker seed sealed in the config.
+const AAD_CHUNKER_SEED: &[u8] = b"marmoset chunker seed";
 
 /// The unwrapped master key and everything derived from it.
 #[derive(Clone)]
@@ -35,6 +37,9 @@ pub struct Keys {
     master: [u8; 32],
     cipher: XChaCha20Poly1305,
     id_key: [u8; 32],
+    /// A chunker seed taken from another repository
+    /// (`init --copy-chunker-params`), kept sealed in the config.
+    chunker_seed: Option<u64>,
 }
 
 impl Keys {
@@ -51,7 +56,32 @@ impl Keys {
             master,
             cipher: XChaCha20Poly1305::new((&enc).into()),
             id_key,
+            chunker_seed: None,
         }
+    }
+
+    /// These keys with the chunker seed of another repository, so that the
+    /// same files are cut into the same chunks in both.
+    pub fn with_chunker_seed(mut self, seed: u64) -> Self {
+        self.chunker_seed = Some(seed);
+        self
+    }
+
+    /// The config's form of a shared chunker seed: encrypted under these
+    /// keys (the seed must stay as secret as the data), hex.
+    pub fn seal_chunker_seed(&self, seed: u64) -> String {
+        hex::encode(self.encrypt(&seed.to_le_bytes(), AAD_CHUNKER_SEED))
+    }
+
+    /// The seed [`Keys::seal_chunker_seed`] sealed.
+    pub fn open_chunker_seed(&self, sealed: &str) -> Result<u64> {
+        let what = || "config chunker_seed".to_string();
+        let raw = hex::decode(sealed).map_err(|e| Error::corrupt(what(), e.to_string()))?;
+        let plain = self.decrypt(&raw, AAD_CHUNKER_SEED, what)?;
+        let bytes: [u8; 8] = plain
+            .try_into()
+            .map_err(|_| Error::corrupt(what(), "not 8 bytes"))?;
+        Ok(u64::from_le_bytes(bytes))
     }
 
     /// Content id of a plaintext chunk or tree: keyed BLAKE3.
@@ -60,6 +90,9 @@ impl Keys {
     }
 
     pub fn chunker_seed(&self) -> u64 {
+        if let Some(seed) = self.chunker_seed {
+            return seed;
+        }
         let k = blake3::derive_key(CTX_CHUNKER, &self.master);
         u64::from_le_bytes([k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]])
     }

@@ -57,6 +57,12 @@ pub struct Snapshot {
     #[serde(default)]
     pub incomplete: bool,
     pub summary: BackupSummary,
+    /// Set by `marmoset copy`: the id of the snapshot this one copies, in
+    /// the repository it was first written to (a copy of a copy keeps the
+    /// first one's). A snapshot whose original is already here is not
+    /// copied again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<Id>,
 }
 
 impl Snapshot {

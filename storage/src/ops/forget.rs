@@ -300,6 +300,7 @@ mod tests {
             parent: None,
             program_version: String::new(),
             incomplete: false,
+            original: None,
             summary: BackupSummary::default(),
         };
         (Id::of_bytes(time.as_bytes()), s)

@@ -100,7 +100,20 @@ impl Repository {
     pub fn init(
         backend: Arc<dyn Backend>,
         password: &[u8],
+        config: Config,
+        opts: &OpenOptions,
+    ) -> Result<Self> {
+        Self::init_with_chunker_seed(backend, password, config, None, opts)
+    }
+
+    /// [`Repository::init`], with another repository's chunker seed when
+    /// given (and so, with its chunker parameters in `config`, its chunk
+    /// boundaries: `marmoset copy` between the two then deduplicates).
+    pub fn init_with_chunker_seed(
+        backend: Arc<dyn Backend>,
+        password: &[u8],
         mut config: Config,
+        chunker_seed: Option<u64>,
         opts: &OpenOptions,
     ) -> Result<Self> {
         match backend.size(FileKind::Config, CONFIG_NAME) {
@@ -113,8 +126,12 @@ impl Repository {
             Err(e) => return Err(e),
         }
         backend.create()?;
-        let keys = Keys::generate();
+        let mut keys = Keys::generate();
         let key_name = write_key(&*backend, &keys, password)?;
+        if let Some(seed) = chunker_seed {
+            config.chunker_seed = Some(keys.seal_chunker_seed(seed));
+            keys = keys.with_chunker_seed(seed);
+        }
         config.sign(&keys)?;
         // The config is written last: a crash before it leaves no repository.
         backend.write(FileKind::Config, CONFIG_NAME, config.to_bytes()?.into())?;
@@ -136,8 +153,12 @@ impl Repository {
         let config = Config::parse(&raw)?;
         // The cache remembers which key opened this repository here last.
         let hint = last_key_path(&opts.cache_root()?, &config);
-        let (keys, key_name) = unlock(&*backend, password, &hint)?;
+        let (mut keys, key_name) = unlock(&*backend, password, &hint)?;
         config.verify(&keys)?;
+        if let Some(sealed) = &config.chunker_seed {
+            let seed = keys.open_chunker_seed(sealed)?;
+            keys = keys.with_chunker_seed(seed);
+        }
         Self::assemble(backend, keys, config, key_name, opts)
     }
 

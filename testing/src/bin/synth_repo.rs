@@ -122,6 +122,7 @@ fn snapshot(tree: Id, tag: &str, files: u64) -> Snapshot {
         parent: None,
         program_version: "synth_repo".into(),
         incomplete: false,
+        original: None,
         summary: BackupSummary {
             files_new: files,
             ..Default::default()

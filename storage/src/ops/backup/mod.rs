@@ -14,7 +14,7 @@
 mod assemble;
 mod chunker;
 mod files;
-mod saver;
+pub(crate) mod saver;
 mod source;
 
 use std::collections::HashSet;
@@ -170,50 +170,12 @@ pub fn backup(
     });
     let excludes = build_excludes(&opts.excludes)?;
     let active = repo.begin_backup();
-    // The session lease comes before the index is read: maintenance waits
-    // for every session that may have seen blobs it is about to delete.
-    let session = Lease::acquire(
-        repo.backend().clone(),
-        repo.keys(),
-        LeaseKind::Session,
-        &format!("backup {}", abs[0].display()),
-    )?;
-    crate::repo::coordination::clock::refuse_clock_skew(session.storage_now()?)?;
-    // The snapshots (for the parent) are read beside the index and pack
-    // listings: over a WAN each read is a round trip. Packs are listed
-    // after the index: a pack is written before any index file naming it,
-    // so every indexed pack missing from the listing is really gone.
-    // The packs the index knows are taken before the listing too: a pack
-    // that a concurrent backup on this handle indexes meanwhile is then
-    // not taken for a lost one.
-    let (index_at_start, indexed, packs, snapshots) = std::thread::scope(|s| {
-        let snapshots = s.spawn(|| repo.snapshots());
-        let index = repo.sync_index_names();
-        let indexed = index.as_ref().ok().map(|_| repo.index().packs());
-        let packs = index
-            .as_ref()
-            .ok()
-            .map(|_| repo.backend().list(FileKind::Pack));
-        let snapshots = snapshots
-            .join()
-            .map_err(|_| Error::Aborted("listing snapshots panicked".into()))?;
-        Ok::<_, Error>((
-            index?,
-            indexed.transpose()?.unwrap_or_default(),
-            packs.transpose()?.unwrap_or_default(),
-            snapshots?,
-        ))
-    })?;
-    // One listing serves both: recovery adds no pack. Unindexed packs are
-    // another backup's work in progress while one runs on this handle:
-    // recovery waits for a backup that starts alone.
-    if active.alone {
-        let recovered = repo.recover_unindexed_packs(&packs)?;
-        if recovered > 0 {
-            debug!(recovered, "reusing packs of an interrupted backup");
-        }
-    }
-    let missing_packs = missing_packs(indexed, &packs);
+    let WriteStart {
+        session,
+        index_at_start,
+        missing_packs,
+        snapshots,
+    } = begin_write(repo, &active, &format!("backup {}", abs[0].display()))?;
     let parent = snapshots
         .0
         .into_iter()
@@ -230,29 +192,8 @@ pub fn backup(
         .unwrap_or_else(|| repo.backend().write_parallelism())
         .max(1);
     let (upload_tx, upload_rx) = bounded::<PackBuilder>(PACK_QUEUE);
-    let pack_size = repo.config().pack_size as usize;
-    let pack_capacity = pack_size + repo.config().chunker.max_size as usize + (1 << 20);
-    let saver = Saver {
-        repo,
-        session: &session,
-        level: repo.config().compression_level,
-        pack_size,
-        pack_capacity,
-        inflight: Mutex::new(HashSet::new()),
-        missing_packs,
-        used_packs: Mutex::new(HashSet::new()),
-        packer: Mutex::new(PackBuilder::with_capacity(pack_capacity)),
-        tree_packer: Mutex::new(PackBuilder::with_capacity(tree_pack_capacity(pack_size))),
-        upload_tx: Mutex::new(Some(upload_tx)),
-        pending_index: Mutex::new(Vec::new()),
-        written_index: Mutex::new(Vec::new()),
-        stats: Stats::default(),
-        progress,
-        abort: AtomicBool::new(false),
-        first_error: Mutex::new(None),
-        zero: OnceLock::new(),
-        cancel: opts.cancel.clone(),
-    };
+    let saver = Saver::new(repo, &session, missing_packs, progress, opts.cancel.clone());
+    *crate::util::lock(&saver.upload_tx) = Some(upload_tx);
     let ctx = WalkCtx {
         repo,
         excludes,
@@ -337,22 +278,6 @@ pub fn backup(
     if saver.cancelled() {
         return Err(Error::Aborted("backup cancelled".into()));
     }
-    // Index files for the remaining packs, then the snapshot: in this order,
-    // so the snapshot never references a blob that no index lists. Nothing
-    // more is indexed once the lease may have looked stale to maintenance.
-    let lost = |e: Error| {
-        if matches!(e, Error::LeaseLost { .. } | Error::PacksVanished { .. }) {
-            saver.withdraw_index();
-        }
-        e
-    };
-    session.check_present().map_err(lost)?;
-    let rest = std::mem::take(&mut *crate::util::lock(&saver.pending_index));
-    if !rest.is_empty() {
-        saver.write_index(&rest)?;
-    }
-    repo.index().flush()?;
-
     summary.bytes_added = saver.stats.bytes_added.load(Ordering::Relaxed);
     summary.data_blobs_added = saver.stats.data_blobs.load(Ordering::Relaxed);
     summary.tree_blobs_added = saver.stats.tree_blobs.load(Ordering::Relaxed);
@@ -361,12 +286,6 @@ pub fn backup(
     let tree = *root_parts
         .first()
         .ok_or_else(|| Error::Aborted("no root tree".into()))?;
-    // A maintenance hid packs while we ran: make sure every blob we
-    // referenced (possibly by dedup against now-hidden packs) is indexed.
-    rescue_if_overlapping(repo, &root_parts, &session.name, &index_at_start)?;
-    let used = std::mem::take(&mut *crate::util::lock(&saver.used_packs));
-    confirm_packs_exist(repo, &used).map_err(lost)?;
-    session.check_present().map_err(lost)?;
     let snap = Snapshot {
         version: 1,
         time,
@@ -384,23 +303,10 @@ pub fn backup(
         parent,
         program_version: format!("marmoset {}", env!("CARGO_PKG_VERSION")),
         incomplete: !summary.errors.is_empty(),
+        original: None,
         summary,
     };
-    if saver.cancelled() {
-        return Err(Error::Aborted("backup cancelled".into()));
-    }
-    let id = repo.save_snapshot(&snap)?;
-    // Stopped between the checks above and the write for longer than the
-    // lease lives: a maintenance may have deleted what the snapshot needs
-    // without seeing it. Withdraw it rather than leave it unrestorable.
-    if let Err(e) = session.check_present() {
-        let _ = repo.backend().remove(FileKind::Snapshot, &id.to_hex());
-        return Err(lost(e));
-    }
-    // A plan made between the check above and the snapshot write could
-    // not see the snapshot: check once more (maintenance also rescues
-    // referenced blobs it finds only in planned packs).
-    rescue_if_overlapping(repo, &root_parts, &session.name, &index_at_start)?;
+    let id = commit_snapshot(repo, &saver, &session, &root_parts, &index_at_start, &snap)?;
     drop(session);
     Ok((id, snap))
 }

@@ -4,81 +4,115 @@
 
 use super::*;
 
-pub(super) const PACK_QUEUE: usize = 1;
-pub(super) const FILE_CACHE_SEP: u8 = 0;
+pub(crate) const PACK_QUEUE: usize = 1;
+pub(crate) const FILE_CACHE_SEP: u8 = 0;
 /// Index files are written at least every this many packs (512 MiB), so
 /// an interrupted backup loses little index work (its packs are found and
 /// indexed by the next run anyway). Not fewer: every reader of the
 /// repository fetches every index file, and at one per 8 packs they were
 /// an eighth more requests on top of a restore's one read per pack.
-pub(super) const PACKS_PER_INDEX: usize = 32;
+pub(crate) const PACKS_PER_INDEX: usize = 32;
 /// ... or every this many blobs, whichever comes first: 32 packs of tiny
 /// files hold millions of blobs, and all of their index entries waited in
 /// memory (and then went into the index cache in one batch) — the peak
 /// of a backup of a million small files.
-pub(super) const ENTRIES_PER_INDEX: usize = 65_536;
+pub(crate) const ENTRIES_PER_INDEX: usize = 65_536;
 
 /// Tree packs are smaller than data packs: a backup of millions of small
 /// files writes hundreds of MiB of trees, and a 16 MiB tree pack growing
 /// in memory beside the data packs was most of what such a backup's peak
 /// memory gained over a small one. Whole-pack metadata reads stay few.
-pub(super) fn tree_pack_size(pack_size: usize) -> usize {
+pub(crate) fn tree_pack_size(pack_size: usize) -> usize {
     pack_size.min(4 << 20)
 }
 
 /// Room for a full tree pack and a last directory part, so filling it
 /// never reallocates.
-pub(super) fn tree_pack_capacity(pack_size: usize) -> usize {
+pub(crate) fn tree_pack_capacity(pack_size: usize) -> usize {
     tree_pack_size(pack_size) + (1 << 20)
 }
 
 /// Shared state of the blob-saving half of the pipeline.
-pub(super) struct Saver<'r> {
-    pub(super) repo: &'r Repository,
+pub(crate) struct Saver<'r> {
+    pub(crate) repo: &'r Repository,
     /// The backup's session lease: no index file is written once it may
     /// have looked stale (its packs may be gone by then).
-    pub(super) session: &'r Lease,
-    pub(super) level: i32,
-    pub(super) pack_size: usize,
+    pub(crate) session: &'r Lease,
+    pub(crate) level: i32,
+    pub(crate) pack_size: usize,
     /// Room for a full pack plus its largest possible last blob and the
     /// trailer, so sealing never reallocates (which would double memory).
-    pub(super) pack_capacity: usize,
-    pub(super) inflight: Mutex<HashSet<Id>>,
+    pub(crate) pack_capacity: usize,
+    pub(crate) inflight: Mutex<HashSet<Id>>,
     /// Indexed packs that the storage does not hold (replayed index files,
     /// packs deleted since): their blobs are stored again, never reused.
-    pub(super) missing_packs: HashSet<[u8; 32]>,
+    pub(crate) missing_packs: HashSet<[u8; 32]>,
     /// Every pack holding a blob this backup references; all must still
     /// exist when the snapshot is written.
-    pub(super) used_packs: Mutex<HashSet<[u8; 32]>>,
-    pub(super) packer: Mutex<PackBuilder>,
+    pub(crate) used_packs: Mutex<HashSet<[u8; 32]>>,
+    pub(crate) packer: Mutex<PackBuilder>,
     /// Trees and chunk lists: packs of their own.
-    pub(super) tree_packer: Mutex<PackBuilder>,
+    pub(crate) tree_packer: Mutex<PackBuilder>,
     /// Taken (and so closed) once all blobs are queued.
-    pub(super) upload_tx: Mutex<Option<Sender<PackBuilder>>>,
-    pub(super) pending_index: Mutex<Vec<(Id, Vec<PackEntry>)>>,
+    pub(crate) upload_tx: Mutex<Option<Sender<PackBuilder>>>,
+    pub(crate) pending_index: Mutex<Vec<(Id, Vec<PackEntry>)>>,
     /// Index files this backup wrote, with the packs each lists: withdrawn
     /// if the lease is lost (their packs may be gone).
-    pub(super) written_index: Mutex<Vec<(String, Vec<Id>)>>,
-    pub(super) stats: Stats,
-    pub(super) progress: &'r Progress,
-    pub(super) abort: AtomicBool,
-    pub(super) first_error: Mutex<Option<Error>>,
+    pub(crate) written_index: Mutex<Vec<(String, Vec<Id>)>>,
+    pub(crate) stats: Stats,
+    pub(crate) progress: &'r Progress,
+    pub(crate) abort: AtomicBool,
+    pub(crate) first_error: Mutex<Option<Error>>,
     /// The zero chunk of holes and its id, made on first use.
-    pub(super) zero: OnceLock<(ZeroChunk, Id)>,
+    pub(crate) zero: OnceLock<(ZeroChunk, Id)>,
     /// The caller's stop flag ([`BackupOptions::cancel`]).
-    pub(super) cancel: Option<Arc<AtomicBool>>,
+    pub(crate) cancel: Option<Arc<AtomicBool>>,
 }
 
 #[derive(Default)]
-pub(super) struct Stats {
-    pub(super) bytes_added: AtomicU64,
-    pub(super) data_blobs: AtomicU64,
-    pub(super) tree_blobs: AtomicU64,
-    pub(super) packs: AtomicU64,
+pub(crate) struct Stats {
+    pub(crate) bytes_added: AtomicU64,
+    pub(crate) data_blobs: AtomicU64,
+    pub(crate) tree_blobs: AtomicU64,
+    pub(crate) packs: AtomicU64,
 }
 
 impl<'r> Saver<'r> {
-    pub(super) fn fail(&self, e: Error) {
+    /// A saver for `repo` under `session`, with no upload channel yet (the
+    /// caller opens it when it starts the uploader threads).
+    pub(crate) fn new(
+        repo: &'r Repository,
+        session: &'r Lease,
+        missing_packs: HashSet<[u8; 32]>,
+        progress: &'r Progress,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Self {
+        let pack_size = repo.config().pack_size as usize;
+        let pack_capacity = pack_size + repo.config().chunker.max_size as usize + (1 << 20);
+        Saver {
+            repo,
+            session,
+            level: repo.config().compression_level,
+            pack_size,
+            pack_capacity,
+            inflight: Mutex::new(HashSet::new()),
+            missing_packs,
+            used_packs: Mutex::new(HashSet::new()),
+            packer: Mutex::new(PackBuilder::with_capacity(pack_capacity)),
+            tree_packer: Mutex::new(PackBuilder::with_capacity(tree_pack_capacity(pack_size))),
+            upload_tx: Mutex::new(None),
+            pending_index: Mutex::new(Vec::new()),
+            written_index: Mutex::new(Vec::new()),
+            stats: Stats::default(),
+            progress,
+            abort: AtomicBool::new(false),
+            first_error: Mutex::new(None),
+            zero: OnceLock::new(),
+            cancel,
+        }
+    }
+
+    pub(crate) fn fail(&self, e: Error) {
         let mut slot = crate::util::lock(&self.first_error);
         if slot.is_none() {
             *slot = Some(e);
@@ -86,18 +120,18 @@ impl<'r> Saver<'r> {
         self.abort.store(true, Ordering::SeqCst);
     }
 
-    pub(super) fn aborted(&self) -> bool {
+    pub(crate) fn aborted(&self) -> bool {
         self.abort.load(Ordering::Relaxed) || self.cancelled()
     }
 
-    pub(super) fn cancelled(&self) -> bool {
+    pub(crate) fn cancelled(&self) -> bool {
         self.cancel
             .as_ref()
             .is_some_and(|c| c.load(Ordering::SeqCst))
     }
 
     /// The chunk every hole is cut into, and its id.
-    pub(super) fn zero_chunk(&self) -> (ZeroChunk, Id) {
+    pub(crate) fn zero_chunk(&self) -> (ZeroChunk, Id) {
         *self.zero.get_or_init(|| {
             let keys = self.repo.keys();
             let z = ZeroChunk::new(&self.repo.config().chunker, keys.chunker_seed());
@@ -107,7 +141,7 @@ impl<'r> Saver<'r> {
 
     /// Claims `id` for storing: false when the repository or this backup
     /// already has it.
-    pub(super) fn claim(&self, id: &Id) -> Result<bool> {
+    pub(crate) fn claim(&self, id: &Id) -> Result<bool> {
         if self.known(id)? {
             return Ok(false);
         }
@@ -116,7 +150,7 @@ impl<'r> Saver<'r> {
     }
 
     /// Whether a pack that exists holds `id`; records that pack as used.
-    pub(super) fn known(&self, id: &Id) -> Result<bool> {
+    pub(crate) fn known(&self, id: &Id) -> Result<bool> {
         let Some(loc) = self.repo.index().get_blob(&id.0)? else {
             return Ok(false);
         };
@@ -137,7 +171,7 @@ impl<'r> Saver<'r> {
         Ok(true)
     }
 
-    pub(super) fn add_encoded(&self, blob: EncodedBlob) -> Result<()> {
+    pub(crate) fn add_encoded(&self, blob: EncodedBlob) -> Result<()> {
         let len = blob.ciphertext.len() as u64;
         match blob.kind {
             BlobType::Data => self.stats.data_blobs.fetch_add(1, Ordering::Relaxed),
@@ -178,7 +212,7 @@ impl<'r> Saver<'r> {
         Ok(())
     }
 
-    pub(super) fn send_pack(&self, pack: PackBuilder) -> Result<()> {
+    pub(crate) fn send_pack(&self, pack: PackBuilder) -> Result<()> {
         let tx = crate::util::lock(&self.upload_tx).clone();
         tx.ok_or_else(|| Error::Aborted("pack writer closed".into()))?
             .send(pack)
@@ -186,7 +220,7 @@ impl<'r> Saver<'r> {
     }
 
     /// Stores a small blob (tree, chunk list) from the calling thread.
-    pub(super) fn save_blob(&self, kind: BlobType, data: &[u8]) -> Result<Id> {
+    pub(crate) fn save_blob(&self, kind: BlobType, data: &[u8]) -> Result<Id> {
         let id = self.repo.keys().content_id(data);
         if self.claim(&id)? {
             self.add_encoded(blob::encode(self.repo.keys(), kind, id, data, self.level)?)?;
@@ -194,7 +228,7 @@ impl<'r> Saver<'r> {
         Ok(id)
     }
 
-    pub(super) fn flush_packer(&self) -> Result<()> {
+    pub(crate) fn flush_packer(&self) -> Result<()> {
         for packer in [&self.packer, &self.tree_packer] {
             let last = std::mem::take(&mut *crate::util::lock(packer));
             if !last.is_empty() {
@@ -205,7 +239,7 @@ impl<'r> Saver<'r> {
     }
 
     /// Uploader loop: seal, write, then make the blobs visible.
-    pub(super) fn upload_loop(&self, rx: Receiver<PackBuilder>) {
+    pub(crate) fn upload_loop(&self, rx: Receiver<PackBuilder>) {
         for builder in rx {
             if self.aborted() {
                 continue;
@@ -216,7 +250,7 @@ impl<'r> Saver<'r> {
         }
     }
 
-    pub(super) fn upload_one(&self, builder: PackBuilder) -> Result<()> {
+    pub(crate) fn upload_one(&self, builder: PackBuilder) -> Result<()> {
         let sealed = builder.seal(self.repo.keys())?;
         let name = sealed.id.to_hex();
         self.repo
@@ -252,7 +286,7 @@ impl<'r> Saver<'r> {
         Ok(())
     }
 
-    pub(super) fn write_index(&self, batch: &[(Id, Vec<PackEntry>)]) -> Result<()> {
+    pub(crate) fn write_index(&self, batch: &[(Id, Vec<PackEntry>)]) -> Result<()> {
         let name = self.repo.write_index(batch)?;
         let packs = batch.iter().map(|(p, _)| *p).collect();
         crate::util::lock(&self.written_index).push((name, packs));
@@ -262,7 +296,7 @@ impl<'r> Saver<'r> {
     /// After the lease was lost: index files of this run that list a pack
     /// that is gone are removed, so the repository stays consistent (packs
     /// that remain are indexed again by the next backup's recovery).
-    pub(super) fn withdraw_index(&self) {
+    pub(crate) fn withdraw_index(&self) {
         let present: HashSet<String> = match self.repo.backend().list_names(FileKind::Pack) {
             Ok(l) => l.into_iter().collect(),
             Err(_) => return,
@@ -274,4 +308,125 @@ impl<'r> Saver<'r> {
             }
         }
     }
+}
+
+/// What a writer (backup, copy) starts from: its session lease, taken
+/// before the index is read, and the state of the repository then.
+pub(crate) struct WriteStart {
+    pub(crate) session: Lease,
+    /// Index files when the writer started: if one goes, a maintenance
+    /// may have hidden blobs the writer deduplicated against.
+    pub(crate) index_at_start: HashSet<String>,
+    /// Packs the index knows that the storage does not hold.
+    pub(crate) missing_packs: HashSet<[u8; 32]>,
+    pub(crate) snapshots: crate::repo::SnapshotList,
+}
+
+/// Takes the session lease, then syncs the index and lists packs and
+/// snapshots; a writer running alone on this handle first indexes the
+/// packs an interrupted run left.
+pub(crate) fn begin_write(
+    repo: &Repository,
+    active: &crate::repo::ActiveBackup<'_>,
+    label: &str,
+) -> Result<WriteStart> {
+    // The session lease comes before the index is read: maintenance waits
+    // for every session that may have seen blobs it is about to delete.
+    let session = Lease::acquire(
+        repo.backend().clone(),
+        repo.keys(),
+        LeaseKind::Session,
+        label,
+    )?;
+    crate::repo::coordination::clock::refuse_clock_skew(session.storage_now()?)?;
+    // The snapshots (for the parent) are read beside the index and pack
+    // listings: over a WAN each read is a round trip. Packs are listed
+    // after the index: a pack is written before any index file naming it,
+    // so every indexed pack missing from the listing is really gone.
+    // The packs the index knows are taken before the listing too: a pack
+    // that a concurrent backup on this handle indexes meanwhile is then
+    // not taken for a lost one.
+    let (index_at_start, indexed, packs, snapshots) = std::thread::scope(|s| {
+        let snapshots = s.spawn(|| repo.snapshots());
+        let index = repo.sync_index_names();
+        let indexed = index.as_ref().ok().map(|_| repo.index().packs());
+        let packs = index
+            .as_ref()
+            .ok()
+            .map(|_| repo.backend().list(FileKind::Pack));
+        let snapshots = snapshots
+            .join()
+            .map_err(|_| Error::Aborted("listing snapshots panicked".into()))?;
+        Ok::<_, Error>((
+            index?,
+            indexed.transpose()?.unwrap_or_default(),
+            packs.transpose()?.unwrap_or_default(),
+            snapshots?,
+        ))
+    })?;
+    // One listing serves both: recovery adds no pack. Unindexed packs are
+    // another backup's work in progress while one runs on this handle:
+    // recovery waits for a backup that starts alone.
+    if active.alone {
+        let recovered = repo.recover_unindexed_packs(&packs)?;
+        if recovered > 0 {
+            debug!(recovered, "reusing packs of an interrupted backup");
+        }
+    }
+    Ok(WriteStart {
+        session,
+        index_at_start,
+        missing_packs: missing_packs(indexed, &packs),
+        snapshots,
+    })
+}
+
+/// Commits `snap`, whose trees `root_parts` and their blobs `saver` has
+/// stored (every pack durable, its uploaders joined): index files for the
+/// remaining packs, then the snapshot, in this order, so the snapshot never
+/// references a blob that no index lists. Nothing more is indexed once the
+/// lease may have looked stale to maintenance; a snapshot written after
+/// that is withdrawn.
+pub(crate) fn commit_snapshot(
+    repo: &Repository,
+    saver: &Saver<'_>,
+    session: &Lease,
+    root_parts: &[Id],
+    index_at_start: &HashSet<String>,
+    snap: &Snapshot,
+) -> Result<Id> {
+    let lost = |e: Error| {
+        if matches!(e, Error::LeaseLost { .. } | Error::PacksVanished { .. }) {
+            saver.withdraw_index();
+        }
+        e
+    };
+    session.check_present().map_err(lost)?;
+    let rest = std::mem::take(&mut *crate::util::lock(&saver.pending_index));
+    if !rest.is_empty() {
+        saver.write_index(&rest)?;
+    }
+    repo.index().flush()?;
+    // A maintenance hid packs while we ran: make sure every blob we
+    // referenced (possibly by dedup against now-hidden packs) is indexed.
+    rescue_if_overlapping(repo, root_parts, &session.name, index_at_start)?;
+    let used = std::mem::take(&mut *crate::util::lock(&saver.used_packs));
+    confirm_packs_exist(repo, &used).map_err(lost)?;
+    session.check_present().map_err(lost)?;
+    if saver.cancelled() {
+        return Err(Error::Aborted("backup cancelled".into()));
+    }
+    let id = repo.save_snapshot(snap)?;
+    // Stopped between the checks above and the write for longer than the
+    // lease lives: a maintenance may have deleted what the snapshot needs
+    // without seeing it. Withdraw it rather than leave it unrestorable.
+    if let Err(e) = session.check_present() {
+        let _ = repo.backend().remove(FileKind::Snapshot, &id.to_hex());
+        return Err(lost(e));
+    }
+    // A plan made between the check above and the snapshot write could
+    // not see the snapshot: check once more (maintenance also rescues
+    // referenced blobs it finds only in planned packs).
+    rescue_if_overlapping(repo, root_parts, &session.name, index_at_start)?;
+    Ok(id)
 }

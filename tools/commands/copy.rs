@@ -1,0 +1,153 @@
+//! `marmoset copy`: snapshots of another repository (`--from-repo`) into
+//! this one (`--repo`), re-encrypted for this repository's key.
+
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use marmoset_storage::{CopyOptions, CopyReport, Id, Progress, Repository, Snapshot};
+use serde_json::json;
+
+use crate::cli::{CopyArgs, Global};
+use crate::output::print_json;
+use crate::output::{errln, outln};
+use crate::progress::{bytes, Ticker};
+use crate::repo_open::{open_from, open_target};
+
+pub(super) fn run(g: &Global, a: CopyArgs) -> Result<ExitCode> {
+    let src = open_from(g, &a.from)?;
+    let dst = open_target(g)?;
+    let snaps = select(&src, &a)?;
+    if snaps.is_empty() {
+        bail!("no snapshot of the source repository matches");
+    }
+    let opts = CopyOptions {
+        dry_run: a.dry_run,
+        threads: a.threads,
+    };
+    let progress = Arc::new(Progress::default());
+    let ticker = Ticker::start(!g.quiet && !g.json, progress_line(progress.clone()));
+    let report = marmoset_storage::copy(&src, &dst, snaps, &opts, &progress)?;
+    drop(ticker);
+    if g.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["backend"] = json!({
+            "source": src.backend().stats(),
+            "target": dst.backend().stats(),
+        });
+        print_json(&v)?;
+    } else {
+        print_report(&report, &src, &dst);
+    }
+    for f in &report.failed {
+        errln!(
+            "error: snapshot {} not copied: {}",
+            &f.source_id[..8],
+            f.error.as_deref().unwrap_or("")
+        );
+    }
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// The source snapshots named (ids, prefixes, `latest`) or, with none
+/// named, all of them; then narrowed by `--source`, `--host` and `--tag`
+/// (every tag given must be present; a backup set is `--tag set=NAME`).
+fn select(src: &Repository, a: &CopyArgs) -> Result<Vec<(Id, Snapshot)>> {
+    let named: Vec<(Id, Snapshot)> = if a.snapshots.is_empty() {
+        let (all, bad) = src.snapshots()?;
+        for (name, e) in &bad {
+            errln!("warning: source snapshot {name} unreadable, not copied: {e}");
+        }
+        all
+    } else {
+        let mut v = Vec::new();
+        for spec in &a.snapshots {
+            let found = src.resolve_snapshot(spec)?;
+            if !v.iter().any(|(id, _)| *id == found.0) {
+                v.push(found);
+            }
+        }
+        v
+    };
+    Ok(named
+        .into_iter()
+        .filter(|(_, s)| a.sources.is_empty() || a.sources.contains(&s.source))
+        .filter(|(_, s)| a.hosts.is_empty() || a.hosts.contains(&s.hostname))
+        .filter(|(_, s)| a.tags.iter().all(|t| s.tags.contains(t)))
+        .collect())
+}
+
+fn progress_line(p: Arc<Progress>) -> impl Fn() -> String + Send + 'static {
+    move || {
+        format!(
+            "copying: {} read, {} added",
+            bytes(p.bytes_read.load(Ordering::Relaxed)),
+            bytes(p.bytes_added.load(Ordering::Relaxed)),
+        )
+    }
+}
+
+fn print_report(r: &CopyReport, src: &Repository, dst: &Repository) {
+    let verb = if r.dry_run { "would copy" } else { "copied" };
+    for s in &r.copied {
+        outln!(
+            "{verb} {} {} {}{}",
+            &s.source_id[..8],
+            s.time.format("%Y-%m-%d %H:%M:%S"),
+            s.source,
+            s.target_id
+                .as_deref()
+                .map(|t| format!(" -> {}", &t[..8]))
+                .unwrap_or_default()
+        );
+    }
+    outln!(
+        "{} snapshots {verb}, {} already in the target, {} failed",
+        r.copied.len(),
+        r.skipped.len(),
+        r.failed.len()
+    );
+    if r.dry_run {
+        outln!(
+            "at most {} ({} blobs) to read from the source; {} blobs known from earlier copies",
+            bytes(r.bytes_read),
+            r.data_blobs_read,
+            r.data_blobs_known
+        );
+        return;
+    }
+    outln!(
+        "read {} ({} blobs) from the source; {} blobs known from earlier copies",
+        bytes(r.bytes_read),
+        r.data_blobs_read,
+        r.data_blobs_known
+    );
+    outln!(
+        "added {} in {} packs ({} data blobs, {} tree blobs)",
+        bytes(r.bytes_added),
+        r.packs_written,
+        r.data_blobs_added,
+        r.tree_blobs_added
+    );
+    for (side, repo) in [("source", src), ("target", dst)] {
+        if !repo.backend().is_remote() {
+            continue;
+        }
+        if let Some(s) = repo.backend().stats() {
+            outln!(
+                "{side} requests: {} put, {} get, {} ranged get, {} list; {} up, {} down",
+                s.put,
+                s.get,
+                s.get_range,
+                s.list,
+                bytes(s.bytes_up),
+                bytes(s.bytes_down)
+            );
+        }
+    }
+}
