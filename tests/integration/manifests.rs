@@ -191,6 +191,60 @@ fn the_daemonset_gives_the_agent_what_it_needs_and_no_more() {
     assert_eq!(pod.service_account_name.as_deref(), Some("marmoset-agent"));
 }
 
+/// The secondary repository is off until configured; its commented
+/// example parses once uncommented, and the DaemonSet already mounts its
+/// password and passes its credentials from a secret that may be absent.
+#[test]
+fn the_secondary_repository_is_optional_and_its_example_is_wired() {
+    let cm: ConfigMap = typed(&docs("configmap.yaml")[0]);
+    let text = cm.data.unwrap()["agent.yaml"].clone();
+    assert!(AgentConfig::parse(&text, "configmap")
+        .unwrap()
+        .secondary
+        .is_none());
+    let on = text
+        .replace("# secondary:\n", "secondary:\n")
+        .replace("#   repository:", "  repository:")
+        .replace("#   passwordFile:", "  passwordFile:");
+    let sec = AgentConfig::parse(&on, "configmap, secondary on")
+        .unwrap()
+        .secondary
+        .expect("the example, uncommented");
+    assert!(sec.repository.starts_with("s3:https://"));
+    let password = sec.password_file.unwrap();
+
+    let ds: DaemonSet = typed(&docs("daemonset.yaml")[0]);
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    let c = &pod.containers[0];
+    let mount = c
+        .volume_mounts
+        .clone()
+        .unwrap()
+        .into_iter()
+        .filter(|m| password.starts_with(&m.mount_path))
+        .max_by_key(|m| m.mount_path.len())
+        .expect("the password file's directory is mounted");
+    let volume = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    let secret = volume.secret.unwrap();
+    assert_eq!(secret.secret_name.as_deref(), Some("marmoset-secondary"));
+    assert_eq!(secret.optional, Some(true));
+    for var in [
+        "MARMOSET_SECONDARY_AWS_ACCESS_KEY_ID",
+        "MARMOSET_SECONDARY_AWS_SECRET_ACCESS_KEY",
+    ] {
+        let env = c.env.clone().unwrap();
+        let e = env.iter().find(|e| e.name == var).expect(var);
+        let key = e.value_from.clone().unwrap().secret_key_ref.unwrap();
+        assert_eq!(key.name, "marmoset-secondary");
+        assert_eq!(key.optional, Some(true));
+    }
+}
+
 #[test]
 fn rbac_is_least_privilege() {
     let objs = docs("rbac.yaml");
@@ -464,6 +518,11 @@ fn the_alert_rules_fire_on_failures_skips_and_old_backups() {
                  "values": "_x120 0x100"},
                 {"series": "marmoset_volume_last_success_timestamp_seconds{namespace=\"a\",pvc=\"ok\",schedule=\"daily\"}",
                  "values": "_x120 7200x100"},
+                // Copies to the secondary: one failing, one stale.
+                {"series": "marmoset_secondary_copy_failures_total{namespace=\"a\",pvc=\"sec\",schedule=\"daily\"}",
+                 "values": "_x120 1x100"},
+                {"series": "marmoset_secondary_last_success_timestamp_seconds{namespace=\"a\",pvc=\"sec\",schedule=\"daily\"}",
+                 "values": "0x3500"},
                 // An old volume: succeeded at 0, then nothing.
                 {"series": "marmoset_volume_last_success_timestamp_seconds{namespace=\"a\",pvc=\"old\",schedule=\"daily\"}",
                  "values": "0x3500"},
@@ -481,6 +540,15 @@ fn the_alert_rules_fire_on_failures_skips_and_old_backups() {
                       json!({"severity": "warning", "namespace": "a", "pvc": "s", "schedule": "daily"}),
                       "a/s was left out of a daily run",
                       "See the BackupSkipped Event and the Skipped status for the reason."),
+                alert("MarmosetSecondaryFailing", "200m",
+                      json!({"severity": "warning", "namespace": "a", "pvc": "sec", "schedule": "daily"}),
+                      "A copy of a/sec to the secondary repository failed",
+                      "See the SecondaryCopyFailed Event for the error."),
+                alert("MarmosetSecondaryTooOld", "47h", Value::Null, "", ""),
+                alert("MarmosetSecondaryTooOld", "50h",
+                      json!({"severity": "critical", "namespace": "a", "pvc": "sec"}),
+                      "No copy of a/sec in the secondary repository for 48h",
+                      "See the SecondaryCopyFailed Events and the agent's log."),
                 alert("MarmosetHookFailures", "200m", Value::Null, "", ""),
                 alert("MarmosetBackupTooOld", "47h", Value::Null, "", ""),
                 alert("MarmosetBackupTooOld", "50h",
