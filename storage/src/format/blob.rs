@@ -171,6 +171,61 @@ pub fn decode_authenticated(
     Ok(plain)
 }
 
+/// A blob opened for re-encryption under other keys (`marmoset copy`):
+/// decrypted, decompressed and checked against its id like [`decode`], with
+/// its compressed body kept so the copy need not compress it again.
+pub struct Opened {
+    pub plain: Vec<u8>,
+    /// The zstd body, when the blob was stored compressed.
+    pub compressed: Option<Vec<u8>>,
+}
+
+/// [`decode`], keeping the compressed body (see [`Opened`]).
+pub fn open_for_copy(
+    keys: &Keys,
+    kind: BlobType,
+    id: &Id,
+    flags: u8,
+    raw_length: u32,
+    data: &[u8],
+) -> Result<Opened> {
+    let what = || format!("blob {id}");
+    let body = keys.decrypt(data, &blob_aad(kind as u8, id), what)?;
+    let (plain, compressed) = if flags & FLAG_ZSTD != 0 {
+        let plain = decompress(&body, raw_length as usize)
+            .map_err(|e| Error::corrupt(what(), format!("zstd: {e}")))?;
+        (plain, Some(body))
+    } else {
+        (body, None)
+    };
+    if plain.len() != raw_length as usize {
+        return Err(Error::corrupt(what(), "length differs from the index"));
+    }
+    if keys.content_id(&plain) != *id {
+        return Err(Error::corrupt(what(), "content does not match its id"));
+    }
+    Ok(Opened { plain, compressed })
+}
+
+/// Encrypts an [`Opened`] blob under `keys` as `id`, keeping the source's
+/// compression: its zstd body as it is, or its plaintext uncompressed (it
+/// did not shrink there).
+pub fn encode_opened(keys: &Keys, kind: BlobType, id: Id, blob: &Opened) -> Result<EncodedBlob> {
+    let raw_length = u32::try_from(blob.plain.len())
+        .map_err(|_| Error::InvalidArgument("blob larger than 4 GiB".into()))?;
+    let (flags, body) = match &blob.compressed {
+        Some(c) => (FLAG_ZSTD, c.as_slice()),
+        None => (0, blob.plain.as_slice()),
+    };
+    Ok(EncodedBlob {
+        kind,
+        id,
+        flags,
+        raw_length,
+        ciphertext: keys.encrypt(body, &blob_aad(kind as u8, &id)),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,6 +259,42 @@ mod tests {
             decode(&k, BlobType::Data, &id, 0, e.raw_length, &e.ciphertext)?,
             noise
         );
+        Ok(())
+    }
+
+    #[test]
+    fn a_blob_reencrypted_for_other_keys_keeps_its_compression() -> Result<()> {
+        let (a, b) = (Keys::generate(), Keys::generate());
+        let text = b"abcabcabc".repeat(1000);
+        let id = a.content_id(&text);
+        let e = encode(&a, BlobType::Data, id, &text, 3)?;
+        let opened = open_for_copy(
+            &a,
+            BlobType::Data,
+            &id,
+            e.flags,
+            e.raw_length,
+            &e.ciphertext,
+        )?;
+        assert_eq!(opened.plain, text);
+        let id_b = b.content_id(&opened.plain);
+        let again = encode_opened(&b, BlobType::Data, id_b, &opened)?;
+        assert_eq!(again.flags, FLAG_ZSTD);
+        assert_eq!(
+            decode(
+                &b,
+                BlobType::Data,
+                &id_b,
+                again.flags,
+                again.raw_length,
+                &again.ciphertext
+            )?,
+            text
+        );
+        // Damage is found before anything is re-encrypted.
+        let mut bad = e.ciphertext.clone();
+        bad[30] ^= 1;
+        assert!(open_for_copy(&a, BlobType::Data, &id, e.flags, e.raw_length, &bad).is_err());
         Ok(())
     }
 

@@ -513,25 +513,38 @@ impl Engine<'_> {
             let raw = range.slice(&buf, *offset, *length).ok_or_else(|| {
                 Error::corrupt(format!("pack {pack}"), "shorter than its index says")
             })?;
-            let plain = src.open_blob(id, loc, raw)?;
-            let target = dst.keys().content_id(&plain);
+            let opened = blob::open_for_copy(
+                src.keys(),
+                BlobType::Data,
+                id,
+                loc.flags,
+                loc.raw_length,
+                raw,
+            )
+            .map_err(|e| e.in_pack(pack))?;
+            let target = dst.keys().content_id(&opened.plain);
             if saver.claim(&target)? {
-                saver.add_encoded(blob::encode(
-                    dst.keys(),
-                    BlobType::Data,
-                    target,
-                    &plain,
-                    saver.level,
-                )?)?;
+                saver.add_encoded(self.encode(saver, target, &opened)?)?;
             }
-            bytes += plain.len() as u64;
-            self.progress
-                .bytes_read
-                .fetch_add(plain.len() as u64, Ordering::Relaxed);
+            let n = opened.plain.len() as u64;
+            bytes += n;
+            self.progress.bytes_read.fetch_add(n, Ordering::Relaxed);
             pairs.push((self.map_key(id), target.0));
         }
         dst.index().put_copies(&pairs)?;
         Ok((range.items.len() as u64, bytes))
+    }
+
+    /// A source data blob for the target. The source's compression is kept
+    /// (its zstd body as it is, an incompressible chunk uncompressed) rather
+    /// than tried again: the same answer at a fraction of the CPU. Only when
+    /// one side does not compress at all is the target's level applied.
+    fn encode(&self, saver: &Saver, id: Id, opened: &blob::Opened) -> Result<blob::EncodedBlob> {
+        let keys = self.dst.keys();
+        if saver.level == 0 || self.src.config().compression_level == 0 {
+            return blob::encode(keys, BlobType::Data, id, &opened.plain, saver.level);
+        }
+        blob::encode_opened(keys, BlobType::Data, id, opened)
     }
 
     /// The target id of source tree part `id`, written (with the chunk
