@@ -87,6 +87,19 @@ fn tune_allocator() {
             }
         }
     }
+    // Free memory inside the heaps (between live allocations: the
+    // per-file and per-blob records of millions of small files, pack
+    // trailers, index batches) is kept by glibc whatever the trim
+    // threshold, which only concerns the top of a heap. Returning it once a
+    // second cost nothing measurable and took the peak of a backup of a
+    // million small files from 124-128 MiB to 97-107 MiB.
+    std::thread::spawn(|| loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        // SAFETY: malloc_trim only returns free memory to the system.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    });
 }
 
 fn init_logging(verbose: u8) {
