@@ -26,11 +26,9 @@ pub(crate) fn open(g: &Global) -> Result<Repository> {
 
 /// The repository `--repo` names as the target of a copy: errors say so.
 pub(crate) fn open_target(g: &Global) -> Result<Repository> {
-    let what = || {
-        format!(
-            "target repository (--repo {})",
-            g.repo.as_deref().unwrap_or("?")
-        )
+    let what = || match g.repo.as_deref() {
+        Some(r) => format!("target repository (--repo {r})"),
+        None => "target repository".to_string(),
     };
     open(g).with_context(what)
 }

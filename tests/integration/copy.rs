@@ -416,3 +416,112 @@ fn local_to_s3_copy_restores_identically_and_repeats_as_a_no_op() {
     );
     t.ok(&env, &["check", "--read-data"]);
 }
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `latest` is the newest snapshot the filters select; a dry run leaves
+/// the target exactly as it was; a source snapshot file that cannot be
+/// read fails the copy (exit 1) while the others are copied.
+#[test]
+fn latest_follows_the_filters_dry_runs_write_nothing_and_unreadable_snapshots_fail() {
+    let env = Env::new();
+    env.init();
+    let a = env.path("a");
+    fs::create_dir_all(&a).unwrap();
+    fs::write(a.join("x"), b"first").unwrap();
+    let tagged = env.backup(&a, &["--tag", "keep", "--host", "h1"]);
+    fs::write(a.join("x"), b"second").unwrap();
+    let newest = env.backup(&a, &["--host", "h2"]);
+
+    let t = Target::local(&env);
+    t.ok(&env, &["init"]);
+    let before = files_under(Path::new(&t.repo));
+    let dry = t.json(&env, &["copy", "--dry-run", "latest", "--tag", "keep"]);
+    assert_eq!(
+        ids(&dry, "copied"),
+        [tagged["snapshot"].as_str().unwrap()],
+        "{dry}"
+    );
+    let dry = t.json(&env, &["copy", "--dry-run", "latest", "--host", "h2"]);
+    assert_eq!(
+        ids(&dry, "copied"),
+        [newest["snapshot"].as_str().unwrap()],
+        "{dry}"
+    );
+    assert_eq!(files_under(Path::new(&t.repo)), before, "a dry run wrote");
+
+    // Nothing selected: nothing to do, and no error.
+    let none = t.json(&env, &["copy", "--tag", "no-such-tag"]);
+    assert_eq!(none["copied"].as_array().unwrap().len(), 0);
+
+    let snap = env
+        .repo
+        .join("snapshots")
+        .join(newest["snapshot"].as_str().unwrap());
+    let mut bytes = fs::read(&snap).unwrap();
+    let n = bytes.len();
+    bytes[n - 5] ^= 1;
+    fs::write(&snap, bytes).unwrap();
+    let out = t.run(&env, &["--json", "copy"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        ids(&v, "copied"),
+        [tagged["snapshot"].as_str().unwrap()],
+        "{v}"
+    );
+    assert_eq!(v["unreadable"].as_array().unwrap().len(), 1, "{v}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unreadable"));
+}
+
+/// Two copies of the same snapshot at once: one snapshot in the target,
+/// the other run reports it as already there.
+#[test]
+fn concurrent_copies_of_one_snapshot_write_it_once() {
+    let env = Env::new();
+    env.init();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), random_bytes(&mut rng(39), 6 << 20)).unwrap();
+    env.backup(&src, &[]);
+    let t = Target::local(&env);
+    t.ok(&env, &["init"]);
+    let spawn = |cache: &str| {
+        t.cmd(&env)
+            .env("MARMOSET_CACHE_DIR", env.path(cache))
+            .args(["--json", "--limit-upload", "3072", "copy"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (one, two) = (spawn("cache-1"), spawn("cache-2"));
+    let mut copied = 0;
+    let mut skipped = 0;
+    for child in [one, two] {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        copied += v["copied"].as_array().unwrap().len();
+        skipped += v["skipped"].as_array().unwrap().len();
+    }
+    assert_eq!((copied, skipped), (1, 1));
+    assert_eq!(t.json(&env, &["snapshots"]).as_array().unwrap().len(), 1);
+    t.ok(&env, &["check", "--read-data"]);
+    let out = env.path("out");
+    t.restore(&env, "latest", &out);
+    assert_same_tree(&src, &out);
+}

@@ -18,10 +18,7 @@ use crate::repo_open::{open_from, open_target};
 pub(super) fn run(g: &Global, a: CopyArgs) -> Result<ExitCode> {
     let src = open_from(g, &a.from)?;
     let dst = open_target(g)?;
-    let snaps = select(&src, &a)?;
-    if snaps.is_empty() {
-        bail!("no snapshot of the source repository matches");
-    }
+    let (snaps, unreadable) = select(&src, &a)?;
     let opts = CopyOptions {
         dry_run: a.dry_run,
         threads: a.threads,
@@ -32,6 +29,10 @@ pub(super) fn run(g: &Global, a: CopyArgs) -> Result<ExitCode> {
     drop(ticker);
     if g.json {
         let mut v = serde_json::to_value(&report)?;
+        v["unreadable"] = json!(unreadable
+            .iter()
+            .map(|(name, e)| json!({"source_id": name, "error": e}))
+            .collect::<Vec<_>>());
         v["backend"] = json!({
             "source": src.backend().stats(),
             "target": dst.backend().stats(),
@@ -47,39 +48,57 @@ pub(super) fn run(g: &Global, a: CopyArgs) -> Result<ExitCode> {
             f.error.as_deref().unwrap_or("")
         );
     }
-    Ok(if report.failed.is_empty() {
+    for (name, e) in &unreadable {
+        errln!("error: source snapshot {name} unreadable, not copied: {e}");
+    }
+    Ok(if report.failed.is_empty() && unreadable.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
 }
 
-/// The source snapshots named (ids, prefixes, `latest`) or, with none
-/// named, all of them; then narrowed by `--source`, `--host` and `--tag`
-/// (every tag given must be present; a backup set is `--tag set=NAME`).
-fn select(src: &Repository, a: &CopyArgs) -> Result<Vec<(Id, Snapshot)>> {
-    let named: Vec<(Id, Snapshot)> = if a.snapshots.is_empty() {
-        let (all, bad) = src.snapshots()?;
-        for (name, e) in &bad {
-            errln!("warning: source snapshot {name} unreadable, not copied: {e}");
-        }
-        all
-    } else {
-        let mut v = Vec::new();
-        for spec in &a.snapshots {
-            let found = src.resolve_snapshot(spec)?;
-            if !v.iter().any(|(id, _)| *id == found.0) {
-                v.push(found);
-            }
-        }
-        v
-    };
-    Ok(named
+/// The source snapshots named (ids, prefixes, `latest`: the newest that
+/// the filters select) or, with none named, all of them, narrowed by
+/// `--source`, `--host` and `--tag` (every tag given must be present; a
+/// backup set is `--tag set=NAME`); and the snapshot files of the source
+/// that could not be read (damaged: not copied, reported as failures).
+fn select(src: &Repository, a: &CopyArgs) -> Result<(Vec<(Id, Snapshot)>, Vec<(String, String)>)> {
+    let (all, bad) = src.snapshots()?;
+    let unreadable: Vec<(String, String)> = bad
         .into_iter()
-        .filter(|(_, s)| a.sources.is_empty() || a.sources.contains(&s.source))
-        .filter(|(_, s)| a.hosts.is_empty() || a.hosts.contains(&s.hostname))
-        .filter(|(_, s)| a.tags.iter().all(|t| s.tags.contains(t)))
-        .collect())
+        .map(|(name, e)| (name, e.to_string()))
+        .collect();
+    let wanted = |s: &Snapshot| {
+        (a.sources.is_empty() || a.sources.contains(&s.source))
+            && (a.hosts.is_empty() || a.hosts.contains(&s.hostname))
+            && a.tags.iter().all(|t| s.tags.contains(t))
+    };
+    if a.snapshots.is_empty() {
+        let chosen = all.into_iter().filter(|(_, s)| wanted(s)).collect();
+        return Ok((chosen, unreadable));
+    }
+    let mut chosen: Vec<(Id, Snapshot)> = Vec::new();
+    for spec in &a.snapshots {
+        let found = if spec == "latest" {
+            // Snapshots are listed oldest first.
+            match all.iter().rev().find(|(_, s)| wanted(s)) {
+                Some(f) => f.clone(),
+                None => bail!("no snapshot of the source repository matches the filters"),
+            }
+        } else {
+            let found = src.resolve_snapshot(spec)?;
+            if !wanted(&found.1) {
+                bail!("source snapshot {spec} does not match the filters");
+            }
+            found
+        };
+        if !chosen.iter().any(|(id, _)| *id == found.0) {
+            chosen.push(found);
+        }
+    }
+    // Named snapshots are copied whatever the state of the others.
+    Ok((chosen, Vec::new()))
 }
 
 fn progress_line(p: Arc<Progress>) -> impl Fn() -> String + Send + 'static {

@@ -9,8 +9,8 @@ use marmoset_storage::{Config, Repository};
 use serde_json::json;
 
 use crate::cli::{Global, InitArgs};
-use crate::output::outln;
 use crate::output::print_json;
+use crate::output::{errln, outln};
 use crate::repo_open::{open_backend, open_from, open_opts, password};
 
 pub(super) fn run(g: &Global, a: InitArgs) -> Result<ExitCode> {
@@ -22,6 +22,9 @@ pub(super) fn run(g: &Global, a: InitArgs) -> Result<ExitCode> {
         config.chunker = from.config().chunker.clone();
         Some(from.keys().chunker_seed())
     } else {
+        if a.from.from_repo.is_some() {
+            errln!("warning: --from-repo is used only with --copy-chunker-params; ignored");
+        }
         None
     };
     let pw = password(g, true)?;

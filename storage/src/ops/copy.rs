@@ -111,7 +111,9 @@ pub fn copy(
 ) -> Result<CopyReport> {
     if src.config().repository_id == dst.config().repository_id {
         return Err(Error::InvalidArgument(
-            "source and target are the same repository".into(),
+            "source and target are the same repository (or one is a copy of the other's files: \
+             they share its id and key)"
+                .into(),
         ));
     }
     snaps.sort_by_key(|(_, s)| s.time);
@@ -131,15 +133,30 @@ pub fn copy(
         })
         .max(1);
     let active = dst.begin_backup();
-    let start = begin_write(
-        dst,
-        &active,
-        &format!("copy from {}", src.backend().location()),
-    )?;
+    // A dry run writes nothing to the target: no session lease, and the
+    // packs an interrupted run left are not indexed.
+    let start = if opts.dry_run {
+        None
+    } else {
+        Some(begin_write(
+            dst,
+            &active,
+            &format!("copy from {}", src.backend().location()),
+        )?)
+    };
+    let listed = match &start {
+        Some(_) => None,
+        None => Some(dst.snapshots()?),
+    };
+    let existing = match (&start, &listed) {
+        (Some(s), _) => &s.snapshots.0,
+        (None, Some(l)) => &l.0,
+        (None, None) => return Err(Error::Aborted("no target listing".into())),
+    };
     // Target snapshots by the source snapshot they copy, to skip those
     // and to point a copy's parent at its parent's copy.
     let mut copies: HashMap<Id, Id> = HashMap::new();
-    for (id, s) in &start.snapshots.0 {
+    for (id, s) in existing {
         copies.insert(s.original.unwrap_or(*id), *id);
     }
     let mut engine = Engine {
@@ -165,21 +182,24 @@ pub fn copy(
             report.skipped.push(entry);
             continue;
         }
-        let result = if opts.dry_run {
-            engine.scan(&snap, &mut report).map(|()| None)
-        } else {
-            engine
-                .copy_one(&start, &snap, original, &copies, &mut report)
-                .map(Some)
+        let result = match &start {
+            None => engine.scan(&snap, &mut report).map(|()| None),
+            Some(start) => engine
+                .copy_one(start, &snap, original, &copies, &mut report)
+                .map(Some),
         };
         match result {
-            Ok(new) => {
-                if let Some(new) = new {
-                    copies.insert(original, new);
-                    entry.target_id = Some(new.to_hex());
-                    info!(source = %id, target = %new, "snapshot copied");
-                }
+            Ok(None) => report.copied.push(entry),
+            Ok(Some(Outcome::New(new))) => {
+                copies.insert(original, new);
+                entry.target_id = Some(new.to_hex());
+                info!(source = %id, target = %new, "snapshot copied");
                 report.copied.push(entry);
+            }
+            Ok(Some(Outcome::There(there))) => {
+                copies.insert(original, there);
+                entry.target_id = Some(there.to_hex());
+                report.skipped.push(entry);
             }
             Err(e) if is_damage(&e) => {
                 warn!(snapshot = %id, error = %e, "snapshot not copied");
@@ -190,7 +210,16 @@ pub fn copy(
         }
     }
     drop(start);
+    drop(active);
     Ok(report)
+}
+
+/// How copying one snapshot ended.
+enum Outcome {
+    /// Copied: the new snapshot's id.
+    New(Id),
+    /// Another copy (running at the same time) wrote it first: its id.
+    There(Id),
 }
 
 /// Errors that say the source cannot give a snapshot whole, rather than
@@ -276,7 +305,7 @@ impl Engine<'_> {
         original: Id,
         copies: &HashMap<Id, Id>,
         report: &mut CopyReport,
-    ) -> Result<Id> {
+    ) -> Result<Outcome> {
         let dst = self.dst;
         let saver = Saver::new(
             dst,
@@ -351,6 +380,18 @@ impl Engine<'_> {
             original: Some(original),
             ..snap.clone()
         };
+        // Another copy of the same snapshot that ran beside this one: its
+        // snapshot stands, ours is not written (what we stored is indexed
+        // and left to maintenance).
+        let (now, _) = dst.snapshots()?;
+        if let Some((there, _)) = now
+            .iter()
+            .find(|(id, s)| s.original.unwrap_or(*id) == original)
+        {
+            start.session.check_present()?;
+            saver.flush_index()?;
+            return Ok(Outcome::There(*there));
+        }
         commit_snapshot(
             dst,
             &saver,
@@ -359,6 +400,7 @@ impl Engine<'_> {
             &start.index_at_start,
             &copy,
         )
+        .map(Outcome::New)
     }
 
     /// Walks the snapshot's trees and copies every data blob the target
@@ -502,9 +544,11 @@ impl Engine<'_> {
                 range.length,
             )
             .map_err(|e| match e {
-                Error::NotFound { .. } => {
-                    Error::corrupt(format!("pack {pack}"), "missing from the source")
-                }
+                Error::NotFound { .. } => Error::corrupt(
+                    format!("pack {pack}"),
+                    "missing from the source (if a maintenance of the source ran \
+                         meanwhile, run the copy again)",
+                ),
                 other => other,
             })?;
         let mut pairs = Vec::with_capacity(range.items.len());

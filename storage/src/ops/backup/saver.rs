@@ -290,6 +290,16 @@ impl<'r> Saver<'r> {
         Ok(())
     }
 
+    /// Indexes the packs still waiting for an index file.
+    pub(crate) fn flush_index(&self) -> Result<()> {
+        let rest = std::mem::take(&mut *crate::util::lock(&self.pending_index));
+        if !rest.is_empty() {
+            self.write_index(&rest)?;
+        }
+        self.repo.index().flush()?;
+        Ok(())
+    }
+
     pub(crate) fn write_index(&self, batch: &[(Id, Vec<PackEntry>)]) -> Result<()> {
         let name = self.repo.write_index(batch)?;
         let packs = batch.iter().map(|(p, _)| *p).collect();
@@ -406,11 +416,7 @@ pub(crate) fn commit_snapshot(
         e
     };
     session.check_present().map_err(lost)?;
-    let rest = std::mem::take(&mut *crate::util::lock(&saver.pending_index));
-    if !rest.is_empty() {
-        saver.write_index(&rest)?;
-    }
-    repo.index().flush()?;
+    saver.flush_index()?;
     // A maintenance hid packs while we ran: make sure every blob we
     // referenced (possibly by dedup against now-hidden packs) is indexed.
     rescue_if_overlapping(repo, root_parts, &session.name, index_at_start)?;
