@@ -60,13 +60,15 @@ pub(super) fn run(g: &Global, a: CopyArgs) -> Result<ExitCode> {
 
 /// A source snapshot file that could not be read, and why.
 type Unreadable = (String, String);
+/// A source snapshot to copy.
+type Chosen = (Id, Snapshot);
 
 /// The source snapshots named (ids, prefixes, `latest`: the newest that
 /// the filters select) or, with none named, all of them, narrowed by
 /// `--source`, `--host` and `--tag` (every tag given must be present; a
 /// backup set is `--tag set=NAME`); and the snapshot files of the source
 /// that could not be read (damaged: not copied, reported as failures).
-fn select(src: &Repository, a: &CopyArgs) -> Result<(Vec<(Id, Snapshot)>, Vec<Unreadable>)> {
+fn select(src: &Repository, a: &CopyArgs) -> Result<(Vec<Chosen>, Vec<Unreadable>)> {
     let (all, bad) = src.snapshots()?;
     let unreadable: Vec<Unreadable> = bad
         .into_iter()
