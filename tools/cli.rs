@@ -105,6 +105,11 @@ pub enum Command {
     Stats(StatsArgs),
     /// Copy snapshots from another repository (--from-repo) into this one, re-encrypted.
     Copy(CopyArgs),
+    /// Backup sets: the node agent's scheduled runs across all nodes (like `velero backup get`).
+    Sets {
+        #[command(subcommand)]
+        command: Option<SetsCommand>,
+    },
     /// Remove snapshots according to a retention policy (data goes at the next `maintain --full`).
     Forget(ForgetArgs),
     /// Compact the index (quick) or collect garbage (--full); safe while backups run.
@@ -323,6 +328,15 @@ pub enum KeyCommand {
 pub struct NewPassword {
     #[arg(long, env = "MARMOSET_NEW_PASSWORD_FILE")]
     pub new_password_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SetsCommand {
+    /// One set: every volume with its node, phase, snapshot, bytes, duration and error.
+    Describe {
+        /// The set's name, e.g. daily-20260208020000.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -303,6 +303,25 @@ impl Cluster {
             .collect())
     }
 
+    /// The nodes running an agent (pods labelled
+    /// `app.kubernetes.io/name=marmoset` in the agent's namespace): those
+    /// expected to report to a backup set.
+    pub async fn agent_nodes(&self) -> Result<Vec<String>> {
+        let api = Api::<Pod>::namespaced(self.client.clone(), &self.namespace);
+        let pods = api
+            .list(&ListParams::default().labels("app.kubernetes.io/name=marmoset"))
+            .await
+            .map_err(|e| Error::kube("list agent pods", e))?;
+        let mut nodes: Vec<String> = pods
+            .items
+            .into_iter()
+            .filter_map(|p| p.spec.and_then(|s| s.node_name))
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        Ok(nodes)
+    }
+
     /// Every volume status object in the agent's namespace.
     pub async fn statuses(&self) -> Result<Vec<VolumeStatus>> {
         Ok(self

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use marmoset_storage::{
-    GroupBy, MaintainOptions, MaintainReport, Repository, RetentionPolicy, SnapshotFilter,
+    GroupBy, MaintainOptions, MaintainReport, Repository, RetentionPolicy, SetPart, SetVolume,
+    SnapshotFilter,
 };
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 use tracing::{error, info, warn};
@@ -35,6 +36,7 @@ pub struct VolumeOutcome {
     pub error: Option<String>,
     pub bytes_read: u64,
     pub bytes_added: u64,
+    pub duration_secs: f64,
 }
 
 /// The result of one scheduled run on this node.
@@ -264,6 +266,7 @@ impl Agent {
         if self.secondary.is_some() {
             report.secondary = Some(self.copy_to_secondary(sched, &report).await);
         }
+        self.record_set_part(sched, &set, started, &report).await;
         if let Err(e) = self.clean_up_statuses().await {
             warn!(error = %e, "could not clean up status objects");
         }
@@ -280,6 +283,71 @@ impl Agent {
             "scheduled backup finished"
         );
         Ok(report)
+    }
+
+    /// Records this node's part of the run's backup set in the repository
+    /// (`marmoset sets`). A failure is logged: the snapshots stand.
+    async fn record_set_part(
+        &self,
+        sched: &Schedule,
+        set: &str,
+        started: DateTime<Utc>,
+        report: &RunReport,
+    ) {
+        let nodes_expected = match self.cluster.agent_nodes().await {
+            Ok(n) if !n.is_empty() => n,
+            Ok(_) => vec![self.node().to_string()],
+            Err(e) => {
+                warn!(error = %e, "could not list the agents expected in the set");
+                vec![self.node().to_string()]
+            }
+        };
+        let mut errors: Vec<String> = report
+            .skipped
+            .iter()
+            .filter(|s| !s.intentional)
+            .map(|s| {
+                format!(
+                    "{}/{} volume {} skipped: {}",
+                    s.namespace, s.pod, s.volume, s.reason
+                )
+            })
+            .collect();
+        errors.extend(report.hook_failures.iter().map(|h| format!("hook: {h}")));
+        let part = SetPart {
+            version: 1,
+            set: set.to_string(),
+            schedule: sched.name.clone(),
+            node: self.node().to_string(),
+            started,
+            finished: Utc::now(),
+            nodes_expected,
+            volumes: report
+                .volumes
+                .iter()
+                .map(|v| SetVolume {
+                    namespace: v.target.namespace.clone(),
+                    pvc: v.target.pvc.clone(),
+                    pv: v.target.pv.clone(),
+                    node: self.node().to_string(),
+                    phase: match v.phase {
+                        Phase::Succeeded => "Completed".to_string(),
+                        other => other.as_str().to_string(),
+                    },
+                    snapshot: v.snapshot.clone(),
+                    bytes_read: v.bytes_read,
+                    bytes_added: v.bytes_added,
+                    duration_secs: v.duration_secs,
+                    error: v.error.clone(),
+                })
+                .collect(),
+            errors,
+        };
+        let share = self.share_repo().await;
+        let work = self.on_repo(share, move |repo| repo.save_set_part(&part));
+        if let Err(e) = joined(work.await) {
+            warn!(error = %e, set, "could not record the backup set");
+        }
     }
 
     /// Up to `retry.volumeRetries` more passes over the volumes that

@@ -165,6 +165,7 @@ impl Agent {
             error: Some(msg.to_string()),
             bytes_read: 0,
             bytes_added: 0,
+            duration_secs: 0.0,
         }
     }
 
@@ -334,6 +335,7 @@ impl Agent {
                     error: (!ok).then(|| msg.clone()),
                     bytes_read: s.bytes_read,
                     bytes_added: s.bytes_added,
+                    duration_secs: duration,
                 }
             }
             Err(e) => {
@@ -362,6 +364,7 @@ impl Agent {
                     error: Some(msg),
                     bytes_read: 0,
                     bytes_added: 0,
+                    duration_secs: duration,
                 }
             }
         }

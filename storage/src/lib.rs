@@ -39,6 +39,7 @@ pub use format::{blob, pack};
 
 pub use backend::FileKind;
 pub use error::{Error, Result};
+pub use format::backup_set::{SetPart, SetVolume};
 pub use format::blob::BlobType;
 pub use format::crypto::{KeyFile, Keys};
 pub use format::id::Id;
@@ -58,6 +59,7 @@ pub use ops::forget::{
 };
 pub use ops::maintain::{maintain, peak_rss_kib, MaintainOptions, MaintainReport};
 pub use ops::restore::{restore, Overwrite, RestoreOptions, RestoreProgress, RestoreSummary};
+pub use ops::sets::{sets, BackupSet, REPORT_DEADLINE};
 pub use ops::stats::{stats, StatsReport};
 pub use ops::verify::{verify, SourceVerdict, VerifyOptions, VerifyReport};
 pub use repo::coordination::lease::{LeaseInfo, LeaseKind};

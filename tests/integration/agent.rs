@@ -1679,3 +1679,66 @@ async fn an_unreachable_secondary_fails_its_copy_not_the_backups() {
         .iter()
         .any(|e| e["reason"] == "SecondaryCopyFailed" && e["type"] == "Warning"));
 }
+
+fn agent_pod(node: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("marmoset-agent-{node}"), "namespace": AGENT_NS,
+                     "uid": format!("uid-agent-{node}"),
+                     "labels": {"app.kubernetes.io/name": "marmoset"}},
+        "spec": {"nodeName": node, "containers": [{"name": "agent", "image": "marmoset"}]},
+        "status": {"phase": "Running"}
+    })
+}
+
+/// Agents on two nodes report into one backup set; a third node's agent
+/// that never reports leaves it in progress, then PartiallyFailed once
+/// the deadline has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_on_several_nodes_make_one_backup_set() {
+    let w = world().await;
+    fill(&w.host().join("var/lib/rancher/k3s/storage/pvc-r"), 13, 4);
+    w.api.with(|s| {
+        for n in [NODE, "node-b", "node-c"] {
+            s.add(agent_pod(n));
+        }
+    });
+    let a = w.agent(NODE, "");
+    let b = w.agent("node-b", "");
+    let sched = a.schedule("daily").unwrap().clone();
+    let fire = chrono::DateTime::parse_from_rfc3339("2026-02-08T02:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let ra = a.run_schedule(&sched, fire).await.unwrap();
+    let rb = b.run_schedule(&sched, fire).await.unwrap();
+    assert_eq!(ra.set, "daily-20260208020000");
+    assert_eq!(rb.set, ra.set);
+
+    let now = chrono::Utc::now();
+    let (sets, bad) = marmoset_storage::sets(&w.repo, now).unwrap();
+    assert!(bad.is_empty());
+    assert_eq!(sets.len(), 1, "{sets:#?}");
+    let set = &sets[0];
+    assert_eq!(set.name, "daily-20260208020000");
+    assert_eq!(set.schedule, "daily");
+    assert_eq!(set.nodes, [NODE, "node-b"]);
+    assert_eq!(set.missing_nodes, ["node-c"]);
+    assert_eq!(set.phase, "InProgress");
+    assert_eq!(set.volumes.len(), ra.volumes.len() + rb.volumes.len());
+    let redis = set
+        .volumes
+        .iter()
+        .find(|v| v.pvc == "redis-pvc")
+        .expect("node-b's volume");
+    assert_eq!(redis.node, "node-b");
+    assert_eq!(redis.phase, "Completed", "{redis:?}");
+    assert!(redis.snapshot.is_some() && redis.bytes_read > 0);
+
+    let (later, _) =
+        marmoset_storage::sets(&w.repo, now + marmoset_storage::REPORT_DEADLINE).unwrap();
+    assert_eq!(later[0].phase, "PartiallyFailed");
+    assert!(later[0]
+        .errors
+        .iter()
+        .any(|e| e.contains("node node-c did not report")));
+}

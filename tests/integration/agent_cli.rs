@@ -286,3 +286,69 @@ async fn sigterm_thaws_the_frozen_pod_before_the_process_exits() {
         }
     }
 }
+
+/// `marmoset sets` lists the agent's backup sets and `sets describe` shows
+/// one volume by volume, from the parts the nodes recorded.
+#[test]
+fn sets_lists_and_describes_backup_sets() {
+    use marmoset_storage::{SetPart, SetVolume};
+    let env = Env::new();
+    env.init();
+    let repo = env.open();
+    let at = chrono::DateTime::parse_from_rfc3339("2026-02-08T02:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let volume = |pvc: &str, phase: &str, error: Option<&str>| SetVolume {
+        namespace: "default".into(),
+        pvc: pvc.into(),
+        pv: format!("pv-{pvc}"),
+        node: String::new(),
+        phase: phase.into(),
+        snapshot: (phase == "Completed").then(|| "ab".repeat(32)),
+        bytes_read: 1 << 20,
+        bytes_added: 1 << 10,
+        duration_secs: 2.5,
+        error: error.map(str::to_string),
+    };
+    for (node, vols) in [
+        ("node-a", vec![volume("pg", "Completed", None)]),
+        (
+            "node-b",
+            vec![volume("mongo", "Failed", Some("disk read error"))],
+        ),
+    ] {
+        repo.save_set_part(&SetPart {
+            version: 1,
+            set: "daily-20260208020000".into(),
+            schedule: "daily".into(),
+            node: node.into(),
+            started: at,
+            finished: at + chrono::Duration::minutes(5),
+            nodes_expected: vec!["node-a".into(), "node-b".into()],
+            volumes: vols,
+            errors: Vec::new(),
+        })
+        .unwrap();
+    }
+    drop(repo);
+    let list = env.json(&["sets"]);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["name"], "daily-20260208020000");
+    assert_eq!(list[0]["phase"], "PartiallyFailed");
+    let text = String::from_utf8_lossy(&env.ok(&["sets"]).stdout).into_owned();
+    assert!(text.contains("daily-20260208020000") && text.contains("PartiallyFailed"));
+    let out = env.ok(&["sets", "describe", "daily-20260208020000"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("default/mongo") && text.contains("node-b"),
+        "{text}"
+    );
+    assert!(text.contains("disk read error"), "{text}");
+    let out = env
+        .cmd()
+        .args(["sets", "describe", "weekly-nope"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no backup set named"));
+}

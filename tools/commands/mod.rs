@@ -22,6 +22,7 @@ mod maintain;
 mod mount;
 mod repair;
 mod restore;
+mod sets;
 mod snapshots;
 mod stats;
 mod verify;
@@ -43,6 +44,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Cat(a) => cat::run(g, a),
         Command::Stats(a) => stats::run(g, a),
         Command::Copy(a) => copy::run(g, a),
+        Command::Sets { command } => sets::run(g, command),
         Command::Forget(a) => forget::run(g, a),
         Command::Maintain(a) => maintain::run(g, a),
         Command::Check(a) => check::run(g, a),

@@ -4,6 +4,7 @@
 //! backend, no repository handle, no I/O. `docs/FORMAT.md` documents every
 //! byte here; change both together.
 
+pub mod backup_set;
 pub mod blob;
 pub mod config;
 pub mod crypto;

@@ -14,10 +14,12 @@ pub enum FileKind {
     Lock,
     /// Deferred deletions of maintenance (two-phase garbage collection).
     Plan,
+    /// Backup sets: one node's part of a scheduled run.
+    Set,
 }
 
 impl FileKind {
-    pub const ALL: [FileKind; 7] = [
+    pub const ALL: [FileKind; 8] = [
         FileKind::Config,
         FileKind::Key,
         FileKind::Pack,
@@ -25,6 +27,7 @@ impl FileKind {
         FileKind::Snapshot,
         FileKind::Lock,
         FileKind::Plan,
+        FileKind::Set,
     ];
 
     /// Folder of this kind under the repository root (`None` for the config).
@@ -37,6 +40,7 @@ impl FileKind {
             FileKind::Snapshot => Some("snapshots"),
             FileKind::Lock => Some("locks"),
             FileKind::Plan => Some("plans"),
+            FileKind::Set => Some("sets"),
         }
     }
 }
@@ -51,6 +55,7 @@ impl fmt::Display for FileKind {
             FileKind::Snapshot => "snapshot",
             FileKind::Lock => "lock",
             FileKind::Plan => "plan",
+            FileKind::Set => "set",
         })
     }
 }

@@ -11,5 +11,6 @@ pub mod copy;
 pub mod forget;
 pub mod maintain;
 pub mod restore;
+pub mod sets;
 pub mod stats;
 pub mod verify;

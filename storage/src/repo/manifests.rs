@@ -8,10 +8,14 @@ use tracing::{debug, warn};
 use super::{Repository, SnapshotList};
 use crate::backend::{Backend, FileKind};
 use crate::error::{Error, Result};
+use crate::format::backup_set::SetPart;
 use crate::format::crypto::{KeyFile, Keys};
 use crate::format::id::Id;
 use crate::format::snapshot::Snapshot;
 use crate::format::Config;
+
+/// Readable set parts (file name, part) and the unreadable ones with why.
+pub type SetPartList = (Vec<(String, SetPart)>, Vec<(String, Error)>);
 
 /// Summary of one key file for `key list`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -54,6 +58,30 @@ impl Repository {
             }
         }
         ok.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
+        Ok((ok, bad))
+    }
+
+    /// Records one node's part of a backup set.
+    pub fn save_set_part(&self, part: &SetPart) -> Result<String> {
+        let json = serde_json::to_vec(part).map_err(|e| Error::corrupt("set", e.to_string()))?;
+        self.save_file(FileKind::Set, "set", &json)
+    }
+
+    /// Every readable part of every backup set (with its file name), and
+    /// the unreadable ones with why.
+    pub fn set_parts(&self) -> Result<SetPartList> {
+        let mut ok = Vec::new();
+        let mut bad = Vec::new();
+        for name in self.backend.list_names(FileKind::Set)? {
+            let part = self.load_file(FileKind::Set, &name).and_then(|plain| {
+                serde_json::from_slice::<SetPart>(&plain)
+                    .map_err(|e| Error::corrupt(format!("set {name}"), e.to_string()))
+            });
+            match part {
+                Ok(p) => ok.push((name, p)),
+                Err(e) => bad.push((name, e)),
+            }
+        }
         Ok((ok, bad))
     }
 

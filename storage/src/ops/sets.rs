@@ -1,0 +1,208 @@
+//! Backup sets as users see them (`marmoset sets`, like `velero backup
+//! get`): the parts the nodes' agents recorded for one run, assembled. The
+//! newest part of each node counts; a node that the parts expected but
+//! that never reported makes the set `PartiallyFailed` once the set is
+//! older than [`REPORT_DEADLINE`] (before that it is `InProgress`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::format::backup_set::{SetPart, SetVolume};
+use crate::repo::Repository;
+
+/// How long after a set's last report a node that has not reported is
+/// taken for failed rather than still running.
+pub const REPORT_DEADLINE: chrono::Duration = chrono::Duration::hours(6);
+
+/// One backup set, assembled from its nodes' parts.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupSet {
+    pub name: String,
+    pub schedule: String,
+    /// `Completed`, `PartiallyFailed`, `Failed` or `InProgress`.
+    pub phase: String,
+    pub started: DateTime<Utc>,
+    pub finished: DateTime<Utc>,
+    /// Nodes that reported.
+    pub nodes: Vec<String>,
+    /// Nodes expected that did not report.
+    pub missing_nodes: Vec<String>,
+    pub volumes: Vec<SetVolume>,
+    /// Why the set is not `Completed` (per node and per volume).
+    pub errors: Vec<String>,
+    pub bytes_read: u64,
+    pub bytes_added: u64,
+}
+
+/// Every backup set of the repository, oldest first, as of `now`; set
+/// parts that cannot be read are returned by name with why.
+pub fn sets(repo: &Repository, now: DateTime<Utc>) -> Result<(Vec<BackupSet>, Vec<String>)> {
+    let (parts, bad) = repo.set_parts()?;
+    let bad = bad
+        .into_iter()
+        .map(|(n, e)| format!("set {n}: {e}"))
+        .collect();
+    Ok((assemble(parts.into_iter().map(|(_, p)| p), now), bad))
+}
+
+/// Groups parts by set, keeping each node's newest part.
+pub fn assemble(parts: impl IntoIterator<Item = SetPart>, now: DateTime<Utc>) -> Vec<BackupSet> {
+    let mut by_set: BTreeMap<String, BTreeMap<String, SetPart>> = BTreeMap::new();
+    for p in parts {
+        let nodes = by_set.entry(p.set.clone()).or_default();
+        match nodes.get(&p.node) {
+            Some(have) if have.finished >= p.finished => {}
+            _ => {
+                nodes.insert(p.node.clone(), p);
+            }
+        }
+    }
+    let mut out: Vec<BackupSet> = by_set
+        .into_iter()
+        .map(|(name, nodes)| one_set(name, nodes, now))
+        .collect();
+    out.sort_by(|a, b| a.started.cmp(&b.started).then(a.name.cmp(&b.name)));
+    out
+}
+
+fn one_set(name: String, nodes: BTreeMap<String, SetPart>, now: DateTime<Utc>) -> BackupSet {
+    let expected: BTreeSet<String> = nodes
+        .values()
+        .flat_map(|p| p.nodes_expected.iter().cloned())
+        .collect();
+    let missing: Vec<String> = expected
+        .into_iter()
+        .filter(|n| !nodes.contains_key(n))
+        .collect();
+    let parts: Vec<&SetPart> = nodes.values().collect();
+    let started = parts.iter().map(|p| p.started).min().unwrap_or(now);
+    let finished = parts.iter().map(|p| p.finished).max().unwrap_or(now);
+    let mut volumes = Vec::new();
+    let mut errors = Vec::new();
+    for p in &parts {
+        for e in &p.errors {
+            errors.push(format!("node {}: {e}", p.node));
+        }
+        for v in &p.volumes {
+            let mut v = v.clone();
+            if v.node.is_empty() {
+                v.node = p.node.clone();
+            }
+            if v.phase != "Completed" {
+                errors.push(format!(
+                    "{}/{} on {}: {} {}",
+                    v.namespace,
+                    v.pvc,
+                    v.node,
+                    v.phase,
+                    v.error.as_deref().unwrap_or("")
+                ));
+            }
+            volumes.push(v);
+        }
+    }
+    volumes.sort_by(|a, b| (&a.namespace, &a.pvc).cmp(&(&b.namespace, &b.pvc)));
+    let waiting = !missing.is_empty() && now - finished < REPORT_DEADLINE;
+    for n in &missing {
+        if !waiting {
+            errors.push(format!("node {n} did not report"));
+        }
+    }
+    let good = volumes.iter().filter(|v| v.phase == "Completed").count();
+    let phase = if waiting {
+        "InProgress"
+    } else if errors.is_empty() {
+        "Completed"
+    } else if good == 0 && !volumes.is_empty() {
+        "Failed"
+    } else {
+        "PartiallyFailed"
+    };
+    BackupSet {
+        schedule: parts
+            .first()
+            .map(|p| p.schedule.clone())
+            .unwrap_or_default(),
+        phase: phase.to_string(),
+        started,
+        finished,
+        nodes: nodes.keys().cloned().collect(),
+        missing_nodes: missing,
+        bytes_read: volumes.iter().map(|v| v.bytes_read).sum(),
+        bytes_added: volumes.iter().map(|v| v.bytes_added).sum(),
+        volumes,
+        errors,
+        name,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(node: &str, at: i64, expected: &[&str], phases: &[&str]) -> SetPart {
+        let t = DateTime::from_timestamp(at, 0).unwrap_or_default();
+        SetPart {
+            version: 1,
+            set: "daily-20260208020000".into(),
+            schedule: "daily".into(),
+            node: node.into(),
+            started: t,
+            finished: t,
+            nodes_expected: expected.iter().map(|s| s.to_string()).collect(),
+            volumes: phases
+                .iter()
+                .enumerate()
+                .map(|(i, ph)| SetVolume {
+                    namespace: "default".into(),
+                    pvc: format!("{node}-pvc{i}"),
+                    pv: String::new(),
+                    node: String::new(),
+                    phase: ph.to_string(),
+                    snapshot: None,
+                    bytes_read: 10,
+                    bytes_added: 1,
+                    duration_secs: 1.0,
+                    error: None,
+                })
+                .collect(),
+            errors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn nodes_join_one_set_and_a_silent_node_fails_it_after_the_deadline() {
+        let ab = ["a", "b"];
+        let now = DateTime::from_timestamp(1000, 0).unwrap_or_default();
+        let s = assemble([part("a", 900, &ab, &["Completed"])], now);
+        assert_eq!(s[0].phase, "InProgress");
+        let s = assemble(
+            [
+                part("a", 900, &ab, &["Completed"]),
+                part("b", 950, &ab, &["Completed", "Completed"]),
+            ],
+            now,
+        );
+        assert_eq!((s.len(), s[0].phase.as_str()), (1, "Completed"));
+        assert_eq!(s[0].volumes.len(), 3);
+        assert_eq!(s[0].bytes_read, 30);
+        let later = now + REPORT_DEADLINE;
+        let s = assemble([part("a", 900, &ab, &["Completed"])], later);
+        assert_eq!(s[0].phase, "PartiallyFailed");
+        assert_eq!(s[0].missing_nodes, ["b"]);
+        // A retry on a node replaces its earlier part.
+        let s = assemble(
+            [
+                part("a", 900, &["a"], &["Failed"]),
+                part("a", 990, &["a"], &["Completed"]),
+            ],
+            now,
+        );
+        assert_eq!(s[0].phase, "Completed");
+        let s = assemble([part("a", 900, &["a"], &["Failed", "Failed"])], now);
+        assert_eq!(s[0].phase, "Failed");
+    }
+}
