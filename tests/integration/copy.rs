@@ -486,6 +486,36 @@ fn latest_follows_the_filters_dry_runs_write_nothing_and_unreadable_snapshots_fa
     );
     assert_eq!(v["unreadable"].as_array().unwrap().len(), 1, "{v}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("unreadable"));
+
+    // `latest` cannot vouch for being the newest: it fails too.
+    let t2 = Target {
+        repo: env.path("target2").to_str().unwrap().to_string(),
+        pwfile: t.pwfile.clone(),
+    };
+    t2.ok(&env, &["init"]);
+    let out = t2.run(&env, &["--json", "copy", "latest"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["unreadable"].as_array().unwrap().len(), 1, "{v}");
+    // A damaged snapshot named by id fails alone; the other named one is
+    // copied.
+    let out = t2.run(
+        &env,
+        &[
+            "--json",
+            "copy",
+            tagged["snapshot"].as_str().unwrap(),
+            newest["snapshot"].as_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["unreadable"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(
+        v["copied"].as_array().unwrap().len() + v["skipped"].as_array().unwrap().len(),
+        1,
+        "{v}"
+    );
 }
 
 /// Two copies of the same snapshot at once: one snapshot in the target,
@@ -509,6 +539,8 @@ fn concurrent_copies_of_one_snapshot_write_it_once() {
             .unwrap()
     };
     let (one, two) = (spawn("cache-1"), spawn("cache-2"));
+    // (Both may pass the check for an existing copy at the same moment:
+    // then the later-sorting snapshot is withdrawn.)
     let mut copied = 0;
     let mut skipped = 0;
     for child in [one, two] {

@@ -6,7 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use marmoset_storage::{CopyOptions, CopyReport, Id, Progress, Repository, Snapshot};
+use marmoset_storage::{
+    CopyOptions, CopyReport, Error as StorageError, Id, Progress, Repository, Snapshot,
+};
 use serde_json::json;
 
 use crate::cli::{CopyArgs, Global};
@@ -83,16 +85,28 @@ fn select(src: &Repository, a: &CopyArgs) -> Result<(Vec<Chosen>, Vec<Unreadable
         let chosen = all.into_iter().filter(|(_, s)| wanted(s)).collect();
         return Ok((chosen, unreadable));
     }
-    let mut chosen: Vec<(Id, Snapshot)> = Vec::new();
+    let mut chosen: Vec<Chosen> = Vec::new();
+    let mut failed: Vec<Unreadable> = Vec::new();
     for spec in &a.snapshots {
         let found = if spec == "latest" {
+            // An unreadable snapshot may be newer than the one found: the
+            // run reports them and fails, rather than pass for up to date.
+            failed.extend(unreadable.iter().cloned());
             // Snapshots are listed oldest first.
             match all.iter().rev().find(|(_, s)| wanted(s)) {
                 Some(f) => f.clone(),
                 None => bail!("no snapshot of the source repository matches the filters"),
             }
         } else {
-            let found = src.resolve_snapshot(spec)?;
+            let found = match src.resolve_snapshot(spec) {
+                Ok(f) => f,
+                // A damaged snapshot named by id fails alone.
+                Err(e @ (StorageError::Corrupt { .. } | StorageError::Decrypt { .. })) => {
+                    failed.push((spec.clone(), e.to_string()));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             if !wanted(&found.1) {
                 bail!("source snapshot {spec} does not match the filters");
             }
@@ -102,8 +116,9 @@ fn select(src: &Repository, a: &CopyArgs) -> Result<(Vec<Chosen>, Vec<Unreadable
             chosen.push(found);
         }
     }
-    // Named snapshots are copied whatever the state of the others.
-    Ok((chosen, Vec::new()))
+    failed.sort();
+    failed.dedup();
+    Ok((chosen, failed))
 }
 
 fn progress_line(p: Arc<Progress>) -> impl Fn() -> String + Send + 'static {

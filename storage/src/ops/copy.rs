@@ -46,6 +46,9 @@ use crate::repo::Repository;
 /// Source blobs looked up and read per round: bounds the memory of the
 /// list of blobs to read, whatever the size of the snapshot.
 const BATCH_BLOBS: usize = 16_384;
+/// How long a copy whose snapshot has the smallest id among simultaneous
+/// copies of one snapshot waits for the others to withdraw theirs.
+const CONFLICT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Longest coalesced read from the source.
 const MAX_READ: u64 = 16 << 20;
 
@@ -392,15 +395,42 @@ impl Engine<'_> {
             saver.flush_index()?;
             return Ok(Outcome::There(*there));
         }
-        commit_snapshot(
+        let id = commit_snapshot(
             dst,
             &saver,
             &start.session,
             &root_parts,
             &start.index_at_start,
             &copy,
-        )
-        .map(Outcome::New)
+        )?;
+        // Copies that passed the check above at about the same moment
+        // each wrote a snapshot. One that sees another with a smaller id
+        // withdraws its own. One with the smallest id waits a moment:
+        // those that saw it have withdrawn theirs by then, and one still
+        // there finished its check before this snapshot existed and keeps
+        // its own, so this one goes. (What a withdrawn copy stored is left
+        // to maintenance.)
+        let others = || -> Result<Vec<Id>> {
+            let (now, _) = dst.snapshots()?;
+            Ok(now
+                .iter()
+                .filter(|(i, s)| s.original.unwrap_or(*i) == original && *i != id)
+                .map(|(i, _)| *i)
+                .collect())
+        };
+        let mut seen = others()?;
+        if seen.iter().all(|o| *o > id) && !seen.is_empty() {
+            std::thread::sleep(CONFLICT_WAIT);
+            seen = others()?;
+        }
+        match seen.iter().min() {
+            None => Ok(Outcome::New(id)),
+            Some(first) => {
+                dst.backend()
+                    .remove(crate::backend::FileKind::Snapshot, &id.to_hex())?;
+                Ok(Outcome::There(*first))
+            }
+        }
     }
 
     /// Walks the snapshot's trees and copies every data blob the target
@@ -551,7 +581,6 @@ impl Engine<'_> {
                 ),
                 other => other,
             })?;
-        let mut pairs = Vec::with_capacity(range.items.len());
         let mut bytes = 0;
         for (offset, length, (id, loc)) in &range.items {
             let raw = range.slice(&buf, *offset, *length).ok_or_else(|| {
@@ -567,15 +596,18 @@ impl Engine<'_> {
             )
             .map_err(|e| e.in_pack(pack))?;
             let target = dst.keys().content_id(&opened.plain);
+            // Recorded blob by blob, before the blob is stored: a range can
+            // hold many packs' worth of blobs, and a copy killed in the
+            // middle of one must still know what it stored (a remembered
+            // id is used only once the target's index holds it).
+            dst.index().put_copies(&[(self.map_key(id), target.0)])?;
             if saver.claim(&target)? {
                 saver.add_encoded(self.encode(saver, target, &opened)?)?;
             }
             let n = opened.plain.len() as u64;
             bytes += n;
             self.progress.bytes_read.fetch_add(n, Ordering::Relaxed);
-            pairs.push((self.map_key(id), target.0));
         }
-        dst.index().put_copies(&pairs)?;
         Ok((range.items.len() as u64, bytes))
     }
 
