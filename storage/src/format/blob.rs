@@ -51,15 +51,27 @@ pub fn encode(
     plaintext: &[u8],
     level: i32,
 ) -> Result<EncodedBlob> {
-    let raw_length = u32::try_from(plaintext.len())
-        .map_err(|_| Error::InvalidArgument("blob larger than 4 GiB".into()))?;
     let compressed = if level > 0 && looks_compressible(plaintext) {
         compress(plaintext, level).filter(|c| c.len() < plaintext.len())
     } else {
         None
     };
-    let (flags, body) = match &compressed {
-        Some(c) => (FLAG_ZSTD, c.as_slice()),
+    seal(keys, kind, id, plaintext, compressed.as_deref())
+}
+
+/// Encrypts a blob's stored body: `compressed` when given (flagged zstd),
+/// else the plaintext itself.
+fn seal(
+    keys: &Keys,
+    kind: BlobType,
+    id: Id,
+    plaintext: &[u8],
+    compressed: Option<&[u8]>,
+) -> Result<EncodedBlob> {
+    let raw_length = u32::try_from(plaintext.len())
+        .map_err(|_| Error::InvalidArgument("blob larger than 4 GiB".into()))?;
+    let (flags, body) = match compressed {
+        Some(c) => (FLAG_ZSTD, c),
         None => (0, plaintext),
     };
     Ok(EncodedBlob {
@@ -135,12 +147,7 @@ pub fn decode(
     data: &[u8],
 ) -> Result<Vec<u8>> {
     let plain = decode_authenticated(keys, kind, id, flags, raw_length, data)?;
-    if keys.content_id(&plain) != *id {
-        return Err(Error::corrupt(
-            format!("blob {id}"),
-            "content does not match its id",
-        ));
-    }
+    verify_id(keys, id, &plain)?;
     Ok(plain)
 }
 
@@ -157,18 +164,43 @@ pub fn decode_authenticated(
     raw_length: u32,
     data: &[u8],
 ) -> Result<Vec<u8>> {
+    open(keys, kind, id, flags, raw_length, data).map(|o| o.plain)
+}
+
+/// The one place a blob's stored bytes are decrypted and decompressed:
+/// authenticated by the AEAD tag, length checked, compressed body kept.
+fn open(
+    keys: &Keys,
+    kind: BlobType,
+    id: &Id,
+    flags: u8,
+    raw_length: u32,
+    data: &[u8],
+) -> Result<Opened> {
     let what = || format!("blob {id}");
     let body = keys.decrypt(data, &blob_aad(kind as u8, id), what)?;
-    let plain = if flags & FLAG_ZSTD != 0 {
-        decompress(&body, raw_length as usize)
-            .map_err(|e| Error::corrupt(what(), format!("zstd: {e}")))?
+    let (plain, compressed) = if flags & FLAG_ZSTD != 0 {
+        let plain = decompress(&body, raw_length as usize)
+            .map_err(|e| Error::corrupt(what(), format!("zstd: {e}")))?;
+        (plain, Some(body))
     } else {
-        body
+        (body, None)
     };
     if plain.len() != raw_length as usize {
         return Err(Error::corrupt(what(), "length differs from the index"));
     }
-    Ok(plain)
+    Ok(Opened { plain, compressed })
+}
+
+/// Fails unless `plain` hashes to `id` under `keys`.
+fn verify_id(keys: &Keys, id: &Id, plain: &[u8]) -> Result<()> {
+    if keys.content_id(plain) != *id {
+        return Err(Error::corrupt(
+            format!("blob {id}"),
+            "content does not match its id",
+        ));
+    }
+    Ok(())
 }
 
 /// A blob opened for re-encryption under other keys (`marmoset copy`):
@@ -189,41 +221,16 @@ pub fn open_for_copy(
     raw_length: u32,
     data: &[u8],
 ) -> Result<Opened> {
-    let what = || format!("blob {id}");
-    let body = keys.decrypt(data, &blob_aad(kind as u8, id), what)?;
-    let (plain, compressed) = if flags & FLAG_ZSTD != 0 {
-        let plain = decompress(&body, raw_length as usize)
-            .map_err(|e| Error::corrupt(what(), format!("zstd: {e}")))?;
-        (plain, Some(body))
-    } else {
-        (body, None)
-    };
-    if plain.len() != raw_length as usize {
-        return Err(Error::corrupt(what(), "length differs from the index"));
-    }
-    if keys.content_id(&plain) != *id {
-        return Err(Error::corrupt(what(), "content does not match its id"));
-    }
-    Ok(Opened { plain, compressed })
+    let opened = open(keys, kind, id, flags, raw_length, data)?;
+    verify_id(keys, id, &opened.plain)?;
+    Ok(opened)
 }
 
 /// Encrypts an [`Opened`] blob under `keys` as `id`, keeping the source's
 /// compression: its zstd body as it is, or its plaintext uncompressed (it
 /// did not shrink there).
 pub fn encode_opened(keys: &Keys, kind: BlobType, id: Id, blob: &Opened) -> Result<EncodedBlob> {
-    let raw_length = u32::try_from(blob.plain.len())
-        .map_err(|_| Error::InvalidArgument("blob larger than 4 GiB".into()))?;
-    let (flags, body) = match &blob.compressed {
-        Some(c) => (FLAG_ZSTD, c.as_slice()),
-        None => (0, blob.plain.as_slice()),
-    };
-    Ok(EncodedBlob {
-        kind,
-        id,
-        flags,
-        raw_length,
-        ciphertext: keys.encrypt(body, &blob_aad(kind as u8, &id)),
-    })
+    seal(keys, kind, id, &blob.plain, blob.compressed.as_deref())
 }
 
 #[cfg(test)]
