@@ -162,13 +162,14 @@ pub fn copy(
     for (id, s) in existing {
         copies.insert(s.original.unwrap_or(*id), *id);
     }
-    let mut engine = Engine {
+    let engine = Engine {
         src,
         dst,
         threads,
         progress,
-        seen: HashSet::new(),
     };
+    // Dry run: source blobs already counted.
+    let mut seen = HashSet::new();
     for (id, snap) in snaps {
         let original = snap.original.unwrap_or(id);
         let mut entry = CopiedSnapshot {
@@ -186,7 +187,7 @@ pub fn copy(
             continue;
         }
         let result = match &start {
-            None => engine.scan(&snap, &mut report).map(|()| None),
+            None => engine.scan(&snap, &mut seen, &mut report).map(|()| None),
             Some(start) => engine
                 .copy_one(start, &snap, original, &copies, &mut report)
                 .map(Some),
@@ -239,8 +240,6 @@ struct Engine<'a> {
     dst: &'a Repository,
     threads: usize,
     progress: &'a Progress,
-    /// Dry run: source blobs already counted.
-    seen: HashSet<Id>,
 }
 
 impl Engine<'_> {
@@ -258,11 +257,11 @@ impl Engine<'_> {
         Ok(self.dst.index().get_copy(&self.map_key(id))?.map(Id))
     }
 
-    /// Dry run: counts the data blobs of `snap` that a copy would read.
-    fn scan(&mut self, snap: &Snapshot, report: &mut CopyReport) -> Result<()> {
-        let roots = snap.root_parts().into_iter().map(|id| (id, ())).collect();
+    /// Calls `f` with every data blob id of `snap`'s files, each tree read
+    /// once (chunk lists resolved).
+    fn for_each_chunk(&self, snap: &Snapshot, mut f: impl FnMut(Id) -> Result<()>) -> Result<()> {
         let src = self.src;
-        let mut wanted = Vec::new();
+        let roots = snap.root_parts().into_iter().map(|id| (id, ())).collect();
         Walker::new(src).dedup(true).run(roots, |listing| {
             let tree = listing.tree?;
             let mut next = Vec::new();
@@ -271,27 +270,36 @@ impl Engine<'_> {
                     NodeKind::Dir => next.extend(node.subtree.iter().map(|p| (*p, ()))),
                     NodeKind::File => {
                         for c in src.file_chunks(node)? {
-                            if !self.seen.contains(&c) {
-                                let known = match self.mapped(&c)? {
-                                    Some(t) => self.dst.index().contains_blob(&t.0)?,
-                                    None => false,
-                                };
-                                self.seen.insert(c);
-                                if known {
-                                    report.data_blobs_known += 1;
-                                } else {
-                                    wanted.push(c);
-                                }
-                            }
+                            f(c)?;
                         }
                     }
                     _ => {}
                 }
             }
             Ok(next)
+        })
+    }
+
+    /// Dry run: counts the data blobs of `snap` that a copy would read.
+    /// `seen`: the source blobs already counted (for earlier snapshots).
+    fn scan(&self, snap: &Snapshot, seen: &mut HashSet<Id>, report: &mut CopyReport) -> Result<()> {
+        let mut wanted = Vec::new();
+        self.for_each_chunk(snap, |c| {
+            if seen.insert(c) {
+                let known = match self.mapped(&c)? {
+                    Some(t) => self.dst.index().contains_blob(&t.0)?,
+                    None => false,
+                };
+                if known {
+                    report.data_blobs_known += 1;
+                } else {
+                    wanted.push(c);
+                }
+            }
+            Ok(())
         })?;
         for id in wanted {
-            let loc = src.blob_location(&id)?;
+            let loc = self.src.blob_location(&id)?;
             report.data_blobs_read += 1;
             report.bytes_read += u64::from(loc.raw_length);
         }
@@ -302,7 +310,7 @@ impl Engine<'_> {
     /// manifest, through one saver whose packs are all durable and indexed
     /// before the snapshot is written.
     fn copy_one(
-        &mut self,
+        &self,
         start: &WriteStart,
         snap: &Snapshot,
         original: Id,
@@ -441,38 +449,24 @@ impl Engine<'_> {
         snap: &Snapshot,
         report: &mut CopyReport,
     ) -> Result<()> {
-        let src = self.src;
-        let roots = snap.root_parts().into_iter().map(|id| (id, ())).collect();
         let mut batch: Vec<Id> = Vec::new();
         let mut in_batch: HashSet<Id> = HashSet::new();
-        Walker::new(src).dedup(true).run(roots, |listing| {
-            let tree = listing.tree?;
-            let mut next = Vec::new();
-            for node in &tree.nodes {
-                match node.kind {
-                    NodeKind::Dir => next.extend(node.subtree.iter().map(|p| (*p, ()))),
-                    NodeKind::File => {
-                        for c in src.file_chunks(node)? {
-                            if in_batch.contains(&c) {
-                                continue;
-                            }
-                            if self.held(saver, &c)? {
-                                report.data_blobs_known += 1;
-                                continue;
-                            }
-                            in_batch.insert(c);
-                            batch.push(c);
-                        }
-                        if batch.len() >= BATCH_BLOBS {
-                            self.transfer(saver, &batch, report)?;
-                            batch.clear();
-                            in_batch.clear();
-                        }
-                    }
-                    _ => {}
-                }
+        self.for_each_chunk(snap, |c| {
+            if in_batch.contains(&c) {
+                return Ok(());
             }
-            Ok(next)
+            if self.held(saver, &c)? {
+                report.data_blobs_known += 1;
+                return Ok(());
+            }
+            in_batch.insert(c);
+            batch.push(c);
+            if batch.len() >= BATCH_BLOBS {
+                self.transfer(saver, &batch, report)?;
+                batch.clear();
+                in_batch.clear();
+            }
+            Ok(())
         })?;
         self.transfer(saver, &batch, report)
     }
