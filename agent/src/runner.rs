@@ -575,10 +575,10 @@ impl Agent {
         }
     }
 
-    /// Forgets this node's snapshots of `sched` older than its keep span.
-    /// The newest snapshot of every volume is always kept, so a volume
-    /// whose backups keep failing still has its last good copy.
-    async fn apply_retention(&self, sched: &Schedule) -> Result<u64> {
+    /// The retention of `sched` on this node: its keep span, the newest
+    /// snapshot of every volume kept, over this node's snapshots of the
+    /// schedule (the same in the primary and the secondary repository).
+    pub(crate) fn retention(&self, sched: &Schedule) -> (RetentionPolicy, SnapshotFilter) {
         let policy = RetentionPolicy {
             ttl: Some(sched.keep),
             keep_last: Some(1),
@@ -588,6 +588,14 @@ impl Agent {
             sources: Vec::new(),
             tags: vec![sched.tag(), format!("node={}", self.node())],
         };
+        (policy, filter)
+    }
+
+    /// Forgets this node's snapshots of `sched` older than its keep span.
+    /// The newest snapshot of every volume is always kept, so a volume
+    /// whose backups keep failing still has its last good copy.
+    async fn apply_retention(&self, sched: &Schedule) -> Result<u64> {
+        let (policy, filter) = self.retention(sched);
         let share = self.share_repo().await;
         let work = self.on_repo(share, move |repo| {
             marmoset_storage::forget(repo, &policy, &filter, GroupBy::Source, false, &Utc)

@@ -15,12 +15,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::Utc;
-use marmoset_storage::{
-    CopyOptions, CopyReport, GroupBy, Progress, Repository, RetentionPolicy, SnapshotFilter,
-};
+use marmoset_storage::{CopyOptions, CopyReport, GroupBy, Progress, Repository};
 use tracing::{info, warn};
 
 use crate::cluster::Subject;
+use crate::discovery::VolumeTarget;
 use crate::runner::{joined, Agent, RunReport};
 use crate::schedule::Schedule;
 
@@ -91,16 +90,8 @@ impl Agent {
                 return self.secondary_failed(sched, report, why).await;
             }
         };
-        let tags = vec![sched.tag(), format!("node={}", self.node())];
-        let policy = RetentionPolicy {
-            ttl: Some(sched.keep),
-            keep_last: Some(1),
-            ..Default::default()
-        };
-        let filter = SnapshotFilter {
-            sources: Vec::new(),
-            tags: tags.clone(),
-        };
+        let (policy, filter) = self.retention(sched);
+        let tags = filter.tags.clone();
         let share = self.share_repo().await;
         let work = self.on_repo(share, move |repo| {
             let (snaps, _) = repo.snapshots()?;
@@ -166,17 +157,8 @@ impl Agent {
     ) -> SecondaryOutcome {
         warn!(schedule = %sched.name, error = %why, "copy to the secondary repository failed");
         for v in report.volumes.iter().filter(|v| v.snapshot.is_some()) {
-            let t = &v.target;
-            self.metrics
-                .secondary_failed(&t.namespace, &t.pvc, &sched.name);
-            self.cluster
-                .event(
-                    Subject::Pvc(t),
-                    true,
-                    "SecondaryCopyFailed",
-                    &format!("copy to the secondary repository failed: {why}"),
-                )
-                .await;
+            let msg = format!("copy to the secondary repository failed: {why}");
+            self.volume_not_copied(sched, &v.target, &msg).await;
         }
         SecondaryOutcome {
             error: Some(why),
@@ -219,17 +201,19 @@ impl Agent {
                     )
                     .await;
             } else if let Some(why) = failed.get(snap) {
-                self.metrics
-                    .secondary_failed(&t.namespace, &t.pvc, &sched.name);
-                self.cluster
-                    .event(
-                        Subject::Pvc(t),
-                        true,
-                        "SecondaryCopyFailed",
-                        &format!("snapshot {snap} not copied to the secondary: {why}"),
-                    )
-                    .await;
+                let msg = format!("snapshot {snap} not copied to the secondary: {why}");
+                self.volume_not_copied(sched, t, &msg).await;
             }
         }
+    }
+
+    /// A volume whose snapshot is not in the secondary: failure counter
+    /// and Warning Event.
+    async fn volume_not_copied(&self, sched: &Schedule, t: &VolumeTarget, msg: &str) {
+        self.metrics
+            .secondary_failed(&t.namespace, &t.pvc, &sched.name);
+        self.cluster
+            .event(Subject::Pvc(t), true, "SecondaryCopyFailed", msg)
+            .await;
     }
 }
