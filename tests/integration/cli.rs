@@ -117,6 +117,19 @@ impl Env {
         out
     }
 
+    /// The pack holding blob `id`, and the blob's offset in it.
+    pub fn locate(&self, id: &str) -> (String, u64) {
+        for p in self.pack_names() {
+            let listing = self.json(&["cat", "pack", &p]);
+            for b in listing[0]["blobs"].as_array().expect("blobs") {
+                if b["id"] == id {
+                    return (p, b["offset"].as_u64().expect("offset"));
+                }
+            }
+        }
+        panic!("blob {id} in no pack");
+    }
+
     pub fn pack_path(&self, name: &str) -> PathBuf {
         self.repo.join("packs").join(&name[..2]).join(name)
     }

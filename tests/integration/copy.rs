@@ -343,7 +343,7 @@ fn a_damaged_source_blob_is_reported_and_not_copied() {
 
     let tree = env.json(&["cat", "tree", &format!("{}:/", first_snapshot(&env))]);
     let chunk = tree[0]["content"][0].as_str().unwrap().to_string();
-    let (pack, offset) = locate(&env, &chunk);
+    let (pack, offset) = env.locate(&chunk);
     let path = env.pack_path(&pack);
     let mut bytes = fs::read(&path).unwrap();
     bytes[offset as usize + 40] ^= 0x55;
@@ -373,18 +373,6 @@ fn first_snapshot(env: &Env) -> String {
         .as_str()
         .unwrap()
         .to_string()
-}
-
-fn locate(env: &Env, chunk: &str) -> (String, u64) {
-    for p in env.pack_names() {
-        let listing = env.json(&["cat", "pack", &p]);
-        for b in listing[0]["blobs"].as_array().unwrap() {
-            if b["id"] == chunk {
-                return (p, b["offset"].as_u64().unwrap());
-            }
-        }
-    }
-    panic!("chunk {chunk} in no pack");
 }
 
 #[test]

@@ -555,19 +555,6 @@ fn verify_checks_age_and_restores_every_byte() {
     );
 }
 
-/// The pack that holds `chunk`, and the chunk's offset in it.
-fn locate(env: &Env, chunk: &str) -> (String, u64) {
-    for p in env.pack_names() {
-        let listing = env.json(&["cat", "pack", &p]);
-        for b in listing[0]["blobs"].as_array().unwrap() {
-            if b["id"] == chunk {
-                return (p, b["offset"].as_u64().unwrap());
-            }
-        }
-    }
-    panic!("chunk {chunk} in no pack");
-}
-
 /// The first chunk of `name` at the top of the latest snapshot.
 fn first_chunk(env: &Env, name: &str) -> String {
     let tree = env.json(&["cat", "tree", "latest:/"]);
@@ -596,7 +583,7 @@ fn a_pack_truncated_in_its_trailer_is_found_and_its_blobs_saved() {
         fs::write(src.join(format!("f{i}")), random_bytes(&mut r, 300_000)).unwrap();
     }
     env.backup(&src, &[]);
-    let (pack, _) = locate(&env, &first_chunk(&env, "f0"));
+    let (pack, _) = env.locate(&first_chunk(&env, "f0"));
     // How many chunks 300 kB of random data makes depends on the
     // repository's random chunker seed: the pack says how many it holds.
     let held = env.json(&["cat", "pack", &pack])[0]["blobs"]
@@ -663,7 +650,7 @@ fn a_damaged_live_blob_does_not_block_maintenance() {
     env.backup(&src, &[]);
     env.json(&["forget", "--keep-last", "1"]);
     let chunk = first_chunk(&env, "f39");
-    let (pack, offset) = locate(&env, &chunk);
+    let (pack, offset) = env.locate(&chunk);
     let path = env.pack_path(&pack);
     let mut bytes = fs::read(&path).unwrap();
     bytes[offset as usize + 100] ^= 0x55;
@@ -763,7 +750,7 @@ fn check_names_every_snapshot_that_reaches_a_shared_damaged_tree() {
         subtree("copy"),
         "identical directories share one tree"
     );
-    let (pack, offset) = locate(&env, &tree);
+    let (pack, offset) = env.locate(&tree);
     let path = env.pack_path(&pack);
     let mut bytes = fs::read(&path).unwrap();
     bytes[offset as usize + 20] ^= 0x55;
