@@ -62,13 +62,12 @@ with open(os.path.join(root, "logs", "app.log"), "wb") as f:
 PY
 SIZE=$(du -sb "$W/data" | cut -f1)
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-S3=$(port)
+S3=$(free_port)
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchbenchbench AWS_REGION=us-east-1
 need_moto
 moto_server -H 127.0.0.1 -p "$S3" >/dev/null 2>&1 & SRV=$!
 trap 'kill $SRV 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$S3/" && break; sleep 0.1; done
+wait_http "$S3" || true
 curl -s -X PUT "http://127.0.0.1:$S3/bench" >/dev/null
 
 echo bench > "$W/pw"

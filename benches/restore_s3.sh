@@ -58,8 +58,7 @@ with open(os.path.join(root, "big1.bin"), "wb") as f: f.write(big)
 with open(os.path.join(root, "big2.bin"), "wb") as f: f.write(big[: len(big) // 2] + os.urandom(1 << 20) + big[len(big) // 2 :])
 PY
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-S3=$(port)
+S3=$(free_port)
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=benchbenchbench AWS_REGION=us-east-1
 if command -v s3s-fs >/dev/null; then
     SERVER="s3s-fs"
@@ -71,7 +70,7 @@ else
 fi
 PIDS="$SRV"
 trap 'kill $PIDS 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$S3/" && break; sleep 0.1; done
+wait_http "$S3" || true
 mkdir -p "$W/s3/bench"
 curl -s -X PUT "http://127.0.0.1:$S3/bench" >/dev/null || true
 
@@ -82,14 +81,14 @@ echo
 echo "| delay ms | conns | backup marmoset s | restic s | ratio | restore marmoset s | restic s | ratio | GETs/GiB | packs/GiB |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
 for d in $DELAYS; do
-    PX=$(port)
+    PX=$(free_port)
     if [ "$WINDOW_KIB" -gt 0 ] && [ "$d" -gt 0 ]; then
         "$PROXY_BIN" "$PX" "$S3" "$d" "$WINDOW_KIB" >/dev/null & P=$!
     else
         "$PROXY_BIN" "$PX" "$S3" "$d" >/dev/null & P=$!
     fi
     PIDS="$PIDS $P"
-    for _ in $(seq 1 50); do curl -s -o /dev/null "http://127.0.0.1:$PX/" && break; sleep 0.1; done
+    wait_http "$PX" 50 || true
     for n in $CONNS; do
         run="d${d}c${n}"
         MR="s3:http://127.0.0.1:$PX/bench/m-$run"

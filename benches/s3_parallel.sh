@@ -16,12 +16,11 @@ W="${BENCH_DIR:-/var/tmp/marmoset-s3bench}"
 rm -rf "$W"; mkdir -p "$W/data"
 head -c "${SIZE}M" /dev/urandom > "$W/data/big.bin"
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-S3=$(port); PX=$(port)
+S3=$(free_port); PX=$(free_port)
 moto_server -H 127.0.0.1 -p "$S3" >/dev/null 2>&1 & MOTO=$!
 python3 testing/src/fault_proxy.py "$PX" "$S3" 0 1 "$RTT" >/dev/null & PROXY=$!
 trap 'kill $MOTO $PROXY 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$S3/" && break; sleep 0.1; done
+wait_http "$S3" || true
 curl -s -X PUT "http://127.0.0.1:$S3/bench" >/dev/null
 
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench MARMOSET_PASSWORD=bench MARMOSET_CACHE_DIR="$W/cache"

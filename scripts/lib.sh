@@ -59,3 +59,13 @@ need_pip_tool() {
 
 # need_moto: makes sure `moto_server` (a real S3-compatible server) is on PATH.
 need_moto() { need_pip_tool moto_server "moto[server]"; }
+
+# free_port: a TCP port on 127.0.0.1 that nothing listens on now.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# wait_http PORT [TENTHS]: waits (up to TENTHS tenths of a second, default
+# 100) until something answers HTTP on 127.0.0.1:PORT.
+wait_http() {
+    for _ in $(seq 1 "${2:-100}"); do curl -s -o /dev/null "http://127.0.0.1:$1/" && return 0; sleep 0.1; done
+    return 1
+}
