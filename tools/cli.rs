@@ -122,6 +122,11 @@ pub enum Command {
     Mount(MountArgs),
     /// Kubernetes node agent: back up this node's PersistentVolumes on schedule.
     Agent(AgentArgs),
+    /// Kubernetes restores: a backup set back into the cluster (like `velero restore`), the weekly test restore.
+    K8s {
+        #[command(subcommand)]
+        command: K8sCommand,
+    },
     /// Show added, removed and changed paths between two snapshots.
     Diff(DiffArgs),
     /// Find files by name (or path) glob across snapshots.
@@ -337,6 +342,112 @@ pub enum SetsCommand {
         /// The set's name, e.g. daily-20260208020000.
         name: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum K8sCommand {
+    /// Restore a backup set's objects and volumes (like `velero restore create`); `restore get`, `restore describe NAME`.
+    Restore(K8sRestoreArgs),
+    /// The init container of a restored pod: waits until the agent has restored the pod's volumes.
+    RestoreWait {
+        /// The restore's name.
+        #[arg(long)]
+        restore: String,
+        /// The wait volume, where the agent leaves `done` or `failed`.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "24h")]
+        timeout: String,
+    },
+    /// Test restore: the newest completed set of a schedule, younger than --max-age, restored into a temporary namespace.
+    Verify(K8sVerifyArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct K8sCluster {
+    /// The agent's namespace: restore records live there.
+    #[arg(long, env = "MARMOSET_AGENT_NAMESPACE", default_value = "marmoset")]
+    pub agent_namespace: String,
+    /// Image of the restore-wait container (default: the agent DaemonSet's image).
+    #[arg(long, env = "MARMOSET_IMAGE")]
+    pub image: Option<String>,
+    /// How often to look at the restore's progress.
+    #[arg(long, default_value = "5s", hide = true)]
+    pub poll: String,
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct K8sRestoreArgs {
+    #[command(subcommand)]
+    pub command: Option<K8sRestoreCommand>,
+    /// The backup set to restore (`marmoset sets`), e.g. daily-20260208020000.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Namespaces to restore (default: all in the set).
+    #[arg(long, value_delimiter = ',')]
+    pub include_namespaces: Vec<String>,
+    /// Restore namespaces under other names: `default:restored-default,a:b`.
+    #[arg(long)]
+    pub namespace_mappings: Option<String>,
+    /// Only objects with these labels: `app=x,tier!=db,team,!legacy`.
+    #[arg(long, short = 'l')]
+    pub selector: Option<String>,
+    /// Only these resource types (`persistentvolumeclaims,deployments.apps`).
+    #[arg(long, value_delimiter = ',')]
+    pub include_resources: Vec<String>,
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_resources: Vec<String>,
+    /// Create the objects only: restored PVCs start empty.
+    #[arg(long)]
+    pub no_volumes: bool,
+    /// Wait until every volume is restored (then remove the helper pods).
+    #[arg(long)]
+    pub wait: bool,
+    #[arg(long, default_value = "6h")]
+    pub timeout: String,
+    /// Print what would be created; create nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub cluster: K8sCluster,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum K8sRestoreCommand {
+    /// Every restore recorded, with its phase.
+    Get {
+        #[command(flatten)]
+        cluster: K8sCluster,
+    },
+    /// One restore: objects created, existing and failed; each volume's node, phase, bytes and error.
+    Describe {
+        name: String,
+        #[command(flatten)]
+        cluster: K8sCluster,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct K8sVerifyArgs {
+    #[arg(long, default_value = "daily")]
+    pub schedule: String,
+    /// The namespace restored.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// Fail when the newest completed set is older.
+    #[arg(long, default_value = "48h")]
+    pub max_age: String,
+    /// Default: marmoset-verify-<date>.
+    #[arg(long)]
+    pub target_namespace: Option<String>,
+    #[arg(long, default_value = "2h")]
+    pub timeout: String,
+    /// Leave the restored namespace and record for inspection.
+    #[arg(long)]
+    pub keep: bool,
+    #[command(flatten)]
+    pub cluster: K8sCluster,
 }
 
 #[derive(Subcommand, Debug)]

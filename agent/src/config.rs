@@ -78,6 +78,78 @@ pub struct AgentConfig {
     /// copied there, and the schedule's retention applied there too.
     #[serde(default)]
     pub secondary: Option<SecondaryConfig>,
+    /// The backup set of each run: its Kubernetes objects and its closing.
+    #[serde(default)]
+    pub sets: SetsConfig,
+    /// Volume restores into new PVCs (`marmoset k8s restore`), done by the
+    /// agent of the node where the restored pod runs.
+    #[serde(default)]
+    pub restores: RestoresConfig,
+}
+
+/// One agent, elected through a Lease, saves each run's Kubernetes
+/// objects and closes the set once every node has reported.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SetsConfig {
+    /// Save the objects of the included namespaces with every set.
+    #[serde(default = "yes")]
+    pub save_objects: bool,
+    /// Resource types never saved, beyond the derived ones always left
+    /// out (`secrets`, `ingresses.networking.k8s.io`, …).
+    #[serde(default)]
+    pub exclude_resources: Vec<String>,
+    /// A node that has not reported this long after the set's last report
+    /// is taken for failed and the set is closed without it.
+    #[serde(default = "default_report_deadline", with = "humantime_secs")]
+    pub report_deadline: Duration,
+    #[serde(default = "default_sets_lease_name")]
+    pub lease_name: String,
+    #[serde(default = "default_lease_duration", with = "humantime_secs")]
+    pub lease_duration: Duration,
+}
+
+impl Default for SetsConfig {
+    fn default() -> Self {
+        Self {
+            save_objects: true,
+            exclude_resources: Vec::new(),
+            report_deadline: default_report_deadline(),
+            lease_name: default_sets_lease_name(),
+            lease_duration: default_lease_duration(),
+        }
+    }
+}
+
+fn default_report_deadline() -> Duration {
+    Duration::from_secs(6 * 3600)
+}
+fn default_sets_lease_name() -> String {
+    "marmoset-sets".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RestoresConfig {
+    /// Look for restored pods waiting for their volumes' data.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// How often the agent looks.
+    #[serde(default = "default_restore_poll", with = "humantime_secs")]
+    pub poll_interval: Duration,
+}
+
+impl Default for RestoresConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            poll_interval: default_restore_poll(),
+        }
+    }
+}
+
+fn default_restore_poll() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// The second, independent copy (another bucket, region or provider, its
@@ -286,6 +358,9 @@ impl AgentConfig {
         }
         if self.retry.discovery_attempts == 0 {
             return Err(bad("retry.discoveryAttempts must be at least 1".into()));
+        }
+        if self.sets.lease_duration < Duration::from_secs(10) {
+            return Err(bad("sets.leaseDuration must be at least 10s".into()));
         }
         if self.maintenance.lease_duration < Duration::from_secs(10) {
             return Err(bad("maintenance.leaseDuration must be at least 10s".into()));

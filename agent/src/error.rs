@@ -62,6 +62,18 @@ pub enum Error {
 
     #[error("background task failed: {0}")]
     Task(String),
+
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A restore (`k8s restore`) cannot go on: no such set, no objects
+    /// saved with it, a bad mapping or selector.
+    #[error("restore: {0}")]
+    Restore(String),
 }
 
 impl Error {

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use marmoset_storage::{
-    GroupBy, MaintainOptions, MaintainReport, Repository, RetentionPolicy, SetPart, SetVolume,
-    SnapshotFilter,
+    GroupBy, MaintainOptions, MaintainReport, PartKind, Repository, RetentionPolicy, SetPart,
+    SetVolume, SnapshotFilter,
 };
 use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 use tracing::{error, info, warn};
@@ -97,13 +97,26 @@ pub struct Agent {
     pub(crate) thaw_lock: tokio::sync::Mutex<()>,
     /// The second repository kept in step (`secondary` in the config).
     pub(crate) secondary: Option<crate::secondary::Secondary>,
+    /// Elects the one agent that saves each set's objects and closes it.
+    pub(crate) sets_lease: LeaderLease,
+    /// Volume restores running in this process.
+    pub(crate) restoring: crate::restore::worker::Restoring,
 }
 
 impl Agent {
     pub fn new(cfg: AgentConfig, cluster: Cluster, repo: Arc<Repository>) -> Result<Self> {
         let schedules = cfg.schedules()?;
         let state = StateFile::new(&cfg.state_dir, cluster.node());
+        let sets_lease = LeaderLease::new(
+            cluster.client().clone(),
+            cluster.namespace(),
+            &cfg.sets.lease_name,
+            cluster.node(),
+            cfg.sets.lease_duration,
+        );
         Ok(Self {
+            sets_lease,
+            restoring: Default::default(),
             cfg,
             schedules,
             cluster,
@@ -251,6 +264,7 @@ impl Agent {
         for s in &plan.skipped {
             self.record_skip(s, sched).await;
         }
+        self.save_set_objects(sched, &set).await;
         let results = self.run_pods(plan.pods.clone(), sched, &set).await;
         for r in results {
             report.volumes.extend(r.volumes);
@@ -267,6 +281,9 @@ impl Agent {
             report.secondary = Some(self.copy_to_secondary(sched, &report).await);
         }
         self.record_set_part(sched, &set, started, &report).await;
+        if let Err(e) = self.finish_sets().await {
+            warn!(error = %e, "could not close the finished backup sets");
+        }
         if let Err(e) = self.clean_up_statuses().await {
             warn!(error = %e, "could not clean up status objects");
         }
@@ -342,6 +359,8 @@ impl Agent {
                 })
                 .collect(),
             errors,
+            kind: PartKind::Node,
+            objects: None,
         };
         let share = self.share_repo().await;
         let work = self.on_repo(share, move |repo| repo.save_set_part(&part));
@@ -756,6 +775,18 @@ impl Agent {
         } else {
             None
         };
+        let sets = {
+            let me = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(me.cfg.sets.lease_duration / 3).await;
+                    if let Err(e) = me.finish_sets().await {
+                        warn!(error = %e, "could not close the finished backup sets");
+                    }
+                }
+            })
+        };
+        let restores = self.clone().restore_loop();
         let retry = {
             let me = self.clone();
             tokio::spawn(async move {
@@ -774,6 +805,8 @@ impl Agent {
             }
         };
         retry.abort();
+        sets.abort();
+        restores.abort();
         // The schedule loop is gone, and with it any hook it was waiting
         // for: running backups stop (nothing read after a thaw is saved),
         // and every pod it froze is thawed before the process exits.

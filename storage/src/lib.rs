@@ -39,7 +39,7 @@ pub use format::{blob, pack};
 
 pub use backend::FileKind;
 pub use error::{Error, Result};
-pub use format::backup_set::{SetPart, SetVolume};
+pub use format::backup_set::{PartKind, SetObjects, SetPart, SetVolume};
 pub use format::blob::BlobType;
 pub use format::crypto::{KeyFile, Keys};
 pub use format::id::Id;

@@ -70,24 +70,120 @@ impl Drop for FakeApi {
     }
 }
 
+/// The resource types this server serves (what a K3s cluster serves,
+/// less what no test needs): group version, plural, kind, namespaced,
+/// verbs. Discovery (`/api`, `/apis`, `/api/v1`, `/apis/<g>/<v>`) is
+/// answered from it.
+pub const RESOURCES: &[(&str, &str, &str, bool)] = &[
+    ("v1", "pods", "Pod", true),
+    (
+        "v1",
+        "persistentvolumeclaims",
+        "PersistentVolumeClaim",
+        true,
+    ),
+    ("v1", "persistentvolumes", "PersistentVolume", false),
+    ("v1", "configmaps", "ConfigMap", true),
+    ("v1", "secrets", "Secret", true),
+    ("v1", "services", "Service", true),
+    ("v1", "serviceaccounts", "ServiceAccount", true),
+    ("v1", "endpoints", "Endpoints", true),
+    ("v1", "events", "Event", true),
+    ("v1", "namespaces", "Namespace", false),
+    ("v1", "nodes", "Node", false),
+    ("apps/v1", "deployments", "Deployment", true),
+    ("apps/v1", "statefulsets", "StatefulSet", true),
+    ("apps/v1", "daemonsets", "DaemonSet", true),
+    ("apps/v1", "replicasets", "ReplicaSet", true),
+    ("apps/v1", "controllerrevisions", "ControllerRevision", true),
+    ("batch/v1", "jobs", "Job", true),
+    ("batch/v1", "cronjobs", "CronJob", true),
+    ("networking.k8s.io/v1", "ingresses", "Ingress", true),
+    (
+        "networking.k8s.io/v1",
+        "networkpolicies",
+        "NetworkPolicy",
+        true,
+    ),
+    ("coordination.k8s.io/v1", "leases", "Lease", true),
+    ("events.k8s.io/v1", "events", "Event", true),
+    (
+        "discovery.k8s.io/v1",
+        "endpointslices",
+        "EndpointSlice",
+        true,
+    ),
+    ("rbac.authorization.k8s.io/v1", "roles", "Role", true),
+    (
+        "rbac.authorization.k8s.io/v1",
+        "rolebindings",
+        "RoleBinding",
+        true,
+    ),
+    ("storage.k8s.io/v1", "storageclasses", "StorageClass", false),
+];
+
 fn resource_of(kind: &str) -> String {
-    match kind {
-        "PersistentVolumeClaim" => "persistentvolumeclaims".into(),
-        "PersistentVolume" => "persistentvolumes".into(),
-        other => format!("{}s", other.to_lowercase()),
-    }
+    RESOURCES
+        .iter()
+        .find(|r| r.2 == kind)
+        .map(|r| r.1.to_string())
+        .unwrap_or_else(|| format!("{}s", kind.to_lowercase()))
 }
 
 fn kind_of(resource: &str) -> &'static str {
-    match resource {
-        "pods" => "Pod",
-        "persistentvolumeclaims" => "PersistentVolumeClaim",
-        "persistentvolumes" => "PersistentVolume",
-        "configmaps" => "ConfigMap",
-        "events" => "Event",
-        "leases" => "Lease",
-        _ => "Unknown",
+    RESOURCES
+        .iter()
+        .find(|r| r.1 == resource)
+        .map(|r| r.2)
+        .unwrap_or("Unknown")
+}
+
+/// Discovery documents, or None when `path` is not a discovery path.
+fn discovery(path: &str) -> Option<Value> {
+    let path = path.trim_end_matches('/');
+    let group_versions: Vec<&str> = {
+        let mut v: Vec<&str> = RESOURCES.iter().map(|r| r.0).collect();
+        v.dedup();
+        v
+    };
+    if path == "/api" {
+        return Some(json!({"kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1:6443"}]}));
     }
+    if path == "/apis" {
+        let groups: Vec<Value> = group_versions
+            .iter()
+            .filter_map(|gv| gv.split_once('/'))
+            .map(|(g, v)| {
+                let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
+                json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
+            })
+            .collect();
+        return Some(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}));
+    }
+    let gv = path
+        .strip_prefix("/api/")
+        .or_else(|| path.strip_prefix("/apis/"))?;
+    if !group_versions.contains(&gv) {
+        return None;
+    }
+    let mut resources: Vec<Value> = Vec::new();
+    for r in RESOURCES.iter().filter(|r| r.0 == gv) {
+        resources.push(
+            json!({"name": r.1, "singularName": r.2.to_lowercase(), "namespaced": r.3,
+            "kind": r.2, "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]}),
+        );
+        if r.1 == "pods" {
+            resources.push(
+                json!({"name": "pods/exec", "singularName": "", "namespaced": true,
+                "kind": "PodExecOptions", "verbs": ["create", "get"]}),
+            );
+        }
+    }
+    Some(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
+    )
 }
 
 /// `/api/v1` or `/apis/<group>/<version>` for an apiVersion.
@@ -371,6 +467,11 @@ async fn handle(
             "injected failure: the server is currently unable to handle the request",
         ));
     }
+    if method == "GET" {
+        if let Some(doc) = discovery(&path) {
+            return Ok(respond(200, &doc));
+        }
+    }
     let Some(Route {
         prefix,
         namespace: ns,
@@ -455,6 +556,11 @@ async fn handle(
         }
         ("DELETE", Some(name)) => {
             let k = key(&prefix, ns.as_deref(), &resource, &name);
+            if resource == "namespaces" && ns.is_none() {
+                // Like the namespace controller, once the namespace goes.
+                let inside = format!("/namespaces/{name}/");
+                st.objects.retain(|k, _| !k.contains(&inside));
+            }
             match st.objects.remove(&k) {
                 Some(_) => respond(
                     200,

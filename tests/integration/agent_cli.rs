@@ -327,6 +327,8 @@ fn sets_lists_and_describes_backup_sets() {
             nodes_expected: vec!["node-a".into(), "node-b".into()],
             volumes: vols,
             errors: Vec::new(),
+            kind: marmoset_storage::PartKind::Node,
+            objects: None,
         })
         .unwrap();
     }

@@ -16,6 +16,7 @@ mod diff;
 mod find;
 mod forget;
 mod init;
+mod k8s;
 mod key;
 mod ls;
 mod maintain;
@@ -51,6 +52,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Verify(a) => verify::run(g, a),
         Command::Mount(a) => mount::run(g, a),
         Command::Agent(a) => agent::run(g, a),
+        Command::K8s { command } => k8s::run(g, command),
         Command::Diff(a) => diff::run(g, a),
         Command::Find(a) => find::run(g, a),
         Command::Key { command } => key::run(g, command),

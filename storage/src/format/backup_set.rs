@@ -28,6 +28,44 @@ pub struct SetPart {
     /// out, hook failures).
     #[serde(default)]
     pub errors: Vec<String>,
+    /// What this record is: a node's volumes (the default), the set's
+    /// Kubernetes objects, or the finisher's closing of the set.
+    #[serde(default)]
+    pub kind: PartKind,
+    /// For [`PartKind::Objects`]: the snapshot of the objects' manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objects: Option<SetObjects>,
+}
+
+/// The role of one record of a set. Records of one node and kind replace
+/// older ones; records of different kinds are kept side by side.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PartKind {
+    /// A node agent's volumes of the run.
+    #[default]
+    Node,
+    /// The Kubernetes objects of the included namespaces, saved once per
+    /// set by the elected agent (the `marmoset-sets` Lease holder).
+    Objects,
+    /// Written by the elected agent once every expected node has reported
+    /// or the report deadline passed: nodes missing then are failed. A
+    /// node reporting later still joins the set.
+    Close,
+}
+
+/// The snapshot of a set's Kubernetes objects (`k8s restore` reads it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetObjects {
+    /// Snapshot id, when the manifests were saved.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    pub namespaces: Vec<String>,
+    /// Objects saved.
+    pub count: u64,
+    /// Resource types that could not be listed, or why nothing was saved.
+    #[serde(default)]
+    pub errors: Vec<String>,
 }
 
 /// One volume of a set.

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::format::backup_set::{SetPart, SetVolume};
+use crate::format::backup_set::{PartKind, SetObjects, SetPart, SetVolume};
 use crate::repo::Repository;
 
 /// How long after a set's last report a node that has not reported is
@@ -35,6 +35,44 @@ pub struct BackupSet {
     pub errors: Vec<String>,
     pub bytes_read: u64,
     pub bytes_added: u64,
+    /// The Kubernetes objects saved with the set.
+    pub objects: Option<SetObjects>,
+    /// When the elected agent closed the set (every node reported, or the
+    /// deadline passed).
+    pub closed: Option<DateTime<Utc>>,
+}
+
+/// The records of one set: each node's newest part, the newest objects
+/// record and the first closing.
+#[derive(Default)]
+struct Records {
+    nodes: BTreeMap<String, SetPart>,
+    objects: Option<SetPart>,
+    close: Option<SetPart>,
+}
+
+impl Records {
+    fn add(&mut self, p: SetPart) {
+        let newer = |have: &Option<SetPart>| have.as_ref().is_none_or(|h| h.finished < p.finished);
+        match p.kind {
+            PartKind::Node => match self.nodes.get(&p.node) {
+                Some(have) if have.finished >= p.finished => {}
+                _ => {
+                    self.nodes.insert(p.node.clone(), p);
+                }
+            },
+            PartKind::Objects => {
+                if newer(&self.objects) {
+                    self.objects = Some(p);
+                }
+            }
+            PartKind::Close => {
+                if self.close.as_ref().is_none_or(|h| h.finished > p.finished) {
+                    self.close = Some(p);
+                }
+            }
+        }
+    }
 }
 
 /// Every backup set of the repository, oldest first, as of `now`; set
@@ -50,25 +88,25 @@ pub fn sets(repo: &Repository, now: DateTime<Utc>) -> Result<(Vec<BackupSet>, Ve
 
 /// Groups parts by set, keeping each node's newest part.
 pub fn assemble(parts: impl IntoIterator<Item = SetPart>, now: DateTime<Utc>) -> Vec<BackupSet> {
-    let mut by_set: BTreeMap<String, BTreeMap<String, SetPart>> = BTreeMap::new();
+    let mut by_set: BTreeMap<String, Records> = BTreeMap::new();
     for p in parts {
-        let nodes = by_set.entry(p.set.clone()).or_default();
-        match nodes.get(&p.node) {
-            Some(have) if have.finished >= p.finished => {}
-            _ => {
-                nodes.insert(p.node.clone(), p);
-            }
-        }
+        by_set.entry(p.set.clone()).or_default().add(p);
     }
     let mut out: Vec<BackupSet> = by_set
         .into_iter()
-        .map(|(name, nodes)| one_set(name, nodes, now))
+        .map(|(name, records)| one_set(name, records, now))
         .collect();
     out.sort_by(|a, b| a.started.cmp(&b.started).then(a.name.cmp(&b.name)));
     out
 }
 
-fn one_set(name: String, nodes: BTreeMap<String, SetPart>, now: DateTime<Utc>) -> BackupSet {
+fn one_set(name: String, records: Records, now: DateTime<Utc>) -> BackupSet {
+    let Records {
+        nodes,
+        objects,
+        close,
+    } = records;
+    let closed = close.as_ref().map(|c| c.finished);
     let expected: BTreeSet<String> = nodes
         .values()
         .flat_map(|p| p.nodes_expected.iter().cloned())
@@ -78,8 +116,9 @@ fn one_set(name: String, nodes: BTreeMap<String, SetPart>, now: DateTime<Utc>) -
         .filter(|n| !nodes.contains_key(n))
         .collect();
     let parts: Vec<&SetPart> = nodes.values().collect();
-    let started = parts.iter().map(|p| p.started).min().unwrap_or(now);
-    let finished = parts.iter().map(|p| p.finished).max().unwrap_or(now);
+    let all = parts.iter().copied().chain(objects.iter());
+    let started = all.clone().map(|p| p.started).min().unwrap_or(now);
+    let finished = all.map(|p| p.finished).max().unwrap_or(now);
     let mut volumes = Vec::new();
     let mut errors = Vec::new();
     for p in &parts {
@@ -105,7 +144,11 @@ fn one_set(name: String, nodes: BTreeMap<String, SetPart>, now: DateTime<Utc>) -
         }
     }
     volumes.sort_by(|a, b| (&a.namespace, &a.pvc).cmp(&(&b.namespace, &b.pvc)));
-    let waiting = !missing.is_empty() && now - finished < REPORT_DEADLINE;
+    let objects = objects.and_then(|o| o.objects);
+    if let Some(o) = &objects {
+        errors.extend(o.errors.iter().map(|e| format!("objects: {e}")));
+    }
+    let waiting = closed.is_none() && !missing.is_empty() && now - finished < REPORT_DEADLINE;
     for n in &missing {
         if !waiting {
             errors.push(format!("node {n} did not report"));
@@ -125,6 +168,7 @@ fn one_set(name: String, nodes: BTreeMap<String, SetPart>, now: DateTime<Utc>) -
         schedule: parts
             .first()
             .map(|p| p.schedule.clone())
+            .or_else(|| close.map(|c| c.schedule))
             .unwrap_or_default(),
         phase: phase.to_string(),
         started,
@@ -136,6 +180,8 @@ fn one_set(name: String, nodes: BTreeMap<String, SetPart>, now: DateTime<Utc>) -
         volumes,
         errors,
         name,
+        objects,
+        closed,
     }
 }
 
@@ -170,6 +216,8 @@ mod tests {
                 })
                 .collect(),
             errors: Vec::new(),
+            kind: PartKind::Node,
+            objects: None,
         }
     }
 
@@ -204,5 +252,36 @@ mod tests {
         assert_eq!(s[0].phase, "Completed");
         let s = assemble([part("a", 900, &["a"], &["Failed", "Failed"])], now);
         assert_eq!(s[0].phase, "Failed");
+    }
+
+    #[test]
+    fn a_closed_set_fails_its_silent_nodes_at_once_and_still_takes_late_ones() {
+        let ab = ["a", "b"];
+        let now = DateTime::from_timestamp(1000, 0).unwrap_or_default();
+        let mut close = part("a", 960, &ab, &[]);
+        close.kind = PartKind::Close;
+        let mut objects = part("a", 800, &ab, &[]);
+        objects.kind = PartKind::Objects;
+        objects.objects = Some(SetObjects {
+            snapshot: Some("abc".into()),
+            namespaces: vec!["default".into()],
+            count: 7,
+            errors: Vec::new(),
+        });
+        let a = part("a", 900, &ab, &["Completed"]);
+        let s = assemble([a.clone(), objects.clone(), close.clone()], now);
+        assert_eq!(s[0].phase, "PartiallyFailed");
+        assert_eq!(s[0].missing_nodes, ["b"]);
+        assert_eq!(s[0].started.timestamp(), 800);
+        assert_eq!(s[0].closed.map(|t| t.timestamp()), Some(960));
+        assert_eq!(s[0].objects.as_ref().map(|o| o.count), Some(7));
+        // The objects record is not a node: "a" keeps its volumes.
+        assert_eq!(s[0].volumes.len(), 1);
+        let s = assemble(
+            [a, objects, close, part("b", 990, &ab, &["Completed"])],
+            now,
+        );
+        assert_eq!(s[0].phase, "Completed");
+        assert_eq!(s[0].volumes.len(), 2);
     }
 }
