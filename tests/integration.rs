@@ -23,6 +23,7 @@ mod integration {
     mod dedup;
     mod gc_safety;
     mod hostile;
+    mod k8s_restore;
     mod keys;
     mod maintain;
     mod manifests;

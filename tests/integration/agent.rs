@@ -20,24 +20,24 @@ use marmoset_testing::s3_server::S3Server;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
-const NODE: &str = "node-a";
-const AGENT_NS: &str = "marmoset";
+pub(super) const NODE: &str = "node-a";
+pub(super) const AGENT_NS: &str = "marmoset";
 
-struct World {
-    api: FakeApi,
-    dir: TempDir,
-    repo: Arc<Repository>,
+pub(super) struct World {
+    pub api: FakeApi,
+    pub dir: TempDir,
+    pub repo: Arc<Repository>,
 }
 
 impl World {
-    fn kubelet(&self) -> PathBuf {
+    pub(super) fn kubelet(&self) -> PathBuf {
         self.dir.path().join("kubelet")
     }
-    fn host(&self) -> PathBuf {
+    pub(super) fn host(&self) -> PathBuf {
         self.dir.path().join("host")
     }
 
-    fn config(&self, extra: &str) -> AgentConfig {
+    pub(super) fn config(&self, extra: &str) -> AgentConfig {
         // Failed volumes are not tried again (after minutes) unless a test
         // is about that.
         let retry = if extra.contains("retry:") {
@@ -71,13 +71,13 @@ threads: 2
         AgentConfig::parse(&text, "test config").unwrap()
     }
 
-    fn agent(&self, node: &str, extra: &str) -> Agent {
+    pub(super) fn agent(&self, node: &str, extra: &str) -> Agent {
         let cluster = Cluster::new(self.api.client(AGENT_NS), node, AGENT_NS);
         Agent::new(self.config(extra), cluster, self.repo.clone()).unwrap()
     }
 }
 
-fn pod(
+pub(super) fn pod(
     ns: &str,
     name: &str,
     uid: &str,
@@ -96,7 +96,7 @@ fn pod(
     })
 }
 
-fn pvc(ns: &str, name: &str, pv: &str, class: &str, annotations: Value) -> Value {
+pub(super) fn pvc(ns: &str, name: &str, pv: &str, class: &str, annotations: Value) -> Value {
     json!({
         "apiVersion": "v1", "kind": "PersistentVolumeClaim",
         "metadata": {"name": name, "namespace": ns, "annotations": annotations},
@@ -106,7 +106,7 @@ fn pvc(ns: &str, name: &str, pv: &str, class: &str, annotations: Value) -> Value
     })
 }
 
-fn pv(name: &str, source: Value) -> Value {
+pub(super) fn pv(name: &str, source: Value) -> Value {
     let mut spec = json!({"capacity": {"storage": "2Gi"}, "accessModes": ["ReadWriteOnce"],
                           "persistentVolumeReclaimPolicy": "Delete"});
     for (k, v) in source.as_object().unwrap() {
@@ -115,12 +115,12 @@ fn pv(name: &str, source: Value) -> Value {
     json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name}, "spec": spec})
 }
 
-fn claim(vol: &str, claim: &str) -> Value {
+pub(super) fn claim(vol: &str, claim: &str) -> Value {
     json!({"name": vol, "persistentVolumeClaim": {"claimName": claim}})
 }
 
 /// Files of one volume, deterministic from `seed`.
-fn fill(dir: &Path, seed: u8, files: usize) {
+pub(super) fn fill(dir: &Path, seed: u8, files: usize) {
     std::fs::create_dir_all(dir.join("sub/deeper")).unwrap();
     for i in 0..files {
         let body: Vec<u8> = (0..(1000 + i * 3777))
@@ -135,7 +135,7 @@ fn fill(dir: &Path, seed: u8, files: usize) {
     }
 }
 
-fn read_tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
+pub(super) fn read_tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -154,8 +154,21 @@ fn read_tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
+/// The volume snapshots of the repository: every run also saves one
+/// snapshot of the set's Kubernetes objects (source `kubernetes`).
+pub(super) fn volume_snapshots(
+    repo: &Repository,
+) -> Vec<(marmoset_storage::Id, marmoset_storage::Snapshot)> {
+    let (snaps, bad) = repo.snapshots().unwrap();
+    assert!(bad.is_empty(), "{bad:?}");
+    snaps
+        .into_iter()
+        .filter(|(_, s)| s.source != marmoset_agent::objects::OBJECTS_SOURCE)
+        .collect()
+}
+
 /// The seed's kind of cluster, seen from node-a.
-async fn world() -> World {
+pub(super) async fn world() -> World {
     let dir = tempfile::tempdir().unwrap();
     let backend = Arc::new(FsBackend::new(dir.path().join("repo")));
     world_on(dir, backend).await
@@ -384,9 +397,12 @@ async fn run_once_makes_one_snapshot_per_volume_and_reports_it() {
     assert_eq!(report.failed(), 0, "{report:#?}");
     assert_eq!(report.volumes.len(), 3);
 
-    // One snapshot per volume, named <namespace>/<pvc>, tagged, restorable.
-    let (snaps, bad) = w.repo.snapshots().unwrap();
+    // One snapshot per volume, named <namespace>/<pvc>, tagged, restorable,
+    // and one of the set's Kubernetes objects.
+    let (all, bad) = w.repo.snapshots().unwrap();
     assert!(bad.is_empty());
+    assert_eq!(all.len(), 4);
+    let snaps = volume_snapshots(&w.repo);
     assert_eq!(snaps.len(), 3);
     for v in &report.volumes {
         let (_, snap) = snaps
@@ -697,7 +713,7 @@ async fn retention_is_applied_per_schedule_and_node() {
     let first = agent.run_once("daily").await.unwrap();
     // Age copies of the snapshots: 200h-old daily and weekly ones of this
     // node, and a 200h-old daily one from another node.
-    let (snaps, _) = w.repo.snapshots().unwrap();
+    let snaps = volume_snapshots(&w.repo);
     let old = chrono::Utc::now() - chrono::Duration::hours(200);
     let mut planted = Vec::new();
     for (i, (_, s)) in snaps.iter().enumerate() {
@@ -728,7 +744,7 @@ async fn retention_is_applied_per_schedule_and_node() {
         second.snapshots_forgotten, 1,
         "only this node's expired daily snapshot goes"
     );
-    let (after, _) = w.repo.snapshots().unwrap();
+    let after = volume_snapshots(&w.repo);
     let ids: Vec<_> = after.iter().map(|(id, _)| *id).collect();
     assert!(ids.contains(&planted[0].1), "weekly kept (720h)");
     assert!(ids.contains(&planted[1].1), "other node's kept");
@@ -849,7 +865,7 @@ async fn the_daemon_catches_up_an_interrupted_run_and_takes_the_maintenance_leas
         .await
         .expect("agent stops when asked")
         .unwrap();
-    let (snaps, _) = w.repo.snapshots().unwrap();
+    let snaps = volume_snapshots(&w.repo);
     assert_eq!(
         snaps.len(),
         3,
@@ -921,7 +937,7 @@ async fn agent_shutdown_with_an_s3_repository_does_not_panic() {
     let agent = w.agent(NODE, "");
     let report = agent.run_once("daily").await.unwrap();
     assert_eq!(report.failed(), 0, "{report:#?}");
-    let (snaps, _) = w.repo.snapshots().unwrap();
+    let snaps = volume_snapshots(&w.repo);
     assert_eq!(snaps.len(), 3, "one snapshot per volume, in the S3 bucket");
     let repo = Arc::downgrade(&w.repo);
     drop(agent);
@@ -1232,7 +1248,7 @@ async fn failed_volumes_are_retried_within_the_run() {
         .find(|v| v.target.pod == "prometheus-db-0")
         .unwrap();
     assert_eq!(prom.phase, Phase::Succeeded);
-    let (snaps, _) = w.repo.snapshots().unwrap();
+    let snaps = volume_snapshots(&w.repo);
     assert_eq!(snaps.len(), 3, "the others were not backed up twice");
 }
 
@@ -1603,7 +1619,8 @@ async fn each_run_is_copied_to_the_secondary_repository_and_reported() {
     assert_eq!(report.failed(), 0, "{report:#?}");
     let sec = report.secondary.clone().expect("secondary outcome");
     assert!(sec.error.is_none(), "{sec:?}");
-    assert_eq!((sec.copied, sec.already), (3, 0), "{sec:?}");
+    // The three volumes and the set's Kubernetes objects.
+    assert_eq!((sec.copied, sec.already), (4, 0), "{sec:?}");
 
     // The secondary (read with its own key) holds every volume's
     // snapshot, recorded as a copy of it, and restores it identically.
@@ -1680,7 +1697,7 @@ async fn an_unreachable_secondary_fails_its_copy_not_the_backups() {
         .any(|e| e["reason"] == "SecondaryCopyFailed" && e["type"] == "Warning"));
 }
 
-fn agent_pod(node: &str) -> Value {
+pub(super) fn agent_pod(node: &str) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": format!("marmoset-agent-{node}"), "namespace": AGENT_NS,

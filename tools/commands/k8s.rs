@@ -96,8 +96,13 @@ fn create(g: &Global, a: K8sRestoreArgs) -> Result<ExitCode> {
     } else {
         image(&rt, &client, &a.cluster)?
     };
+    let name = rt.block_on(record::free_name(
+        &client,
+        &a.cluster.agent_namespace,
+        &restore::restore_name(&set, chrono::Utc::now()),
+    ))?;
     let opts = RestoreOptions {
-        name: restore::restore_name(&set, chrono::Utc::now()),
+        name,
         include_namespaces: a.include_namespaces.clone(),
         namespace_mappings,
         selector,

@@ -595,18 +595,24 @@ pub fn plan(saved: &[Saved], volumes: &[SetVolumeRef], opts: &RestoreOptions) ->
     // PVs: only those whose claim is restored without a snapshot (static
     // volumes such as NFS); a claim restored from a snapshot gets a new one.
     for s in saved.iter().filter(|s| s.rt.key() == "persistentvolumes") {
-        let claim_ns = s.obj["spec"]["claimRef"]["namespace"]
-            .as_str()
-            .unwrap_or("");
-        let claim = s.obj["spec"]["claimRef"]["name"].as_str().unwrap_or("");
+        // Its claim: the restored PVC naming it, else its claimRef.
+        let by_claim = chosen.iter().find(|c| {
+            c.rt.key() == "persistentvolumeclaims"
+                && c.obj["spec"]["volumeName"].as_str() == Some(s.name())
+        });
+        let (claim_ns, claim) = match by_claim {
+            Some(c) => (c.namespace().unwrap_or(""), c.name()),
+            None => (
+                s.obj["spec"]["claimRef"]["namespace"]
+                    .as_str()
+                    .unwrap_or(""),
+                s.obj["spec"]["claimRef"]["name"].as_str().unwrap_or(""),
+            ),
+        };
         if !type_included(&s.rt) || !namespaces_used.contains(claim_ns) {
             continue;
         }
-        let claimed = chosen.iter().any(|c| {
-            c.rt.key() == "persistentvolumeclaims"
-                && c.namespace() == Some(claim_ns)
-                && c.name() == claim
-        });
+        let claimed = by_claim.is_some();
         if restored_pvs.contains(s.name()) {
             out.skipped.push(format!(
                 "persistentvolumes {}: its claim {claim_ns}/{claim} gets a new volume, filled from its snapshot",

@@ -223,3 +223,19 @@ pub async fn delete(client: &Client, ns: &str, name: &str) -> Result<()> {
         Err(e) => Err(Error::kube(format!("delete restore {name}"), e)),
     }
 }
+
+/// `base`, or `base-2`, `base-3`… when a restore of that name exists (two
+/// restores of one set within a second).
+pub async fn free_name(client: &Client, ns: &str, base: &str) -> Result<String> {
+    for n in 1..100 {
+        let name = if n == 1 {
+            base.to_string()
+        } else {
+            format!("{base}-{n}")
+        };
+        if get(client, ns, &name).await?.is_none() {
+            return Ok(name);
+        }
+    }
+    Err(Error::Restore(format!("too many restores named {base}-…")))
+}

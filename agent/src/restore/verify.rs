@@ -32,6 +32,7 @@ pub struct VerifyOptions {
 }
 
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct VerifyOutcome {
     pub pass: bool,
     pub set: Option<String>,
@@ -91,8 +92,14 @@ pub async fn verify(
         ));
         return Ok(out);
     }
+    let name = crate::restore::record::free_name(
+        client,
+        agent_ns,
+        &format!("verify-{}", now.format("%Y%m%d%H%M%S")),
+    )
+    .await?;
     let ropts = RestoreOptions {
-        name: format!("verify-{}", now.format("%Y%m%d%H%M%S")),
+        name,
         include_namespaces: vec![opts.namespace.clone()],
         namespace_mappings: [(opts.namespace.clone(), target.clone())].into(),
         restore_volumes: true,

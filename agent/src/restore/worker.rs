@@ -359,10 +359,12 @@ impl Agent {
                     path.display()
                 )))
             }
-            Err(e) => return Err(Error::Restore(format!(
+            Err(e) => {
+                return Err(Error::Restore(format!(
                 "volume not found at {} ({e}); is the kubelet directory mounted into the agent?",
                 path.display()
-            ))),
+            )))
+            }
         }
         let expected_source = format!("{}/{}", item.source_namespace, item.pvc);
         let snapshot = item.snapshot.clone();
