@@ -614,9 +614,14 @@ impl Agent {
     /// The newest snapshot of every volume is always kept, so a volume
     /// whose backups keep failing still has its last good copy.
     async fn apply_retention(&self, sched: &Schedule) -> Result<u64> {
-        let (policy, filter) = self.retention(sched);
+        let (mut policy, filter) = self.retention(sched);
+        let tag = sched.tag();
         let share = self.share_repo().await;
         let work = self.on_repo(share, move |repo| {
+            // Sets holding a volume's newest complete snapshot are kept
+            // whole, with their objects, whichever node wrote them.
+            let (snaps, _) = repo.snapshots()?;
+            policy.keep_tags = marmoset_storage::newest_complete_sets(&snaps, &tag);
             marmoset_storage::forget(repo, &policy, &filter, GroupBy::Source, false, &Utc)
         });
         Ok(joined(work.await)?.removed)

@@ -155,8 +155,17 @@ impl Agent {
             .filter(|s| !s.nodes.is_empty() && now - s.started < deadline * 4)
             .filter(|s| s.missing_nodes.is_empty() || now - s.finished >= deadline)
             .collect();
-        if due.is_empty() || !self.elected_for_sets().await {
+        if !self.elected_for_sets().await {
             return Ok(Vec::new());
+        }
+        let share = self.share_repo().await;
+        let work = self.on_repo(share, move |repo| marmoset_storage::prune_sets(repo, now));
+        match joined(work.await) {
+            Ok(gone) if !gone.is_empty() => {
+                info!(sets = ?gone, "records of expired backup sets removed")
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not remove the records of expired sets"),
         }
         let mut closed = Vec::new();
         for s in due {

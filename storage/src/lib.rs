@@ -59,7 +59,7 @@ pub use ops::forget::{
 };
 pub use ops::maintain::{maintain, peak_rss_kib, MaintainOptions, MaintainReport};
 pub use ops::restore::{restore, Overwrite, RestoreOptions, RestoreProgress, RestoreSummary};
-pub use ops::sets::{sets, BackupSet, REPORT_DEADLINE};
+pub use ops::sets::{newest_complete_sets, prune_sets, sets, BackupSet, REPORT_DEADLINE};
 pub use ops::stats::{stats, StatsReport};
 pub use ops::verify::{verify, SourceVerdict, VerifyOptions, VerifyReport};
 pub use repo::coordination::lease::{LeaseInfo, LeaseKind};

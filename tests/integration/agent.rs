@@ -719,6 +719,18 @@ async fn retention_is_applied_per_schedule_and_node() {
     for (i, (_, s)) in snaps.iter().enumerate() {
         let mut s = s.clone();
         s.time = old;
+        // Of a set 200h ago, not of the run just made.
+        s.tags = s
+            .tags
+            .iter()
+            .map(|t| {
+                if t.starts_with("set=") {
+                    "set=daily-20250101020000".to_string()
+                } else {
+                    t.clone()
+                }
+            })
+            .collect();
         match i {
             0 => {
                 s.tags = s
@@ -738,13 +750,49 @@ async fn retention_is_applied_per_schedule_and_node() {
         }
         planted.push((i, w.repo.save_snapshot(&s).unwrap()));
     }
+    // A volume deleted since, last backed up in a set 300h ago: that set
+    // holds its newest complete snapshot, so the set is kept whole, with
+    // its objects, past the keep span.
+    let (all, _) = w.repo.snapshots().unwrap();
+    let objects = all
+        .iter()
+        .find(|(_, s)| s.source == marmoset_agent::objects::OBJECTS_SOURCE)
+        .expect("the run's objects")
+        .1
+        .clone();
+    let very_old = chrono::Utc::now() - chrono::Duration::hours(300);
+    let mut kept = Vec::new();
+    for (source, base) in [
+        ("default/deleted-pvc", &snaps[2].1),
+        ("kubernetes", &objects),
+    ] {
+        let mut s = base.clone();
+        s.source = source.into();
+        s.time = very_old;
+        s.tags = vec![
+            "schedule=daily".into(),
+            "set=daily-20240101020000".into(),
+            format!("node={NODE}"),
+        ];
+        kept.push(w.repo.save_snapshot(&s).unwrap());
+    }
     let second = agent.run_once("daily").await.unwrap();
     assert_eq!(second.failed(), 0);
     assert_eq!(
         second.snapshots_forgotten, 1,
         "only this node's expired daily snapshot goes"
     );
-    let after = volume_snapshots(&w.repo);
+    let (all, _) = w.repo.snapshots().unwrap();
+    for id in &kept {
+        assert!(
+            all.iter().any(|(i, _)| i == id),
+            "the deleted volume's last set is kept whole"
+        );
+    }
+    let after: Vec<_> = volume_snapshots(&w.repo)
+        .into_iter()
+        .filter(|(_, s)| s.source != "default/deleted-pvc")
+        .collect();
     let ids: Vec<_> = after.iter().map(|(id, _)| *id).collect();
     assert!(ids.contains(&planted[0].1), "weekly kept (720h)");
     assert!(ids.contains(&planted[1].1), "other node's kept");
@@ -1633,7 +1681,8 @@ async fn each_run_is_copied_to_the_secondary_repository_and_reported() {
     )
     .unwrap();
     let (copies, _) = repo.snapshots().unwrap();
-    assert_eq!(copies.len(), 3);
+    assert_eq!(copies.len(), 4, "three volumes and the set's objects");
+    assert_eq!(volume_snapshots(&repo).len(), 3);
     for v in &report.volumes {
         let (_, copy) = copies
             .iter()
@@ -1665,7 +1714,7 @@ async fn each_run_is_copied_to_the_secondary_repository_and_reported() {
     // The next run copies its own snapshots only.
     let again = agent.run_once("daily").await.unwrap();
     let sec = again.secondary.expect("secondary outcome");
-    assert_eq!((sec.copied, sec.already), (3, 3), "{sec:?}");
+    assert_eq!((sec.copied, sec.already), (4, 4), "{sec:?}");
     drop(repo);
 }
 
@@ -1758,4 +1807,39 @@ async fn agents_on_several_nodes_make_one_backup_set() {
         .errors
         .iter()
         .any(|e| e.contains("node node-c did not report")));
+
+    // The elected agent (the first to run) saved the set's objects, and
+    // closes the set once node-c is past the deadline; no other agent does.
+    let objects = set
+        .objects
+        .clone()
+        .expect("objects saved by the elected agent");
+    assert!(
+        objects.count > 0 && objects.snapshot.is_some(),
+        "{objects:?}"
+    );
+    assert!(
+        a.finish_sets().await.unwrap().is_empty(),
+        "node-c may still report"
+    );
+    let quick = "sets:\n  reportDeadline: 1s\n";
+    let a = w.agent(NODE, quick);
+    let b = w.agent("node-b", quick);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(
+        b.finish_sets().await.unwrap().is_empty(),
+        "only the elected agent closes"
+    );
+    assert_eq!(a.finish_sets().await.unwrap(), ["daily-20260208020000"]);
+    let (sets, _) = marmoset_storage::sets(&w.repo, chrono::Utc::now()).unwrap();
+    assert!(sets[0].closed.is_some());
+    assert_eq!(sets[0].phase, "PartiallyFailed", "closed without node-c");
+    assert_eq!(sets[0].missing_nodes, ["node-c"]);
+    assert!(a.finish_sets().await.unwrap().is_empty(), "closed once");
+    // A late node still joins the closed set.
+    let c = w.agent("node-c", quick);
+    c.run_schedule(&sched, fire).await.unwrap();
+    let (sets, _) = marmoset_storage::sets(&w.repo, chrono::Utc::now()).unwrap();
+    assert_eq!(sets[0].nodes, [NODE, "node-b", "node-c"]);
+    assert!(sets[0].missing_nodes.is_empty());
 }

@@ -9,8 +9,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::backend::FileKind;
 use crate::error::Result;
 use crate::format::backup_set::{PartKind, SetObjects, SetPart, SetVolume};
+use crate::format::id::Id;
+use crate::format::snapshot::Snapshot;
 use crate::repo::Repository;
 
 /// How long after a set's last report a node that has not reported is
@@ -185,6 +188,57 @@ fn one_set(name: String, records: Records, now: DateTime<Utc>) -> BackupSet {
     }
 }
 
+/// The `set=` tags of the sets that hold the newest complete snapshot of
+/// some volume among `snaps` carrying `schedule_tag`: retention keeps
+/// these sets whole (their volume snapshots and their objects), however
+/// old, so every volume keeps a last good copy that can be restored
+/// with its Kubernetes objects.
+pub fn newest_complete_sets(snaps: &[(Id, Snapshot)], schedule_tag: &str) -> Vec<String> {
+    let mut newest: BTreeMap<&str, &Snapshot> = BTreeMap::new();
+    for (_, s) in snaps {
+        let complete = !s.incomplete && s.summary.errors.is_empty();
+        if !complete || !s.tags.iter().any(|t| t == schedule_tag) {
+            continue;
+        }
+        if s.tags.iter().all(|t| !t.starts_with("set=")) {
+            continue;
+        }
+        match newest.get(s.source.as_str()) {
+            Some(have) if have.time >= s.time => {}
+            _ => {
+                newest.insert(&s.source, s);
+            }
+        }
+    }
+    let tags: BTreeSet<String> = newest
+        .values()
+        .flat_map(|s| s.tags.iter().filter(|t| t.starts_with("set=")).cloned())
+        .collect();
+    tags.into_iter().collect()
+}
+
+/// Removes the records of sets none of whose snapshots remain (retention
+/// forgot them all), once older than [`REPORT_DEADLINE`]. Returns the
+/// sets removed.
+pub fn prune_sets(repo: &Repository, now: DateTime<Utc>) -> Result<Vec<String>> {
+    let (snaps, _) = repo.snapshots()?;
+    let live: BTreeSet<&str> = snaps
+        .iter()
+        .flat_map(|(_, s)| s.tags.iter())
+        .filter_map(|t| t.strip_prefix("set="))
+        .collect();
+    let (parts, _) = repo.set_parts()?;
+    let mut removed = BTreeSet::new();
+    for (file, p) in &parts {
+        if live.contains(p.set.as_str()) || now - p.finished < REPORT_DEADLINE {
+            continue;
+        }
+        repo.backend().remove(FileKind::Set, file)?;
+        removed.insert(p.set.clone());
+    }
+    Ok(removed.into_iter().collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,5 +337,42 @@ mod tests {
         );
         assert_eq!(s[0].phase, "Completed");
         assert_eq!(s[0].volumes.len(), 2);
+    }
+
+    fn snap(source: &str, at: i64, set: &str, incomplete: bool) -> (Id, Snapshot) {
+        let s = Snapshot {
+            version: 1,
+            time: DateTime::from_timestamp(at, 0).unwrap_or_default(),
+            hostname: "node-a".into(),
+            username: "root".into(),
+            source: source.into(),
+            paths: Vec::new(),
+            tags: vec!["schedule=daily".into(), format!("set={set}")],
+            tree: Id([0; 32]),
+            tree_parts: Vec::new(),
+            parent: None,
+            program_version: "t".into(),
+            incomplete,
+            summary: Default::default(),
+            original: None,
+        };
+        (Id([at as u8; 32]), s)
+    }
+
+    #[test]
+    fn the_set_of_each_volumes_newest_complete_snapshot_is_protected() {
+        let snaps = vec![
+            snap("default/a", 100, "daily-1", false),
+            snap("default/a", 200, "daily-2", true),
+            snap("default/b", 150, "daily-1", false),
+            snap("default/b", 300, "daily-3", false),
+            snap("kubernetes", 300, "daily-3", false),
+        ];
+        // a's newest is incomplete: its last complete copy is in daily-1.
+        assert_eq!(
+            newest_complete_sets(&snaps, "schedule=daily"),
+            ["set=daily-1", "set=daily-3"]
+        );
+        assert!(newest_complete_sets(&snaps, "schedule=weekly").is_empty());
     }
 }
