@@ -1714,7 +1714,9 @@ async fn each_run_is_copied_to_the_secondary_repository_and_reported() {
     // The next run copies its own snapshots only.
     let again = agent.run_once("daily").await.unwrap();
     let sec = again.secondary.expect("secondary outcome");
-    assert_eq!((sec.copied, sec.already), (4, 4), "{sec:?}");
+    // A run within the same second is the same set: its objects are saved once.
+    let objects = usize::from(again.set != report.set);
+    assert_eq!((sec.copied, sec.already), (3 + objects, 4), "{sec:?}");
     drop(repo);
 }
 

@@ -663,9 +663,227 @@ pub fn plan(saved: &[Saved], volumes: &[SetVolumeRef], opts: &RestoreOptions) ->
 /// `marmoset-restore-<claim>-<hash>`, at most 63 characters.
 fn helper_name(restore: &str, claim: &str) -> String {
     let h = blake3::hash(format!("{restore}/{claim}").as_bytes()).to_hex();
-    let mut base: String = claim.chars().take(40).collect();
+    let mut base: String = claim.chars().take(37).collect();
     while base.ends_with('-') || base.ends_with('.') {
         base.pop();
     }
     format!("{HELPER_POD_PREFIX}{base}-{}", &h[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rt(plural: &str, kind: &str, api_version: &str, namespaced: bool) -> ResourceType {
+        ResourceType {
+            api_version: api_version.into(),
+            kind: kind.into(),
+            plural: plural.into(),
+            group: api_version
+                .split_once('/')
+                .map(|(g, _)| g.to_string())
+                .unwrap_or_default(),
+            namespaced,
+        }
+    }
+
+    fn saved(plural: &str, kind: &str, av: &str, obj: Value) -> Saved {
+        Saved {
+            rt: rt(
+                plural,
+                kind,
+                av,
+                plural != "persistentvolumes" && plural != "namespaces",
+            ),
+            obj,
+        }
+    }
+
+    fn opts() -> RestoreOptions {
+        RestoreOptions {
+            name: "r1".into(),
+            restore_volumes: true,
+            image: "img".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn selectors_parse_and_match_like_kubectl() {
+        let s = Selector::parse("app=x, tier!=db,team,!legacy").unwrap_or_default();
+        let l = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert!(s.matches(&l(&[("app", "x"), ("team", "a")])));
+        assert!(!s.matches(&l(&[("app", "x"), ("team", "a"), ("tier", "db")])));
+        assert!(!s.matches(&l(&[("app", "x")])));
+        assert!(!s.matches(&l(&[("app", "x"), ("team", "a"), ("legacy", "")])));
+        assert!(Selector::parse("a b").is_err());
+        assert!(Selector::parse("").is_ok_and(|s| s.is_empty()));
+    }
+
+    #[test]
+    fn objects_are_cleaned_mapped_and_ordered() {
+        let objs = vec![
+            saved(
+                "deployments",
+                "Deployment",
+                "apps/v1",
+                json!({"metadata": {"name": "app", "namespace": "a", "uid": "u1",
+                "resourceVersion": "9", "ownerReferences": [{"kind": "X", "name": "y", "uid": "z"}]},
+                "spec": {"template": {"spec": {"containers": [{"name": "c", "volumeMounts": [{"name": "kube-api-access-1"}]}],
+                    "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "data"}}, {"name": "kube-api-access-1", "projected": {}}]}}},
+                "status": {"replicas": 1}}),
+            ),
+            saved(
+                "services",
+                "Service",
+                "v1",
+                json!({"metadata": {"name": "svc", "namespace": "a"},
+                "spec": {"clusterIP": "10.0.0.1", "clusterIPs": ["10.0.0.1"], "ports": [{"port": 80, "nodePort": 30001}]}}),
+            ),
+            saved(
+                "services",
+                "Service",
+                "v1",
+                json!({"metadata": {"name": "headless", "namespace": "a"},
+                "spec": {"clusterIP": "None"}}),
+            ),
+            saved(
+                "persistentvolumeclaims",
+                "PersistentVolumeClaim",
+                "v1",
+                json!({"metadata": {"name": "data", "namespace": "a",
+                "annotations": {"volume.kubernetes.io/selected-node": "n1"}}, "spec": {"volumeName": "pv-1"}}),
+            ),
+            saved(
+                "persistentvolumeclaims",
+                "PersistentVolumeClaim",
+                "v1",
+                json!({"metadata": {"name": "scratch", "namespace": "a"},
+                "spec": {"volumeName": "pv-2"}}),
+            ),
+            saved(
+                "jobs",
+                "Job",
+                "batch/v1",
+                json!({"metadata": {"name": "once", "namespace": "a"},
+                "spec": {"selector": {"matchLabels": {"controller-uid": "u"}},
+                         "template": {"metadata": {"labels": {"controller-uid": "u", "job-name": "once", "app": "j"}}, "spec": {}}}}),
+            ),
+            saved(
+                "pods",
+                "Pod",
+                "v1",
+                json!({"metadata": {"name": "bare", "namespace": "a"}, "spec": {"nodeName": "n1", "containers": []}}),
+            ),
+            saved(
+                "configmaps",
+                "ConfigMap",
+                "v1",
+                json!({"metadata": {"name": "cfg", "namespace": "a"}}),
+            ),
+            saved(
+                "configmaps",
+                "ConfigMap",
+                "v1",
+                json!({"metadata": {"name": "other", "namespace": "b"}}),
+            ),
+        ];
+        let vols = vec![SetVolumeRef {
+            namespace: "a".into(),
+            pvc: "data".into(),
+            snapshot: "abc".into(),
+        }];
+        let mut o = opts();
+        o.include_namespaces = vec!["a".into()];
+        o.namespace_mappings = [("a".to_string(), "a2".to_string())].into();
+        let p = plan(&objs, &vols, &o);
+        let order: Vec<String> = p
+            .objects
+            .iter()
+            .map(|o| format!("{} {}", o.rt.key(), o.name))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "namespaces a2",
+                "persistentvolumeclaims data",
+                "persistentvolumeclaims scratch",
+                "configmaps cfg",
+                "services headless",
+                "services svc",
+                "pods bare",
+                "deployments.apps app",
+                "jobs.batch once",
+            ]
+        );
+        assert!(p
+            .objects
+            .iter()
+            .all(|o| o.rt.key() == "namespaces" || o.namespace.as_deref() == Some("a2")));
+        let get = |name: &str| {
+            p.objects
+                .iter()
+                .find(|o| o.name == name)
+                .map(|o| o.obj.clone())
+                .unwrap_or_default()
+        };
+        let dep = get("app");
+        assert!(dep["metadata"]["uid"].is_null() && dep["metadata"]["resourceVersion"].is_null());
+        assert!(dep["metadata"]["ownerReferences"].is_null() && dep["status"].is_null());
+        let tpl = &dep["spec"]["template"];
+        assert_eq!(tpl["spec"]["initContainers"][0]["name"], WAIT_CONTAINER);
+        assert_eq!(tpl["metadata"]["annotations"][RESTORE_ANNOTATION], "r1");
+        assert!(!tpl.to_string().contains("kube-api-access"));
+        assert!(tpl["spec"]["volumes"].to_string().contains(WAIT_VOLUME));
+        let svc = get("svc");
+        assert!(
+            svc["spec"]["clusterIP"].is_null() && svc["spec"]["ports"][0]["nodePort"].is_null()
+        );
+        assert_eq!(get("headless")["spec"]["clusterIP"], "None");
+        let data = get("data");
+        assert!(data["spec"]["volumeName"].is_null());
+        assert!(data["metadata"]["annotations"]["volume.kubernetes.io/selected-node"].is_null());
+        assert_eq!(data["metadata"]["annotations"][SNAPSHOT_ANNOTATION], "abc");
+        // No snapshot and no saved PV: a new, empty volume, and said so.
+        assert!(get("scratch")["spec"]["volumeName"].is_null());
+        assert!(p
+            .skipped
+            .iter()
+            .any(|s| s.contains("scratch") && s.contains("empty")));
+        let job = get("once");
+        assert!(job["spec"]["selector"].is_null());
+        assert_eq!(
+            job["spec"]["template"]["metadata"]["labels"],
+            json!({"app": "j"})
+        );
+        assert!(get("bare")["spec"]["nodeName"].is_null());
+        // The claim is mounted by the Deployment: no helper pod.
+        assert_eq!(p.volumes.len(), 1);
+        assert_eq!(p.volumes[0].namespace, "a2");
+        assert!(p.volumes[0].helper_pod.is_none());
+    }
+
+    #[test]
+    fn a_statefulsets_claims_are_found_by_template_name() {
+        let sts = json!({"metadata": {"name": "web", "namespace": "a"},
+            "spec": {"template": {"spec": {"containers": []}}, "volumeClaimTemplates": [{"metadata": {"name": "data"}}]}});
+        let claims: BTreeSet<String> = ["data-web-0", "data-web-1", "data-webby-0", "data-web-x"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let (names, found) =
+            waited_volumes("statefulsets.apps", &sts, &sts["spec"]["template"], &claims);
+        assert_eq!(names, ["data"]);
+        assert_eq!(
+            found.into_iter().collect::<Vec<_>>(),
+            ["data-web-0", "data-web-1"]
+        );
+        let long = helper_name("r", &"x".repeat(100));
+        assert!(long.len() <= 63, "{long}");
+    }
 }
