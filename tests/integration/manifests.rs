@@ -344,6 +344,64 @@ fn the_verify_job_runs_the_weekly_restore_test() {
     );
 }
 
+/// The seed's weekly test restore: Sunday 04:00, `default` into a
+/// temporary namespace, within the seed job's limits; its rights create
+/// what a namespace holds and never update an existing object.
+#[test]
+fn the_restore_verify_job_is_the_seeds_and_creates_without_overwriting() {
+    let objs = docs("verify-restore-cronjob.yaml");
+    let cj: CronJob = typed(objs.iter().find(|o| o["kind"] == "CronJob").unwrap());
+    let spec = cj.spec.unwrap();
+    assert_eq!(spec.schedule, "0 4 * * 0");
+    let pod = spec.job_template.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("marmoset-verify"));
+    let c = &pod.containers[0];
+    let args = c.args.clone().unwrap().join(" ");
+    assert_eq!(
+        args,
+        "k8s verify --schedule daily --namespace default --max-age 48h --timeout 2h"
+    );
+    let limits = c.resources.clone().unwrap().limits.unwrap();
+    assert_eq!(
+        (limits["cpu"].0.as_str(), limits["memory"].0.as_str()),
+        ("500m", "256Mi")
+    );
+    for role in objs
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+    {
+        for rule in role["rules"].as_array().unwrap() {
+            let verbs = rule["verbs"].to_string();
+            assert!(
+                !verbs.contains("\"update\"") || rule["resources"] == json!(["configmaps"]),
+                "{rule}"
+            );
+            assert!(!verbs.contains("patch") && !verbs.contains('*'), "{rule}");
+        }
+    }
+    // The agent reads every object of a backed-up namespace, Secrets
+    // included, only where it is bound: per included namespace.
+    let rbac = docs("rbac.yaml");
+    let objects = rbac
+        .iter()
+        .find(|o| o["kind"] == "ClusterRole" && o["metadata"]["name"] == "marmoset-agent-objects")
+        .unwrap();
+    assert_eq!(objects["rules"][0]["verbs"], json!(["get", "list"]));
+    assert!(!rbac
+        .iter()
+        .any(|o| o["kind"] == "ClusterRoleBinding"
+            && o["roleRef"]["name"] == "marmoset-agent-objects"));
+    let mut bound: Vec<String> = rbac
+        .iter()
+        .filter(|o| o["kind"] == "RoleBinding" && o["roleRef"]["name"] == "marmoset-agent-objects")
+        .map(|o| o["metadata"]["namespace"].as_str().unwrap().to_string())
+        .collect();
+    bound.sort();
+    let mut included = agent_config().included_namespaces;
+    included.sort();
+    assert_eq!(bound, included);
+}
+
 #[test]
 fn the_verify_job_is_bounded_and_unprivileged() {
     let cj: CronJob = typed(&docs("verify-cronjob.yaml")[0]);
@@ -621,7 +679,11 @@ fn the_image_is_one_kustomize_setting() {
     assert_eq!(images[0]["name"].as_str(), Some("marmoset"));
     assert!(images[0]["newTag"].as_str().is_some_and(|t| !t.is_empty()));
     // Every workload names the image the setting replaces.
-    for file in ["daemonset.yaml", "verify-cronjob.yaml"] {
+    for file in [
+        "daemonset.yaml",
+        "verify-cronjob.yaml",
+        "verify-restore-cronjob.yaml",
+    ] {
         let text = std::fs::read_to_string(deploy().join(file)).unwrap();
         let images: Vec<&str> = text
             .lines()
