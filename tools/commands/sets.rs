@@ -88,7 +88,30 @@ fn describe(s: &BackupSet) {
             .with_timezone(&chrono::Local)
             .format("%Y-%m-%d %H:%M:%S")
     );
+    if let Some(c) = s.closed {
+        outln!(
+            "Closed:    {}",
+            c.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S")
+        );
+    }
     outln!("Nodes:     {}", s.nodes.join(", "));
+    match &s.objects {
+        Some(o) => outln!(
+            "Objects:   {} saved from {} (snapshot {}){}",
+            o.count,
+            o.namespaces.join(", "),
+            o.snapshot
+                .as_deref()
+                .map(|x| &x[..x.len().min(8)])
+                .unwrap_or("-"),
+            if o.errors.is_empty() {
+                String::new()
+            } else {
+                format!("; {} errors", o.errors.len())
+            }
+        ),
+        None => outln!("Objects:   none saved"),
+    }
     if !s.missing_nodes.is_empty() {
         outln!("Missing:   {}", s.missing_nodes.join(", "));
     }
