@@ -179,7 +179,6 @@ fn the_daemonset_gives_the_agent_what_it_needs_and_no_more() {
         .iter()
         .find(|m| m.mount_path == "/var/lib/kubelet/pods")
         .unwrap();
-    assert_eq!(kubelet.read_only, Some(true));
     assert_eq!(
         kubelet.mount_propagation.as_deref(),
         Some("HostToContainer")
@@ -187,7 +186,12 @@ fn the_daemonset_gives_the_agent_what_it_needs_and_no_more() {
     let sc = c.security_context.clone().unwrap();
     assert_eq!(sc.read_only_root_filesystem, Some(true));
     assert_eq!(sc.privileged, None, "not privileged");
-    assert_eq!(sc.capabilities.unwrap().add.unwrap(), ["DAC_READ_SEARCH"]);
+    // DAC_READ_SEARCH to read every volume; CHOWN, FOWNER and
+    // DAC_OVERRIDE to restore owners and modes (k8s restore).
+    assert_eq!(
+        sc.capabilities.unwrap().add.unwrap(),
+        ["DAC_READ_SEARCH", "CHOWN", "FOWNER", "DAC_OVERRIDE"]
+    );
     assert_eq!(pod.service_account_name.as_deref(), Some("marmoset-agent"));
 }
 
@@ -426,7 +430,7 @@ fn the_verify_job_is_bounded_and_unprivileged() {
 }
 
 #[test]
-fn shutdown_has_time_for_the_post_hooks_and_mounts_are_read_only() {
+fn shutdown_has_time_for_the_post_hooks_and_restores_can_write_volumes() {
     let ds: DaemonSet = typed(&docs("daemonset.yaml")[0]);
     let pod = ds.spec.unwrap().template.spec.unwrap();
     let grace = pod.termination_grace_period_seconds.unwrap();
@@ -435,20 +439,32 @@ fn shutdown_has_time_for_the_post_hooks_and_mounts_are_read_only() {
         grace >= timeout + 30,
         "grace {grace}s, hook timeout {timeout}s"
     );
+    // Restores (k8s restore) write the data of restored volumes and the
+    // release marker of the pod waiting for them.
     let mounts = pod.containers[0].volume_mounts.clone().unwrap();
-    let local = mounts
-        .iter()
-        .find(|m| m.mount_path == "/var/lib/rancher/k3s/storage")
-        .unwrap();
-    assert_eq!(local.read_only, Some(true));
-    assert_eq!(local.recursive_read_only.as_deref(), Some("IfPossible"));
-    // Kubernetes refuses recursiveReadOnly with propagation, which the
-    // kubelet mount needs to see volumes mounted after the agent started.
+    for path in ["/var/lib/rancher/k3s/storage", "/var/lib/kubelet/pods"] {
+        let m = mounts.iter().find(|m| m.mount_path == path).unwrap();
+        assert_ne!(m.read_only, Some(true), "{path}");
+    }
     let kubelet = mounts
         .iter()
         .find(|m| m.mount_path == "/var/lib/kubelet/pods")
         .unwrap();
-    assert_eq!(kubelet.recursive_read_only, None);
+    assert_eq!(
+        kubelet.mount_propagation.as_deref(),
+        Some("HostToContainer")
+    );
+    let caps = pod.containers[0]
+        .security_context
+        .clone()
+        .unwrap()
+        .capabilities
+        .unwrap();
+    assert_eq!(caps.drop.unwrap(), ["ALL"]);
+    let mut add = caps.add.unwrap();
+    add.sort();
+    assert_eq!(add, ["CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER"]);
+    assert_eq!(agent_config().restores.enabled, true);
 }
 
 #[test]
