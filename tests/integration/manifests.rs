@@ -464,7 +464,7 @@ fn shutdown_has_time_for_the_post_hooks_and_restores_can_write_volumes() {
     let mut add = caps.add.unwrap();
     add.sort();
     assert_eq!(add, ["CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER"]);
-    assert_eq!(agent_config().restores.enabled, true);
+    assert!(agent_config().restores.enabled);
 }
 
 #[test]
