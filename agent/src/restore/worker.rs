@@ -9,13 +9,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, ListParams};
-use marmoset_storage::{Overwrite, RestoreOptions as DataRestoreOptions};
+use marmoset_storage::{Overwrite, RestoreOptions as DataRestoreOptions, RestoreProgress};
 use tracing::{info, warn};
 
 use crate::cluster::Subject;
@@ -24,6 +25,9 @@ use crate::error::{Error, Result};
 use crate::restore::record::{self, RestoreRecord, COMPLETED, FAILED, IN_PROGRESS, NEW};
 use crate::restore::{DONE_FILE, FAILED_FILE, RESTORE_ANNOTATION, WAIT_CONTAINER, WAIT_VOLUME};
 use crate::runner::{joined, Agent};
+
+/// How often a running volume restore records its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// A pod of this node waiting for restored volumes.
 struct Waiting {
@@ -368,8 +372,10 @@ impl Agent {
         }
         let expected_source = format!("{}/{}", item.source_namespace, item.pvc);
         let snapshot = item.snapshot.clone();
+        let progress = Arc::new(RestoreProgress::default());
+        let p = progress.clone();
         let share = self.share_repo().await;
-        let work = self.on_repo(share, move |repo| {
+        let mut work = self.on_repo(share, move |repo| {
             let (_, snap) = repo.resolve_snapshot(&snapshot)?;
             if snap.source != expected_source {
                 return Err(marmoset_storage::Error::InvalidArgument(format!(
@@ -382,9 +388,38 @@ impl Agent {
                 overwrite: Overwrite::Always,
                 ..Default::default()
             };
-            marmoset_storage::restore(repo, &snap, "", &path, &opts, &Default::default())
+            marmoset_storage::restore(repo, &snap, "", &path, &opts, &p)
         });
-        let summary = joined(work.await)?;
+        // A large volume takes a while: its bytes so far go into the
+        // record (`k8s restore describe`) every PROGRESS_EVERY.
+        let mut tick = tokio::time::interval(PROGRESS_EVERY);
+        tick.tick().await;
+        let result = loop {
+            tokio::select! {
+                r = &mut work => break r,
+                _ = tick.tick() => {
+                    let (files, bytes) = (
+                        progress.files_done.load(Ordering::Relaxed),
+                        progress.bytes_written.load(Ordering::Relaxed),
+                    );
+                    let r = record::update(self.cluster.client(), ns, &w.restore, |rec| {
+                        match rec.item_mut(&w.namespace, pvc) {
+                            Some(item) if item.phase == IN_PROGRESS => {
+                                item.files = files;
+                                item.bytes = bytes;
+                                true
+                            }
+                            _ => false,
+                        }
+                    })
+                    .await;
+                    if let Err(e) = r {
+                        warn!(error = %e, "could not record restore progress");
+                    }
+                }
+            }
+        };
+        let summary = joined(result)?;
         if summary.files_failed > 0 || !summary.errors.is_empty() {
             let first = summary
                 .errors
