@@ -147,17 +147,30 @@ impl Agent {
         let now = Utc::now();
         let deadline = chrono::Duration::from_std(self.cfg.sets.report_deadline)
             .unwrap_or(chrono::Duration::hours(6));
-        let due: Vec<BackupSet> = self
+        let open: Vec<BackupSet> = self
             .current_sets()
             .await?
             .into_iter()
             .filter(|s| s.closed.is_none() && self.schedule(&s.schedule).is_some())
             .filter(|s| !s.nodes.is_empty() && now - s.started < deadline * 4)
-            .filter(|s| s.missing_nodes.is_empty() || now - s.finished >= deadline)
             .collect();
         if !self.elected_for_sets().await {
             return Ok(Vec::new());
         }
+        // Elected after the run started (the holder died): the objects of
+        // a set still open are saved now, later than its volumes but not
+        // lost.
+        if self.cfg.sets.save_objects {
+            for s in open.iter().filter(|s| s.objects.is_none()) {
+                if let Some(sched) = self.schedule(&s.schedule).cloned() {
+                    self.save_set_objects(&sched, &s.name).await;
+                }
+            }
+        }
+        let due: Vec<BackupSet> = open
+            .into_iter()
+            .filter(|s| s.missing_nodes.is_empty() || now - s.finished >= deadline)
+            .collect();
         let share = self.share_repo().await;
         let work = self.on_repo(share, move |repo| marmoset_storage::prune_sets(repo, now));
         match joined(work.await) {

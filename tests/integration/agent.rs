@@ -1845,3 +1845,52 @@ async fn agents_on_several_nodes_make_one_backup_set() {
     assert_eq!(sets[0].nodes, [NODE, "node-b", "node-c"]);
     assert!(sets[0].missing_nodes.is_empty());
 }
+
+/// The agent elected for the sets dies: another takes the `marmoset-sets`
+/// Lease once it has seen it unrenewed for its duration, saves the
+/// objects of the set still open (later than its volumes, not lost) and
+/// closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_agent_takes_over_the_sets_when_the_elected_one_dies() {
+    let w = world().await;
+    fill(&w.host().join("var/lib/rancher/k3s/storage/pvc-r"), 13, 4);
+    w.api.with(|s| s.add(agent_pod("node-b")));
+    let short = "sets:\n  leaseDuration: 10s\n";
+    let a = w.agent(NODE, short);
+    let sched = a.schedule("daily").unwrap().clone();
+    let at = |s: &str| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    };
+    a.run_schedule(&sched, at("2026-02-08T02:00:00Z"))
+        .await
+        .unwrap();
+    // node-a is gone; node-b runs the next set alone.
+    drop(a);
+    let b = w.agent("node-b", short);
+    let rb = b
+        .run_schedule(&sched, at("2026-02-09T02:00:00Z"))
+        .await
+        .unwrap();
+    assert_eq!(rb.set, "daily-20260209020000");
+    let (sets, _) = marmoset_storage::sets(&w.repo, chrono::Utc::now()).unwrap();
+    let second = sets.iter().find(|s| s.name == rb.set).unwrap();
+    assert!(second.objects.is_none(), "node-a still held the lease");
+    assert!(second.closed.is_none());
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(b.finish_sets().await.unwrap(), [rb.set.clone()]);
+    let (sets, _) = marmoset_storage::sets(&w.repo, chrono::Utc::now()).unwrap();
+    let second = sets.iter().find(|s| s.name == rb.set).unwrap();
+    let objects = second.objects.clone().expect("saved by the new holder");
+    assert!(
+        objects.snapshot.is_some() && objects.count > 0,
+        "{objects:?}"
+    );
+    assert!(second.closed.is_some());
+    let first = sets
+        .iter()
+        .find(|s| s.name == "daily-20260208020000")
+        .unwrap();
+    assert!(first.objects.is_some(), "the first set kept its own");
+}
