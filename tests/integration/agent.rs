@@ -1879,7 +1879,7 @@ async fn another_agent_takes_over_the_sets_when_the_elected_one_dies() {
     assert!(second.objects.is_none(), "node-a still held the lease");
     assert!(second.closed.is_none());
     tokio::time::sleep(Duration::from_secs(11)).await;
-    assert_eq!(b.finish_sets().await.unwrap(), [rb.set.clone()]);
+    assert_eq!(b.finish_sets().await.unwrap(), vec![rb.set.clone()]);
     let (sets, _) = marmoset_storage::sets(&w.repo, chrono::Utc::now()).unwrap();
     let second = sets.iter().find(|s| s.name == rb.set).unwrap();
     let objects = second.objects.clone().expect("saved by the new holder");
