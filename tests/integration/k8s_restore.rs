@@ -169,12 +169,16 @@ async fn run_with_cluster(w: &World, agent: &Agent, args: &[&str]) -> Output {
     let mut cmd = cli(w, args);
     let child = tokio::task::spawn_blocking(move || cmd.output().unwrap());
     let start = Instant::now();
+    let mut round = 0;
     while !child.is_finished() {
         assert!(
             start.elapsed() < Duration::from_secs(120),
             "marmoset {args:?} did not finish"
         );
-        controllers(w);
+        // Pods wait a few rounds for their claims (WaitForFirstConsumer):
+        // the agent must wait too, not fail.
+        round += 1;
+        controllers(w, round > 5);
         agent.restore_round().await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -199,8 +203,9 @@ fn restored_marker(w: &World, uid: &str) -> PathBuf {
 }
 
 /// One round of what the cluster's controllers, scheduler, provisioner
-/// and kubelet would do for restored objects.
-fn controllers(w: &World) {
+/// and kubelet would do for restored objects; `bind`: whether the
+/// provisioner has got round to binding the claims of scheduled pods.
+fn controllers(w: &World, bind: bool) {
     let host = w.host();
     let kubelet = w.kubelet();
     w.api.with(|s| {
@@ -258,7 +263,7 @@ fn controllers(w: &World) {
                 let Some(mut claim_obj) = s.get("v1", "PersistentVolumeClaim", Some(&ns), c) else {
                     continue;
                 };
-                if claim_obj["spec"]["volumeName"].as_str().is_some() {
+                if !bind || claim_obj["spec"]["volumeName"].as_str().is_some() {
                     continue;
                 }
                 let pv_name = format!("pvc-new-{ns}-{c}");
@@ -435,7 +440,7 @@ async fn a_namespace_restores_under_another_name_with_its_volumes() {
     );
     assert!(
         skipped.contains(
-            "persistentvolumes pvc-bm: its claim default/bookmarked-data gets a new volume"
+            "persistentvolumes pvc-bm: not restored; its claim default/bookmarked-data is restored into a new volume"
         ),
         "{skipped}"
     );
@@ -918,6 +923,35 @@ async fn the_weekly_verify_restores_default_into_a_temporary_namespace_and_clean
             "record deleted"
         );
     });
+    // A namespace that exists is never the verify's: refused, untouched.
+    w.api.with(|s| {
+        s.add(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}));
+        s.add(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "orders", "namespace": "shop"}}));
+    });
+    let out = cli(
+        &w,
+        &[
+            "--json",
+            "k8s",
+            "verify",
+            "--target-namespace",
+            "shop",
+            "--timeout",
+            "30s",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["errors"][0].as_str().unwrap().contains("exists already"),
+        "{v:#}"
+    );
+    w.api.with(|s| {
+        assert!(s.get("v1", "Namespace", None, "shop").is_some());
+        assert!(s.get("v1", "ConfigMap", Some("shop"), "orders").is_some());
+    });
     // Nothing younger than the limit: FAIL, and nothing is created.
     std::thread::sleep(Duration::from_millis(1100));
     let out = cli(
@@ -1000,7 +1034,61 @@ async fn restore_refuses_bad_input_clearly() {
                 "--include-namespaces",
                 "default",
                 "--include-resources",
-                "widgets",
+                "widgets,deployments",
+            ],
+            "no resource type \"widgets\"",
+        ),
+        (
+            &[
+                "k8s",
+                "restore",
+                "--from",
+                SET,
+                "--include-namespaces",
+                "default",
+                "--namespace-mappings",
+                "defualt:x",
+            ],
+            "does not include",
+        ),
+        (
+            &[
+                "k8s",
+                "restore",
+                "--from",
+                SET,
+                "--include-namespaces",
+                "default,monitoring",
+                "--namespace-mappings",
+                "default:merged,monitoring:merged",
+            ],
+            "both be restored into merged",
+        ),
+        (
+            &[
+                "k8s",
+                "restore",
+                "--from",
+                SET,
+                "--include-namespaces",
+                "default,monitoring",
+                "--namespace-mappings",
+                "monitoring:default",
+            ],
+            "both be restored into default",
+        ),
+        (
+            &[
+                "k8s",
+                "restore",
+                "--from",
+                SET,
+                "--include-namespaces",
+                "monitoring",
+                "--include-resources",
+                "deployments",
+                "--selector",
+                "app=nothing-has-this",
             ],
             "nothing to restore",
         ),
@@ -1044,5 +1132,161 @@ async fn restore_refuses_bad_input_clearly() {
         count,
         w.api
             .with(|s| s.all("Namespace").len() + s.all("ConfigMap").len())
+    );
+}
+
+/// A tenant who controls the namespace restored into recreates the
+/// restored claim naming another namespace's volume (the API server
+/// accepts such a claim). The agent must not write into that volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_naming_another_namespaces_volume_is_never_written() {
+    let (w, agent) = world_with_set().await;
+    let victim = bookmarked_dir(&w);
+    let before = read_tree(&victim);
+    let mut cmd = cli(
+        &w,
+        &[
+            "--json",
+            "k8s",
+            "restore",
+            "--from",
+            SET,
+            "--include-namespaces",
+            "default",
+            "--namespace-mappings",
+            "default:tenant",
+            "--include-resources",
+            "persistentvolumeclaims",
+            "--selector",
+            "app=bookmarked",
+            "--wait",
+            "--timeout",
+            "60s",
+            "--poll",
+            "1s",
+        ],
+    );
+    let child = tokio::task::spawn_blocking(move || cmd.output().unwrap());
+    // The tenant swaps the new claim for one naming default's volume,
+    // and marks it bound.
+    let start = Instant::now();
+    loop {
+        assert!(start.elapsed() < Duration::from_secs(30));
+        let swapped = w.api.with(|s| {
+            let Some(mut c) = s.get(
+                "v1",
+                "PersistentVolumeClaim",
+                Some("tenant"),
+                "bookmarked-data",
+            ) else {
+                return false;
+            };
+            c["spec"]["volumeName"] = json!("pvc-bm");
+            c["status"] = json!({"phase": "Bound"});
+            s.add(c);
+            true
+        });
+        if swapped {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while !child.is_finished() {
+        controllers(&w, true);
+        agent.restore_round().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = child.await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = &rec["volumes"][0];
+    assert_eq!(v["phase"], "Failed", "{rec:#}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("belongs to default/bookmarked-data"),
+        "{v:#}"
+    );
+    assert_eq!(
+        read_tree(&victim),
+        before,
+        "the other namespace's volume is untouched"
+    );
+}
+
+/// A set written by another process (another node's agent) after this
+/// agent opened the repository restores: the agent reads the index files
+/// written since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_restores_what_other_agents_backed_up_after_it_started() {
+    let (w, agent) = world_with_set().await;
+    let other = marmoset_storage::Repository::open(
+        std::sync::Arc::new(marmoset_storage::backend::fs::FsBackend::new(
+            w.dir.path().join("repo"),
+        )),
+        PASSWORD.as_bytes(),
+        &marmoset_storage::OpenOptions {
+            cache_root: Some(w.dir.path().join("other-cache")),
+        },
+    )
+    .unwrap();
+    let b = Agent::new(
+        w.config(""),
+        marmoset_agent::Cluster::new(w.api.client(AGENT_NS), NODE, AGENT_NS),
+        std::sync::Arc::new(other),
+    )
+    .unwrap();
+    // New data, only in the other process's index files.
+    fill(&bookmarked_dir(&w).join("new"), 77, 6);
+    let sched = b.schedule("daily").unwrap().clone();
+    let fire = chrono::DateTime::parse_from_rfc3339("2026-02-09T02:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let report = b.run_schedule(&sched, fire).await.unwrap();
+    assert_eq!(report.failed(), 0);
+    drop(b);
+    w.api.with(|s| {
+        s.remove(
+            "v1",
+            "PersistentVolumeClaim",
+            Some("default"),
+            "bookmarked-data",
+        )
+    });
+    let rec = json_of(
+        &run_with_cluster(
+            &w,
+            &agent,
+            &[
+                "--json",
+                "k8s",
+                "restore",
+                "--from",
+                &report.set,
+                "--include-namespaces",
+                "default",
+                "--include-resources",
+                "persistentvolumeclaims",
+                "--selector",
+                "app=bookmarked",
+                "--wait",
+                "--timeout",
+                "60s",
+                "--poll",
+                "1s",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(rec["volumes"][0]["phase"], "Completed", "{rec:#}");
+    assert_eq!(
+        read_tree(&new_volume_dir(&w, "default", "bookmarked-data")),
+        read_tree(&bookmarked_dir(&w))
     );
 }

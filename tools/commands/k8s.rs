@@ -32,6 +32,9 @@ pub(super) fn run(g: &Global, command: K8sCommand) -> Result<ExitCode> {
             dir,
             timeout,
         } => {
+            if name.trim().is_empty() {
+                bail!("--restore: the restore's name is empty");
+            }
             let timeout = span(&timeout)?;
             eprintln!(
                 "waiting for the volumes of restore {name} ({})",
@@ -92,7 +95,8 @@ fn create(g: &Global, a: K8sRestoreArgs) -> Result<ExitCode> {
     let rt = runtime()?;
     let client = connect(&rt, &a.cluster)?;
     let image = if a.dry_run || a.no_volumes {
-        a.cluster.image.clone().unwrap_or_else(|| "marmoset".into())
+        // Shown as it would be; no wait container is started.
+        image(&rt, &client, &a.cluster).unwrap_or_else(|_| "marmoset".into())
     } else {
         image(&rt, &client, &a.cluster)?
     };
@@ -144,13 +148,26 @@ fn create(g: &Global, a: K8sRestoreArgs) -> Result<ExitCode> {
         );
     }
     if a.wait {
-        rec = rt.block_on(restore::wait_for(
+        match rt.block_on(restore::wait_for(
             &client,
             &a.cluster.agent_namespace,
             &opts.name,
             timeout,
             poll,
-        ))?;
+        )) {
+            Ok(r) => rec = r,
+            Err(e) => {
+                // The record as it stands, for scripts, then why.
+                if g.json {
+                    if let Ok(Some(r)) =
+                        rt.block_on(record::get(&client, &a.cluster.agent_namespace, &opts.name))
+                    {
+                        print_json(&serde_json::to_value(&r)?)?;
+                    }
+                }
+                return Err(e.into());
+            }
+        }
     }
     if g.json {
         print_json(&serde_json::to_value(&rec)?)?;

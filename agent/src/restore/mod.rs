@@ -200,7 +200,19 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Saved>> {
 
 /// `<set>-<yyyymmddhhmmss>` (Velero names restores the same way).
 pub fn restore_name(set: &str, now: chrono::DateTime<chrono::Utc>) -> String {
-    let mut base: String = set.chars().take(40).collect();
+    // Object names are lowercase DNS labels; schedule names need not be.
+    let mut base: String = set
+        .chars()
+        .take(40)
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
     while base.ends_with('-') {
         base.pop();
     }
@@ -215,17 +227,7 @@ pub fn prepare(
 ) -> Result<(BackupSet, plan::Plan)> {
     let set = find_set(repo, set)?;
     let saved = read_objects(repo, &set)?;
-    if let Some(o) = &set.objects {
-        for ns in &opts.include_namespaces {
-            if !o.namespaces.contains(ns) {
-                return Err(Error::Restore(format!(
-                    "namespace {ns} is not in backup set {} (it has: {})",
-                    set.name,
-                    o.namespaces.join(", ")
-                )));
-            }
-        }
-    }
+    validate(&set, &saved, opts)?;
     let volumes: Vec<plan::SetVolumeRef> = set
         .volumes
         .iter()
@@ -323,4 +325,69 @@ pub async fn agent_image(client: &kube::Client, agent_ns: &str) -> Result<Option
                 .clone()
         })
         .next())
+}
+
+pub async fn namespace_exists(client: &kube::Client, name: &str) -> Result<bool> {
+    let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
+    api.get_opt(name)
+        .await
+        .map(|n| n.is_some())
+        .map_err(|e| Error::kube(format!("get namespace {name}"), e))
+}
+
+/// Checks the options against the set: mapped namespaces are in it (and
+/// included), no two namespaces land in one, and every resource type
+/// named exists in it.
+fn validate(set: &BackupSet, saved: &[Saved], opts: &RestoreOptions) -> Result<()> {
+    let in_set: Vec<String> = match &set.objects {
+        Some(o) => o.namespaces.clone(),
+        None => Vec::new(),
+    };
+    for ns in &opts.include_namespaces {
+        if !in_set.contains(ns) {
+            return Err(Error::Restore(format!(
+                "namespace {ns} is not in backup set {} (it has: {})",
+                set.name,
+                in_set.join(", ")
+            )));
+        }
+    }
+    let restored: Vec<&String> = if opts.include_namespaces.is_empty() {
+        in_set.iter().collect()
+    } else {
+        opts.include_namespaces.iter().collect()
+    };
+    for src in opts.namespace_mappings.keys() {
+        if !restored.contains(&src) {
+            return Err(Error::Restore(format!(
+                "--namespace-mappings names {src}, which this restore does not include (restored: {})",
+                restored.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
+    let mut targets: BTreeMap<String, &String> = BTreeMap::new();
+    for src in &restored {
+        let target = opts
+            .namespace_mappings
+            .get(*src)
+            .cloned()
+            .unwrap_or_else(|| (*src).clone());
+        if let Some(other) = targets.insert(target.clone(), src) {
+            return Err(Error::Restore(format!(
+                "namespaces {other} and {src} would both be restored into {target}"
+            )));
+        }
+    }
+    let types: std::collections::BTreeSet<&ResourceType> = saved.iter().map(|s| &s.rt).collect();
+    for want in opts.include_resources.iter().chain(&opts.exclude_resources) {
+        if want != "*" && !types.iter().any(|rt| plan::names_type(want, rt)) {
+            let have: Vec<String> = types.iter().map(|rt| rt.key()).collect();
+            return Err(Error::Restore(format!(
+                "no resource type {want:?} in backup set {} (it has: {})",
+                set.name,
+                have.join(", ")
+            )));
+        }
+    }
+    Ok(())
 }

@@ -111,7 +111,7 @@ fn rank(key: &str) -> (u8, usize) {
 
 /// Whether `--include-resources`/`--exclude-resources` entry `want` names
 /// this type: its plural (`deployments`), `plural.group`, or its kind.
-fn names_type(want: &str, rt: &ResourceType) -> bool {
+pub(crate) fn names_type(want: &str, rt: &ResourceType) -> bool {
     let w = want.trim().to_ascii_lowercase();
     w == rt.plural || w == rt.key() || w == rt.kind.to_ascii_lowercase() || w == "*"
 }
@@ -134,8 +134,9 @@ impl Selector {
                 (t.to_string(), None, true)
             };
             if term.0.is_empty() || term.0.contains([' ', '(', ')']) {
+                let short: String = t.chars().take(60).collect();
                 return Err(format!(
-                    "--selector {s:?}: term {t:?} is not key=value, key!=value, key or !key"
+                    "--selector: term {short:?} is not key=value, key!=value, key or !key"
                 ));
             }
             terms.push(term);
@@ -500,6 +501,16 @@ pub fn plan(saved: &[Saved], volumes: &[SetVolumeRef], opts: &RestoreOptions) ->
         let target = map_ns(&ns);
         obj["metadata"]["namespace"] = json!(target);
         clean_kind(&key, &mut obj, None);
+        if key == "rolebindings.rbac.authorization.k8s.io" {
+            // Its service accounts moved with the namespace.
+            for subj in obj["subjects"].as_array_mut().into_iter().flatten() {
+                if let Some(sns) = subj["namespace"].as_str().map(String::from) {
+                    if ns_included(&sns) {
+                        subj["namespace"] = json!(map_ns(&sns));
+                    }
+                }
+            }
+        }
         let empty = BTreeSet::new();
         let claims = restored.get(&ns).unwrap_or(&empty);
         if key == "persistentvolumeclaims" {
@@ -615,7 +626,7 @@ pub fn plan(saved: &[Saved], volumes: &[SetVolumeRef], opts: &RestoreOptions) ->
         let claimed = by_claim.is_some();
         if restored_pvs.contains(s.name()) {
             out.skipped.push(format!(
-                "persistentvolumes {}: its claim {claim_ns}/{claim} gets a new volume, filled from its snapshot",
+                "persistentvolumes {}: not restored; its claim {claim_ns}/{claim} is restored into a new volume from its snapshot (or left alone if it exists)",
                 s.name()
             ));
             continue;
@@ -885,5 +896,37 @@ mod tests {
         );
         let long = helper_name("r", &"x".repeat(100));
         assert!(long.len() <= 63, "{long}");
+    }
+
+    #[test]
+    fn role_binding_subjects_move_with_their_namespace() {
+        let rb = Saved {
+            rt: ResourceType {
+                api_version: "rbac.authorization.k8s.io/v1".into(),
+                kind: "RoleBinding".into(),
+                plural: "rolebindings".into(),
+                group: "rbac.authorization.k8s.io".into(),
+                namespaced: true,
+            },
+            obj: json!({"metadata": {"name": "db-edit", "namespace": "shop"},
+                "roleRef": {"kind": "ClusterRole", "name": "edit"},
+                "subjects": [{"kind": "ServiceAccount", "name": "db", "namespace": "shop"},
+                             {"kind": "ServiceAccount", "name": "ci", "namespace": "tools"}]}),
+        };
+        let mut o = opts();
+        o.namespace_mappings = [("shop".to_string(), "rb".to_string())].into();
+        o.include_namespaces = vec!["shop".into()];
+        let p = plan(&[rb], &[], &o);
+        let got = &p
+            .objects
+            .iter()
+            .find(|x| x.name == "db-edit")
+            .map(|x| x.obj.clone())
+            .unwrap_or_default();
+        assert_eq!(got["subjects"][0]["namespace"], "rb");
+        assert_eq!(
+            got["subjects"][1]["namespace"], "tools",
+            "not restored: left as it was"
+        );
     }
 }

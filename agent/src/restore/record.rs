@@ -152,11 +152,17 @@ pub async fn create(client: &Client, ns: &str, rec: &RestoreRecord) -> Result<()
         ..Default::default()
     };
     encode(rec, &mut cm);
-    api(client, ns)
-        .create(&PostParams::default(), &cm)
-        .await
-        .map_err(|e| Error::kube(format!("create restore record {}", rec.name), e))?;
-    Ok(())
+    match api(client, ns).create(&PostParams::default(), &cm).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_conflict(&e) => Err(Error::Restore(format!(
+            "a restore named {} was created at the same moment; run this one again",
+            rec.name
+        ))),
+        Err(e) => Err(Error::kube(
+            format!("create restore record {}", rec.name),
+            e,
+        )),
+    }
 }
 
 pub async fn get(client: &Client, ns: &str, name: &str) -> Result<Option<RestoreRecord>> {

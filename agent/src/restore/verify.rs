@@ -84,11 +84,11 @@ pub async fn verify(
     out.age_hours = Some(age.num_seconds() as f64 / 3600.0);
     if age > opts.max_age {
         out.errors.push(format!(
-            "the newest completed {} set, {}, is {:.1}h old (limit {}h)",
+            "the newest completed {} set, {}, is {:.1}h old (limit {:.1}h)",
             opts.schedule,
             set.name,
             age.num_seconds() as f64 / 3600.0,
-            opts.max_age.num_hours()
+            opts.max_age.num_seconds() as f64 / 3600.0
         ));
         return Ok(out);
     }
@@ -98,6 +98,13 @@ pub async fn verify(
         &format!("verify-{}", now.format("%Y%m%d%H%M%S")),
     )
     .await?;
+    // Verify deletes what it restored: never a namespace it did not create.
+    if crate::restore::namespace_exists(client, &target).await? {
+        out.errors.push(format!(
+            "namespace {target} exists already: the test restore goes only into a namespace it creates and deletes (delete {target}, or pass another --target-namespace)"
+        ));
+        return Ok(out);
+    }
     let ropts = RestoreOptions {
         name,
         include_namespaces: vec![opts.namespace.clone()],

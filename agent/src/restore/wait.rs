@@ -21,16 +21,17 @@ pub fn wait(
     let start = Instant::now();
     let mut last_tick = Instant::now();
     loop {
-        if dir.join(DONE_FILE).exists() {
-            return Ok(());
-        }
+        // `failed` wins; either must be a file the agent wrote.
         let failed = dir.join(FAILED_FILE);
-        if failed.exists() {
-            let why = std::fs::read_to_string(&failed).unwrap_or_default();
+        if std::fs::symlink_metadata(&failed).is_ok() {
+            let why = read_start(&failed);
             return Err(Error::Restore(format!(
                 "the volume restore failed: {}",
                 why.trim()
             )));
+        }
+        if std::fs::symlink_metadata(dir.join(DONE_FILE)).is_ok_and(|m| m.is_file()) {
+            return Ok(());
         }
         if !dir.is_dir() {
             return Err(Error::Restore(format!(
@@ -50,4 +51,14 @@ pub fn wait(
         }
         std::thread::sleep(poll);
     }
+}
+
+/// The first 4 KiB of a file, as text.
+fn read_start(path: &Path) -> String {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = f.take(4096).read_to_end(&mut buf);
+    }
+    String::from_utf8_lossy(&buf).into_owned()
 }

@@ -87,6 +87,15 @@ fn waiting_pod(kubelet: &Path, pod: &Pod) -> Option<Waiting> {
     })
 }
 
+/// Where a restored claim's data goes.
+enum Binding {
+    /// Not bound yet (a WaitForFirstConsumer claim being provisioned).
+    NotYet,
+    Bound(String, Box<PersistentVolume>),
+    /// Bound to a volume that is not the claim's: never written.
+    Invalid(String),
+}
+
 /// Writes a marker file the pod can see. Created new and never followed
 /// through a link: the pod can write into that directory too.
 fn write_marker(dir: &Path, name: &str, text: &str) -> Result<()> {
@@ -174,11 +183,16 @@ impl Agent {
                 .cloned()
                 .collect();
             for claim in &mine {
+                let binding = self.binding(&w.namespace, claim).await?;
+                if matches!(binding, Binding::NotYet) {
+                    // Provisioned on first use: next round.
+                    continue;
+                }
                 if self
                     .claim_item(&ns, &w.restore, &w.namespace, claim)
                     .await?
                 {
-                    self.restore_item(&ns, w, claim).await;
+                    self.restore_item(&ns, w, claim, binding).await;
                     restored += 1;
                 }
             }
@@ -207,6 +221,58 @@ impl Agent {
             }
         }
         Ok(restored)
+    }
+
+    /// The claim's volume, when the claim is bound to it and the volume
+    /// says so too: a claim created naming someone else's volume (which
+    /// the API server accepts, and which stays unbound) must never get
+    /// that volume overwritten.
+    async fn binding(&self, namespace: &str, pvc: &str) -> Result<Binding> {
+        let client = self.cluster.client().clone();
+        let Some(claim) = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace)
+            .get_opt(pvc)
+            .await
+            .map_err(|e| Error::kube(format!("get PVC {namespace}/{pvc}"), e))?
+        else {
+            return Ok(Binding::NotYet);
+        };
+        let bound = claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
+        let Some(pv_name) = claim
+            .spec
+            .as_ref()
+            .and_then(|s| s.volume_name.clone())
+            .filter(|v| !v.is_empty() && bound)
+        else {
+            return Ok(Binding::NotYet);
+        };
+        let Some(pv) = Api::<PersistentVolume>::all(client)
+            .get_opt(&pv_name)
+            .await
+            .map_err(|e| Error::kube(format!("get PV {pv_name}"), e))?
+        else {
+            return Ok(Binding::NotYet);
+        };
+        let cref = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
+        let matches = cref.is_some_and(|r| {
+            r.namespace.as_deref() == Some(namespace)
+                && r.name.as_deref() == Some(pvc)
+                && (r.uid.is_none() || claim.metadata.uid.is_none() || r.uid == claim.metadata.uid)
+        });
+        if !matches {
+            let owner = cref
+                .map(|r| {
+                    format!(
+                        "{}/{}",
+                        r.namespace.as_deref().unwrap_or("?"),
+                        r.name.as_deref().unwrap_or("?")
+                    )
+                })
+                .unwrap_or_else(|| "no claim".into());
+            return Ok(Binding::Invalid(format!(
+                "PVC {namespace}/{pvc} names PV {pv_name}, which belongs to {owner}: not written"
+            )));
+        }
+        Ok(Binding::Bound(pv_name, Box::new(pv)))
     }
 
     /// Takes the item for this node: it is new, or this node had it when
@@ -248,7 +314,7 @@ impl Agent {
         Ok(took)
     }
 
-    async fn restore_item(&self, ns: &str, w: &Waiting, pvc: &str) {
+    async fn restore_item(&self, ns: &str, w: &Waiting, pvc: &str, binding: Binding) {
         let key = (w.restore.clone(), w.namespace.clone(), pvc.to_string());
         self.restoring.lock().await.insert(key.clone());
         let subject = Subject::Pod {
@@ -269,7 +335,7 @@ impl Agent {
             )
             .await;
         let start = Instant::now();
-        let result = self.fill_volume(ns, w, pvc).await;
+        let result = self.fill_volume(ns, w, pvc, binding).await;
         let secs = start.elapsed().as_secs_f64();
         let (phase, error, files, bytes) = match &result {
             Ok(s) => (COMPLETED, None, s.files, s.bytes),
@@ -324,6 +390,7 @@ impl Agent {
         ns: &str,
         w: &Waiting,
         pvc: &str,
+        binding: Binding,
     ) -> Result<marmoset_storage::RestoreSummary> {
         let client = self.cluster.client().clone();
         let rec = record::get(&client, ns, &w.restore)
@@ -335,24 +402,16 @@ impl Agent {
             .find(|v| v.namespace == w.namespace && v.pvc == pvc)
             .cloned()
             .ok_or_else(|| Error::Restore(format!("no item for {pvc}")))?;
-        let claim = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &w.namespace)
-            .get(pvc)
-            .await
-            .map_err(|e| Error::kube(format!("get PVC {}/{pvc}", w.namespace), e))?;
-        let pv_name = claim
-            .spec
-            .and_then(|s| s.volume_name)
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| {
-                Error::Restore(format!(
-                    "PVC {}/{pvc} is not bound to a volume yet",
+        let (pv_name, pv) = match binding {
+            Binding::Bound(name, pv) => (name, pv),
+            Binding::Invalid(why) => return Err(Error::Restore(why)),
+            Binding::NotYet => {
+                return Err(Error::Restore(format!(
+                    "PVC {}/{pvc} is not bound",
                     w.namespace
-                ))
-            })?;
-        let pv = Api::<PersistentVolume>::all(client)
-            .get(&pv_name)
-            .await
-            .map_err(|e| Error::kube(format!("get PV {pv_name}"), e))?;
+                )))
+            }
+        };
         let path = host_path(&self.cfg, &w.uid, &pv_name, &pv).map_err(Error::Restore)?;
         let path: PathBuf = path.components().collect();
         match std::fs::symlink_metadata(&path) {
@@ -376,6 +435,8 @@ impl Agent {
         let p = progress.clone();
         let share = self.share_repo().await;
         let mut work = self.on_repo(share, move |repo| {
+            // Other nodes' agents wrote index files since this one started.
+            repo.sync_index()?;
             let (_, snap) = repo.resolve_snapshot(&snapshot)?;
             if snap.source != expected_source {
                 return Err(marmoset_storage::Error::InvalidArgument(format!(
