@@ -24,6 +24,24 @@ const PASSWORD: &str = "agent test password";
 const SET_FIRE: &str = "2026-02-08T02:00:00Z";
 const SET: &str = "daily-20260208020000";
 const IMAGE: &str = "registry.example/marmoset:test";
+/// The selector restore of the seed's procedure: the claims labelled
+/// app=bookmarked in `default`.
+const BOOKMARKED_CLAIMS: &[&str] = &[
+    "--include-namespaces",
+    "default",
+    "--include-resources",
+    "persistentvolumeclaims",
+    "--selector",
+    "app=bookmarked",
+];
+
+/// `--json k8s restore --from SET <args> --wait`, as the tests run it.
+fn restore_args<'a>(set: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["--json", "k8s", "restore", "--from", set];
+    v.extend_from_slice(args);
+    v.extend_from_slice(&["--wait", "--timeout", "90s", "--poll", "1s"]);
+    v
+}
 
 fn bookmarked_dir(w: &World) -> PathBuf {
     w.host()
@@ -193,6 +211,18 @@ fn json_of(out: &Output) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A `--wait --json` restore that exited 1 with its one volume Failed
+/// for `why`; returns that volume's item.
+fn failed_volume(out: &Output, why: &str) -> Value {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let rec: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = rec["volumes"][0].clone();
+    assert_eq!(v["phase"], "Failed", "{rec:#}");
+    assert!(v["error"].as_str().unwrap().contains(why), "{v:#}");
+    v
 }
 
 fn restored_marker(w: &World, uid: &str) -> PathBuf {
@@ -365,22 +395,15 @@ async fn a_namespace_restores_under_another_name_with_its_volumes() {
     let out = run_with_cluster(
         &w,
         &agent,
-        &[
-            "--json",
-            "k8s",
-            "restore",
-            "--from",
+        &restore_args(
             SET,
-            "--include-namespaces",
-            "default",
-            "--namespace-mappings",
-            "default:restored-default",
-            "--wait",
-            "--timeout",
-            "90s",
-            "--poll",
-            "1s",
-        ],
+            &[
+                "--include-namespaces",
+                "default",
+                "--namespace-mappings",
+                "default:restored-default",
+            ],
+        ),
     )
     .await;
     let rec = json_of(&out);
@@ -620,24 +643,17 @@ async fn a_namespace_restores_under_another_name_with_its_volumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_selector_restore_brings_back_only_the_labelled_claims() {
     let (w, agent) = world_with_set().await;
-    let args = [
-        "--json",
-        "k8s",
-        "restore",
-        "--from",
+    let args = restore_args(
         SET,
-        "--include-namespaces",
-        "default",
-        "--include-resources",
-        "persistentvolumeclaims,persistentvolumes",
-        "--selector",
-        "app=bookmarked",
-        "--wait",
-        "--timeout",
-        "90s",
-        "--poll",
-        "1s",
-    ];
+        &[
+            "--include-namespaces",
+            "default",
+            "--include-resources",
+            "persistentvolumeclaims,persistentvolumes",
+            "--selector",
+            "app=bookmarked",
+        ],
+    );
     // In place, while everything still exists: nothing is overwritten.
     let live = bookmarked_dir(&w);
     std::fs::write(live.join("written-after-the-backup"), b"live data").unwrap();
@@ -740,42 +756,8 @@ async fn a_failed_volume_restore_holds_its_pod_and_fails_the_restore() {
     let link = new_volume_dir(&w, "default", "bookmarked-data");
     std::fs::create_dir_all(link.parent().unwrap()).unwrap();
     std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
-    let out = run_with_cluster(
-        &w,
-        &agent,
-        &[
-            "--json",
-            "k8s",
-            "restore",
-            "--from",
-            SET,
-            "--include-namespaces",
-            "default",
-            "--include-resources",
-            "persistentvolumeclaims",
-            "--selector",
-            "app=bookmarked",
-            "--wait",
-            "--timeout",
-            "90s",
-            "--poll",
-            "1s",
-        ],
-    )
-    .await;
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rec: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let v = &rec["volumes"][0];
-    assert_eq!(v["phase"], "Failed", "{rec:#}");
-    assert!(
-        v["error"].as_str().unwrap().contains("not followed"),
-        "{v:#}"
-    );
+    let out = run_with_cluster(&w, &agent, &restore_args(SET, BOOKMARKED_CLAIMS)).await;
+    let v = &failed_volume(&out, "not followed");
     assert_eq!(
         std::fs::read(elsewhere.join("precious")).unwrap(),
         b"keep me"
@@ -1145,26 +1127,19 @@ async fn a_claim_naming_another_namespaces_volume_is_never_written() {
     let before = read_tree(&victim);
     let mut cmd = cli(
         &w,
-        &[
-            "--json",
-            "k8s",
-            "restore",
-            "--from",
+        &restore_args(
             SET,
-            "--include-namespaces",
-            "default",
-            "--namespace-mappings",
-            "default:tenant",
-            "--include-resources",
-            "persistentvolumeclaims",
-            "--selector",
-            "app=bookmarked",
-            "--wait",
-            "--timeout",
-            "60s",
-            "--poll",
-            "1s",
-        ],
+            &[
+                "--include-namespaces",
+                "default",
+                "--namespace-mappings",
+                "default:tenant",
+                "--include-resources",
+                "persistentvolumeclaims",
+                "--selector",
+                "app=bookmarked",
+            ],
+        ),
     );
     let child = tokio::task::spawn_blocking(move || cmd.output().unwrap());
     // The tenant swaps the new claim for one naming default's volume,
@@ -1197,22 +1172,7 @@ async fn a_claim_naming_another_namespaces_volume_is_never_written() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let out = child.await.unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rec: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let v = &rec["volumes"][0];
-    assert_eq!(v["phase"], "Failed", "{rec:#}");
-    assert!(
-        v["error"]
-            .as_str()
-            .unwrap()
-            .contains("belongs to default/bookmarked-data"),
-        "{v:#}"
-    );
+    failed_volume(&out, "belongs to default/bookmarked-data");
     assert_eq!(
         read_tree(&victim),
         before,
@@ -1259,31 +1219,8 @@ async fn the_agent_restores_what_other_agents_backed_up_after_it_started() {
             "bookmarked-data",
         )
     });
-    let rec = json_of(
-        &run_with_cluster(
-            &w,
-            &agent,
-            &[
-                "--json",
-                "k8s",
-                "restore",
-                "--from",
-                &report.set,
-                "--include-namespaces",
-                "default",
-                "--include-resources",
-                "persistentvolumeclaims",
-                "--selector",
-                "app=bookmarked",
-                "--wait",
-                "--timeout",
-                "60s",
-                "--poll",
-                "1s",
-            ],
-        )
-        .await,
-    );
+    let rec =
+        json_of(&run_with_cluster(&w, &agent, &restore_args(&report.set, BOOKMARKED_CLAIMS)).await);
     assert_eq!(rec["volumes"][0]["phase"], "Completed", "{rec:#}");
     assert_eq!(
         read_tree(&new_volume_dir(&w, "default", "bookmarked-data")),
