@@ -74,6 +74,11 @@ pub enum Error {
     /// saved with it, a bad mapping or selector.
     #[error("restore: {0}")]
     Restore(String),
+
+    /// A restore record of this name exists: another restore took the
+    /// name first. Nothing of this restore was created.
+    #[error("restore: a restore named {0} exists already (created at the same moment?); run this one again")]
+    RestoreExists(String),
 }
 
 impl Error {

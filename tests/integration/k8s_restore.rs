@@ -184,14 +184,25 @@ fn cli(w: &World, args: &[&str]) -> Command {
 /// Runs the CLI in the background while the controllers and the agent
 /// do their parts; returns its output.
 async fn run_with_cluster(w: &World, agent: &Agent, args: &[&str]) -> Output {
-    let mut cmd = cli(w, args);
-    let child = tokio::task::spawn_blocking(move || cmd.output().unwrap());
+    run_all_with_cluster(w, agent, &[args]).await.remove(0)
+}
+
+/// Runs the commands at the same time while the fake controllers and the
+/// agent's restore rounds go on; their outputs, in order.
+async fn run_all_with_cluster(w: &World, agent: &Agent, commands: &[&[&str]]) -> Vec<Output> {
+    let children: Vec<_> = commands
+        .iter()
+        .map(|args| {
+            let mut cmd = cli(w, args);
+            tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        })
+        .collect();
     let start = Instant::now();
     let mut round = 0;
-    while !child.is_finished() {
+    while !children.iter().all(|c| c.is_finished()) {
         assert!(
             start.elapsed() < Duration::from_secs(120),
-            "marmoset {args:?} did not finish"
+            "marmoset {commands:?} did not finish"
         );
         // Pods wait a few rounds for their claims (WaitForFirstConsumer):
         // the agent must wait too, not fail.
@@ -200,7 +211,11 @@ async fn run_with_cluster(w: &World, agent: &Agent, args: &[&str]) -> Output {
         agent.restore_round().await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    child.await.unwrap()
+    let mut outputs = Vec::new();
+    for c in children {
+        outputs.push(c.await.unwrap());
+    }
+    outputs
 }
 
 fn json_of(out: &Output) -> Value {
@@ -905,6 +920,43 @@ async fn the_weekly_verify_restores_default_into_a_temporary_namespace_and_clean
             "record deleted"
         );
     });
+    // Two runs aimed at one target namespace at the same moment: the one
+    // that creates it restores and cleans up; the other touches nothing
+    // (neither the winner's namespace nor its record).
+    let race: &[&str] = &[
+        "--json",
+        "k8s",
+        "verify",
+        "--target-namespace",
+        "verify-race",
+        "--timeout",
+        "90s",
+        "--poll",
+        "1s",
+    ];
+    let outs = run_all_with_cluster(&w, &agent, &[race, race]).await;
+    let vs: Vec<Value> = outs
+        .iter()
+        .map(|o| serde_json::from_slice(&o.stdout).unwrap())
+        .collect();
+    let passed: Vec<&Value> = vs.iter().filter(|v| v["pass"] == true).collect();
+    assert_eq!(passed.len(), 1, "{vs:#?}");
+    assert!(passed[0]["restore"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|x| x["phase"] == "Completed"));
+    let lost = vs.iter().find(|v| v["pass"] == false).unwrap();
+    assert!(
+        lost["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("exists already"),
+        "{lost:#}"
+    );
+    assert!(lost["restore"].is_null(), "{lost:#}");
+    w.api
+        .with(|s| assert!(s.get("v1", "Namespace", None, "verify-race").is_none()));
     // A namespace that exists is never the verify's: refused, untouched.
     w.api.with(|s| {
         s.add(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}));

@@ -18,12 +18,12 @@ fn describe(o: &ToCreate) -> String {
     }
 }
 
-enum Created {
+pub(crate) enum Created {
     Yes,
     Existed,
 }
 
-async fn create(client: &Client, o: &ToCreate) -> Result<Created> {
+pub(crate) async fn create(client: &Client, o: &ToCreate) -> Result<Created> {
     let ar = o.rt.api_resource();
     let api: Api<DynamicObject> = match &o.namespace {
         Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),

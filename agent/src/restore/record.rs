@@ -154,10 +154,7 @@ pub async fn create(client: &Client, ns: &str, rec: &RestoreRecord) -> Result<()
     encode(rec, &mut cm);
     match api(client, ns).create(&PostParams::default(), &cm).await {
         Ok(_) => Ok(()),
-        Err(e) if is_conflict(&e) => Err(Error::Restore(format!(
-            "a restore named {} was created at the same moment; run this one again",
-            rec.name
-        ))),
+        Err(e) if is_conflict(&e) => Err(Error::RestoreExists(rec.name.clone())),
         Err(e) => Err(Error::kube(
             format!("create restore record {}", rec.name),
             e,

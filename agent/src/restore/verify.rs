@@ -14,6 +14,8 @@ use marmoset_storage::Repository;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::restore::apply::{self, Created};
+use crate::restore::plan::{Plan, ToCreate};
 use crate::restore::record::{RestoreRecord, COMPLETED};
 use crate::restore::{self, RestoreOptions};
 
@@ -98,13 +100,6 @@ pub async fn verify(
         &format!("verify-{}", now.format("%Y%m%d%H%M%S")),
     )
     .await?;
-    // Verify deletes what it restored: never a namespace it did not create.
-    if crate::restore::namespace_exists(client, &target).await? {
-        out.errors.push(format!(
-            "namespace {target} exists already: the test restore goes only into a namespace it creates and deletes (delete {target}, or pass another --target-namespace)"
-        ));
-        return Ok(out);
-    }
     let ropts = RestoreOptions {
         name,
         include_namespaces: vec![opts.namespace.clone()],
@@ -114,14 +109,28 @@ pub async fn verify(
         ..Default::default()
     };
     let (r, name, o) = (repo.clone(), set.name.clone(), ropts.clone());
-    let (set, plan) = tokio::task::spawn_blocking(move || restore::prepare(&r, &name, &o))
+    let (set, mut plan) = tokio::task::spawn_blocking(move || restore::prepare(&r, &name, &o))
         .await
         .map_err(|e| Error::Task(e.to_string()))??;
+    // Verify deletes what it restored, so it creates the namespace itself
+    // (one POST, no check-then-create race): a namespace that exists, or
+    // that another run created a moment ago, is never touched.
+    let ns_obj = take_namespace(&mut plan, &target);
+    match apply::create(client, &ns_obj).await? {
+        Created::Yes => {}
+        Created::Existed => {
+            out.errors.push(format!(
+                "namespace {target} exists already: the test restore goes only into a namespace it creates and deletes (delete {target}, or pass another --target-namespace)"
+            ));
+            return Ok(out);
+        }
+    }
     let result = async {
         restore::apply::apply(client, agent_ns, &set.name, &plan, &ropts).await?;
         restore::wait_for(client, agent_ns, &ropts.name, opts.timeout, opts.poll).await
     }
     .await;
+    let mut result_error = None;
     match result {
         Ok(rec) => {
             for v in &rec.volumes {
@@ -138,11 +147,20 @@ pub async fn verify(
             out.errors.extend(rec.failed.iter().cloned());
             out.restore = Some(rec);
         }
-        Err(e) => out.errors.push(e.to_string()),
+        Err(e) => {
+            out.errors.push(e.to_string());
+            result_error = Some(e);
+        }
     }
+    // A record that another restore had taken the name of is not ours.
+    let record_ours = !matches!(result_error, Some(Error::RestoreExists(_)));
     if !opts.keep {
         let cleaned = restore::delete_namespace(client, &target).await;
-        let record = restore::record::delete(client, agent_ns, &ropts.name).await;
+        let record = if record_ours {
+            restore::record::delete(client, agent_ns, &ropts.name).await
+        } else {
+            Ok(())
+        };
         match (cleaned, record) {
             (Ok(()), Ok(())) => out.cleaned_up = true,
             (Err(e), _) | (_, Err(e)) => out.errors.push(format!("clean-up: {e}")),
@@ -150,4 +168,32 @@ pub async fn verify(
     }
     out.pass = out.errors.is_empty();
     Ok(out)
+}
+
+/// Takes the target Namespace out of the plan (verify creates it first),
+/// or makes a bare one when the set saved none.
+fn take_namespace(plan: &mut Plan, target: &str) -> ToCreate {
+    if let Some(i) = plan
+        .objects
+        .iter()
+        .position(|o| o.rt.key() == "namespaces" && o.name == target)
+    {
+        return plan.objects.remove(i);
+    }
+    ToCreate {
+        rt: crate::objects::ResourceType {
+            api_version: "v1".into(),
+            kind: "Namespace".into(),
+            plural: "namespaces".into(),
+            group: String::new(),
+            namespaced: false,
+        },
+        namespace: None,
+        name: target.to_string(),
+        obj: serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": { "name": target },
+        }),
+    }
 }

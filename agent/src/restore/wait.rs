@@ -23,8 +23,13 @@ pub fn wait(
     loop {
         // `failed` wins; either must be a file the agent wrote.
         let failed = dir.join(FAILED_FILE);
-        if std::fs::symlink_metadata(&failed).is_ok() {
-            let why = read_start(&failed);
+        if let Ok(m) = std::fs::symlink_metadata(&failed) {
+            // Only a file is read: a FIFO would block, a link leads elsewhere.
+            let why = if m.is_file() {
+                read_start(&failed)
+            } else {
+                "(the agent's failed entry is not a file)".to_string()
+            };
             return Err(Error::Restore(format!(
                 "the volume restore failed: {}",
                 why.trim()
