@@ -5,9 +5,10 @@
 #
 #   benches/limits.sh [--quick] [--tiny N[,N...]] [--cases tiny,huge,sparse,large,index]
 #
-#   tiny    N files of 16-600 bytes, 1000 per directory (default 1 000 000
-#           and 2 000 000; --quick 20 000): initial backup, no-change
-#           backup, restore. Peak RSS must not grow with N.
+#   tiny    N files of 16-600 bytes, 1000 per directory (default 100 000,
+#           1 000 000 and 2 000 000; --quick 20 000): initial backup,
+#           no-change backup, restore. Peak RSS must not grow with N: the
+#           initial backup's peak is also printed against the smallest N's.
 #   huge    one incompressible file (4 GiB; --quick 256 MiB): backup. One
 #           file must keep every core busy.
 #   sparse  one sparse file, 10 GiB holding 64 MiB of data (--quick 1 GiB
@@ -40,7 +41,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-[ -n "$TINY" ] || TINY=$([ "$QUICK" = 1 ] && echo 20000 || echo 1000000,2000000)
+[ -n "$TINY" ] || TINY=$([ "$QUICK" = 1 ] && echo 20000 || echo 100000,1000000,2000000)
 
 apt_need restic time python3
 # The whole workspace, as scripts/test builds it (synth_repo lives in the
@@ -277,6 +278,15 @@ for case in cases:
             cells.append(f"{m['wall_s'] / p['wall_s']:.2f}x, {m['peak_rss_mib'] / p['peak_rss_mib']:.2f}x" if p else "-")
         extra = f" ({m['restored_allocated_mib']} MiB allocated)" if "restored_allocated_mib" in m else ""
         print(f"| {case} | {phase} | {m['wall_s']:.1f} s{extra} | {m['cpu_per_wall']} | {m['peak_rss_mib']:.0f} MiB | " + " | ".join(cells) + " |")
+tiny = sorted((int(c[4:]), c) for c in cases if c.startswith("tiny") and res["cases"][c].get("backup"))
+if len(tiny) > 1:
+    base_n, base = tiny[0]
+    base_rss = res["cases"][base]["backup"]["marmoset"]["peak_rss_mib"]
+    res["tiny_rss_growth"] = {}
+    for n, c in tiny[1:]:
+        ratio = res["cases"][c]["backup"]["marmoset"]["peak_rss_mib"] / base_rss
+        res["tiny_rss_growth"][c] = round(ratio, 3)
+        print(f"marmoset initial backup peak RSS, {n} files / {base_n} files: {ratio:.2f}x")
 os.makedirs(os.path.dirname(out), exist_ok=True)
 json.dump(res, open(out, "w"), indent=1)
 print(f"\nratios are marmoset / peer: below 1 is better. JSON: {out}")

@@ -99,6 +99,16 @@ fn tune_allocator() {
         unsafe {
             libc::malloc_trim(0);
         }
+        if tracing::enabled!(tracing::Level::TRACE) {
+            // SAFETY: mallinfo2 only reads the allocator's counters.
+            let m = unsafe { libc::mallinfo2() };
+            tracing::trace!(
+                in_use = m.uordblks,
+                free = m.fordblks,
+                mmapped = m.hblkhd,
+                "allocator after trim"
+            );
+        }
     });
 }
 

@@ -113,6 +113,15 @@ impl BlobLocation {
     }
 }
 
+/// Bytes RocksDB holds in memory ([`IndexCache::memory`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IndexMemory {
+    pub memtables: u64,
+    pub block_cache: u64,
+    pub block_cache_pinned: u64,
+    pub table_readers: u64,
+}
+
 /// What the file cache remembers about one source file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileCacheEntry {
@@ -302,13 +311,25 @@ fn take_lock(dir: &Path) -> Result<Option<Flock<File>>> {
 /// Memtables of all column families together: the file cache takes a put
 /// per file, and with RocksDB's default 64 MiB per family (two of them
 /// each) a backup of millions of small files grew by hundreds of MiB.
-const WRITE_BUFFERS_TOTAL: usize = 16 << 20;
+/// A backup of 100 000 files already fills about 8 MiB of memtables: a
+/// cap of 16 MiB let 2 000 000 files peak 3 MiB higher.
+const WRITE_BUFFERS_TOTAL: usize = 8 << 20;
+
+/// One family's memtable: the file cache and the blob entries are the
+/// two that fill, so two of them (one flushing) fit the total.
+const WRITE_BUFFER: usize = 2 << 20;
 
 /// Block cache shared by every column family, index and filter blocks
 /// included. Left to its defaults RocksDB gives each family a 32 MiB cache
 /// and keeps every table's index and filter blocks outside any cache, so
-/// memory grew with the number of blobs and files indexed.
-const BLOCK_CACHE: usize = 8 << 20;
+/// memory grew with the number of blobs and files indexed. Nothing is
+/// pinned in it, so it never outgrows this size: a backup of 100 000 files
+/// uses under 1 MiB of it and one of 2 000 000 all of it.
+const BLOCK_CACHE: usize = 4 << 20;
+
+/// Table files kept open (each holds a reader and a descriptor): a file
+/// cache of tens of millions of files has thousands of tables.
+const MAX_OPEN_FILES: i32 = 512;
 
 /// Blob entries written to the cache in one batch.
 const BLOBS_PER_BATCH: usize = 16_384;
@@ -320,6 +341,7 @@ fn db_options() -> Options {
     opts.set_db_write_buffer_size(WRITE_BUFFERS_TOTAL);
     opts.set_max_background_jobs(2);
     opts.set_keep_log_file_num(2);
+    opts.set_max_open_files(MAX_OPEN_FILES);
     opts
 }
 
@@ -330,7 +352,6 @@ fn cf_options(cache: &Cache) -> Options {
     let mut table = BlockBasedOptions::default();
     table.set_block_cache(cache);
     table.set_cache_index_and_filter_blocks(true);
-    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     table.set_bloom_filter(10.0, false);
     // Index and filter in 4 KiB partitions under a small pinned top level.
     // Whole, a table's index and filter grow with its keys (about 2 MiB
@@ -341,10 +362,22 @@ fn cf_options(cache: &Cache) -> Options {
     table.set_index_type(BlockBasedIndexType::TwoLevelIndexSearch);
     table.set_partition_filters(true);
     table.set_metadata_block_size(4096);
-    table.set_pin_top_level_index_and_filter(true);
+    // Pinned blocks stay in the cache whatever its size: one top level per
+    // table file, and a file cache written in path order makes many small
+    // tables (each flush is moved down as is), so pinned memory grew with
+    // the number of files backed up (5 MiB at 2 000 000 files).
+    table.set_pin_top_level_index_and_filter(false);
     let mut opts = Options::default();
-    opts.set_write_buffer_size(4 << 20);
+    opts.set_write_buffer_size(WRITE_BUFFER);
     opts.set_max_write_buffer_number(2);
+    // Small levels: blob ids are random, so every flush overlaps all of
+    // level 1, and a level 1 of RocksDB's default 256 MiB was rewritten
+    // whole every few memtables (a 2 000 000-file backup wrote its blob
+    // entries about 15 times). Levels growing tenfold from 32 MiB, in
+    // 8 MiB files, rewrite each entry about once per level instead.
+    opts.set_level_zero_file_num_compaction_trigger(8);
+    opts.set_max_bytes_for_level_base(32 << 20);
+    opts.set_target_file_size_base(8 << 20);
     opts.set_block_based_table_factory(&table);
     opts
 }
@@ -636,6 +669,35 @@ impl IndexCache {
         self.db.write(batch).map_err(|e| self.err(e))
     }
 
+    /// What RocksDB holds in memory now, for debug logs: memtables of all
+    /// families, the shared block cache (and what is pinned in it), and
+    /// table readers kept outside the cache.
+    pub fn memory(&self) -> IndexMemory {
+        let per_family_max = |name: &str| {
+            ALL_CFS
+                .into_iter()
+                .filter_map(|cf| self.cf(cf).ok())
+                .filter_map(|cf| self.db.property_int_value_cf(cf, name).ok().flatten())
+                .max()
+                .unwrap_or(0)
+        };
+        let per_family = |name: &str| {
+            ALL_CFS
+                .into_iter()
+                .filter_map(|cf| self.cf(cf).ok())
+                .filter_map(|cf| self.db.property_int_value_cf(cf, name).ok().flatten())
+                .sum()
+        };
+        IndexMemory {
+            memtables: per_family("rocksdb.size-all-mem-tables"),
+            table_readers: per_family("rocksdb.estimate-table-readers-mem"),
+            // One cache is shared by the families (the default family
+            // has a cache of its own, unused).
+            block_cache: per_family_max("rocksdb.block-cache-usage"),
+            block_cache_pinned: per_family_max("rocksdb.block-cache-pinned-usage"),
+        }
+    }
+
     /// Flushes memtables so a crash after this call keeps the cache warm.
     pub fn flush(&self) -> Result<()> {
         for name in ALL_CFS {
@@ -680,6 +742,77 @@ mod tests {
         drop(IndexCache::open(&fresh)?);
         let mode = std::fs::metadata(&fresh).map_err(io)?.permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    /// RocksDB's memory stays within the cache's bounds however many blobs
+    /// and files it holds: memtables within their total, the block cache
+    /// within its size with nothing pinned (pinned blocks would outgrow it).
+    #[test]
+    fn memory_stays_within_its_bounds_as_the_cache_grows() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("mrm-idx-mem-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = IndexCache::open(&dir)?;
+        // Random-looking ids, as content ids are (splitmix64).
+        let id = |i: u64, salt: u8| -> RawId {
+            let mut x = i.wrapping_mul(2).wrapping_add(u64::from(salt));
+            let mut out = [0u8; 32];
+            for part in out.chunks_mut(8) {
+                x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = x;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                part.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+            }
+            out
+        };
+        let mut worst = IndexMemory::default();
+        for round in 0..30u64 {
+            let blobs: Vec<_> = (0..10_000)
+                .map(|i| (id(round * 10_000 + i, 0), loc((i % 200) as u8)))
+                .collect();
+            c.insert_blobs(&blobs, true)?;
+            for i in 0..10_000 {
+                let n = round * 10_000 + i;
+                let entry = FileCacheEntry {
+                    size: n,
+                    mtime_ns: 1,
+                    ctime_ns: 2,
+                    inode: n,
+                    indirect: false,
+                    content: vec![id(n, 0)],
+                };
+                c.put_file(
+                    format!("src\0d{:04}/f{:04}", n / 1000, n % 1000).as_bytes(),
+                    &entry,
+                )?;
+            }
+            // Lookups fill the block cache: hits and misses, random keys.
+            for i in (0..round * 10_000).step_by(97) {
+                assert!(c.get_blob(&id(i, 0))?.is_some());
+                assert!(c.get_blob(&id(i, 1))?.is_none());
+            }
+            let m = c.memory();
+            worst.memtables = worst.memtables.max(m.memtables);
+            worst.block_cache = worst.block_cache.max(m.block_cache);
+            worst.block_cache_pinned = worst.block_cache_pinned.max(m.block_cache_pinned);
+        }
+        // Memtables are allocated in arena blocks: a little over the total.
+        assert!(
+            worst.memtables <= (WRITE_BUFFERS_TOTAL + (2 << 20)) as u64,
+            "{worst:?}"
+        );
+        assert!(
+            worst.block_cache <= BLOCK_CACHE as u64 * 21 / 20,
+            "{worst:?}"
+        );
+        assert!(
+            worst.block_cache > BLOCK_CACHE as u64 / 2,
+            "the cache was used: {worst:?}"
+        );
+        assert!(worst.block_cache_pinned < 256 << 10, "{worst:?}");
+        drop(c);
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }

@@ -937,7 +937,15 @@ async fn the_weekly_verify_restores_default_into_a_temporary_namespace_and_clean
     let outs = run_all_with_cluster(&w, &agent, &[race, race]).await;
     let vs: Vec<Value> = outs
         .iter()
-        .map(|o| serde_json::from_slice(&o.stdout).unwrap())
+        .map(|o| {
+            serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "{e}: {}\n{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            })
+        })
         .collect();
     let passed: Vec<&Value> = vs.iter().filter(|v| v["pass"] == true).collect();
     assert_eq!(passed.len(), 1, "{vs:#?}");

@@ -336,9 +336,21 @@ fn verify_cmd(g: &Global, a: K8sVerifyArgs) -> Result<ExitCode> {
         }
     }
     let rt = runtime()?;
-    let client = connect(&rt, &a.cluster)?;
-    let image = image(&rt, &client, &a.cluster)?;
-    let repo = Arc::new(open(g)?);
+    // The weekly job's JSON says why it failed, whatever failed.
+    let setup = (|| -> Result<_> {
+        let client = connect(&rt, &a.cluster)?;
+        let image = image(&rt, &client, &a.cluster)?;
+        let repo = Arc::new(open(g)?);
+        Ok((client, image, repo))
+    })();
+    let (client, image, repo) = match setup {
+        Ok(v) => v,
+        Err(e) if g.json => {
+            print_json(&serde_json::json!({ "pass": false, "errors": [format!("{e:#}")] }))?;
+            return Ok(ExitCode::from(1));
+        }
+        Err(e) => return Err(e),
+    };
     let opts = verify::VerifyOptions {
         schedule: a.schedule,
         namespace: a.namespace,

@@ -65,11 +65,28 @@ pub async fn verify(
         errors: Vec::new(),
         cleaned_up: false,
     };
+    // Every failure from here on is reported in the outcome (the weekly
+    // job's JSON), never as a bare error.
+    macro_rules! or_fail {
+        ($e:expr) => {
+            match $e {
+                Ok(v) => v,
+                Err(e) => {
+                    out.errors.push(e.to_string());
+                    return Ok(out);
+                }
+            }
+        };
+    }
     let r = repo.clone();
-    let sets = tokio::task::spawn_blocking(move || marmoset_storage::sets(&r, Utc::now()))
-        .await
-        .map_err(|e| Error::Task(e.to_string()))??
-        .0;
+    let sets = or_fail!(tokio::task::spawn_blocking(move || marmoset_storage::sets(
+        &r,
+        Utc::now()
+    ))
+    .await
+    .map_err(|e| Error::Task(e.to_string()))
+    .and_then(|r| r.map_err(Error::from)))
+    .0;
     let Some(set) = sets
         .iter()
         .rev()
@@ -94,12 +111,14 @@ pub async fn verify(
         ));
         return Ok(out);
     }
-    let name = crate::restore::record::free_name(
-        client,
-        agent_ns,
-        &format!("verify-{}", now.format("%Y%m%d%H%M%S")),
-    )
-    .await?;
+    let name = or_fail!(
+        crate::restore::record::free_name(
+            client,
+            agent_ns,
+            &format!("verify-{}", now.format("%Y%m%d%H%M%S")),
+        )
+        .await
+    );
     let ropts = RestoreOptions {
         name,
         include_namespaces: vec![opts.namespace.clone()],
@@ -109,14 +128,17 @@ pub async fn verify(
         ..Default::default()
     };
     let (r, name, o) = (repo.clone(), set.name.clone(), ropts.clone());
-    let (set, mut plan) = tokio::task::spawn_blocking(move || restore::prepare(&r, &name, &o))
-        .await
-        .map_err(|e| Error::Task(e.to_string()))??;
+    let (set, mut plan) = or_fail!(tokio::task::spawn_blocking(move || restore::prepare(
+        &r, &name, &o
+    ))
+    .await
+    .map_err(|e| Error::Task(e.to_string()))
+    .and_then(|r| r));
     // Verify deletes what it restored, so it creates the namespace itself
     // (one POST, no check-then-create race): a namespace that exists, or
     // that another run created a moment ago, is never touched.
     let ns_obj = take_namespace(&mut plan, &target);
-    match apply::create(client, &ns_obj).await? {
+    match or_fail!(apply::create(client, &ns_obj).await) {
         Created::Yes => {}
         Created::Existed => {
             out.errors.push(format!(

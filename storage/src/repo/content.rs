@@ -121,6 +121,15 @@ impl Repository {
         let name = self.save_file(FileKind::Index, "index", &format::encode_index(packs))?;
         self.cache_entries(packs, true)?;
         self.index.mark_index_file_loaded(&name)?;
+        let m = self.index.memory();
+        debug!(
+            index = %name,
+            memtables = m.memtables,
+            block_cache = m.block_cache,
+            pinned = m.block_cache_pinned,
+            table_readers = m.table_readers,
+            "index file written; index cache memory"
+        );
         Ok(name)
     }
 

@@ -40,7 +40,7 @@ impl DirBuilder {
 pub(super) fn assemble(
     saver: &Saver,
     ctx: &WalkCtx,
-    events: Receiver<Event>,
+    events: Receiver<Vec<Event>>,
 ) -> Result<(Vec<Id>, BackupSummary)> {
     let r = assemble_inner(saver, ctx, &events);
     if let Err(e) = &r {
@@ -52,7 +52,7 @@ pub(super) fn assemble(
 pub(super) fn assemble_inner(
     saver: &Saver,
     ctx: &WalkCtx,
-    events: &Receiver<Event>,
+    events: &Receiver<Vec<Event>>,
 ) -> Result<(Vec<Id>, BackupSummary)> {
     let mut sum = BackupSummary::default();
     let mut stack = vec![DirBuilder {
@@ -60,7 +60,7 @@ pub(super) fn assemble_inner(
         parts: Vec::new(),
         entries: Vec::new(),
     }];
-    for ev in events {
+    for ev in events.iter().flatten() {
         if saver.aborted() {
             return Err(Error::Aborted("backup aborted".into()));
         }

@@ -207,7 +207,7 @@ pub fn backup(
         let saver = &saver;
         let (job_tx, job_rx) = bounded::<FileJob>(threads * 4);
         let (chunk_tx, chunk_rx) = bounded::<Chunk>(threads * 2);
-        let (event_tx, event_rx) = bounded::<Event>(8192);
+        let (event_tx, event_rx) = bounded::<Vec<Event>>(8192 / source::Events::BATCH);
         let mut uploader_handles = Vec::new();
         for _ in 0..uploaders {
             let rx = upload_rx.clone();
@@ -230,8 +230,16 @@ pub fn backup(
         drop(chunk_tx);
         let assembler = s.spawn(|| assemble(saver, &ctx, event_rx));
 
-        let walk_result = walk_roots(&ctx, saver, &abs, &event_tx, &job_tx);
-        drop(event_tx);
+        let (prefetch_tx, prefetch_rx) = bounded(8);
+        for _ in 0..source::Events::PREFETCHERS {
+            let rx = prefetch_rx.clone();
+            s.spawn(move || source::prefetch_loop(rx));
+        }
+        drop(prefetch_rx);
+        let events = source::Events::new(event_tx, Some(prefetch_tx));
+        let walk_result =
+            walk_roots(&ctx, saver, &abs, &events, &job_tx).and_then(|()| events.flush());
+        drop(events);
         drop(job_tx);
         let assembled = assembler.join();
         // A worker that panicked may have dropped a chunk or a pack: the
@@ -434,6 +442,32 @@ mod tests {
         fs::rename(src.join("victim.new"), src.join("victim")).expect("rename");
         let err = open_source(&victim).expect_err("another inode must be refused");
         assert!(err.to_string().contains("replaced"), "{err}");
+    }
+
+    /// Events reach the assembler in order, in batches, and the walk's
+    /// last partial batch is sent by `flush`.
+    #[test]
+    fn events_go_in_order_in_batches() {
+        let (tx, rx) = bounded::<Vec<Event>>(16);
+        let events = source::Events::new(tx, None);
+        let n = source::Events::BATCH * 2 + 7;
+        for i in 0..n {
+            let e = Event::Error(source::source_error(Path::new(&i.to_string()), "x"));
+            source::send(&events, e).expect("send");
+        }
+        assert_eq!(rx.len(), 2, "two full batches, the rest buffered");
+        events.flush().expect("flush");
+        drop(events);
+        let got: Vec<String> = rx
+            .iter()
+            .flatten()
+            .map(|e| match e {
+                Event::Error(e) => e.path,
+                _ => String::new(),
+            })
+            .collect();
+        let want: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+        assert_eq!(got, want);
     }
 
     #[test]

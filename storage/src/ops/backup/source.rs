@@ -42,7 +42,7 @@ pub(super) fn walk_roots(
     ctx: &WalkCtx,
     saver: &Saver,
     paths: &[PathBuf],
-    events: &Sender<Event>,
+    events: &Events,
     jobs: &Sender<FileJob>,
 ) -> Result<()> {
     // One directory: its contents form the root. Otherwise the root holds
@@ -219,11 +219,11 @@ pub(super) fn walk_dir_contents(
     ctx: &WalkCtx,
     saver: &Saver,
     dir: &SourceDir,
-    events: &Sender<Event>,
+    events: &Events,
     jobs: &Sender<FileJob>,
 ) -> Result<()> {
     let names = match dir.names() {
-        Ok(n) => n,
+        Ok(n) => Arc::new(n),
         Err(e) => {
             return send(
                 events,
@@ -231,6 +231,7 @@ pub(super) fn walk_dir_contents(
             )
         }
     };
+    events.prefetch(&dir.fd, &names);
     for name in names.iter() {
         if saver.aborted() {
             return Err(Error::Aborted("backup aborted".into()));
@@ -240,10 +241,104 @@ pub(super) fn walk_dir_contents(
     Ok(())
 }
 
-pub(super) fn send(events: &Sender<Event>, e: Event) -> Result<()> {
-    events
-        .send(e)
-        .map_err(|_| Error::Aborted("tree assembler stopped".into()))
+/// A prefetch thread: stats directory entries (never following a link,
+/// never opening a file) just ahead of the walker, so that on a cold page
+/// cache the inodes are read with several requests in flight instead of
+/// one at a time. The results are dropped: the walker stats every entry
+/// itself, from the kernel's inode cache when the prefetch was first.
+pub(super) fn prefetch_loop(jobs: Receiver<PrefetchJob>) {
+    for job in jobs {
+        for name in job.names.iter().skip(job.part).step_by(job.parts) {
+            let _ =
+                nix::sys::stat::fstatat(&*job.dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW);
+        }
+    }
+}
+
+pub(super) fn send(events: &Events, e: Event) -> Result<()> {
+    events.send(e)
+}
+
+/// The walker's end of the event channel. Events go to the assembler in
+/// batches: sent one by one, each woke the waiting assembler (a futex
+/// call and a context switch per file), a quarter of the CPU time of a
+/// no-change backup of 2 000 000 small files.
+///
+/// It also hands each directory's listing to the prefetch threads
+/// ([`prefetch_loop`]).
+pub(super) struct Events {
+    tx: Sender<Vec<Event>>,
+    batch: std::cell::RefCell<Vec<Event>>,
+    prefetch: Option<Sender<PrefetchJob>>,
+}
+
+/// A part of a directory's entries to stat ahead of the walk.
+pub(super) struct PrefetchJob {
+    dir: Arc<OwnedFd>,
+    names: Arc<Names>,
+    part: usize,
+    parts: usize,
+}
+
+impl Events {
+    /// Events per batch. The channel holds a few dozen batches.
+    pub(super) const BATCH: usize = 256;
+    /// Prefetch threads: the disk gets this many more requests in flight.
+    pub(super) const PREFETCHERS: usize = 4;
+    /// Smaller directories are not worth a prefetch.
+    const PREFETCH_MIN: usize = 32;
+
+    pub(super) fn new(tx: Sender<Vec<Event>>, prefetch: Option<Sender<PrefetchJob>>) -> Self {
+        Self {
+            tx,
+            batch: std::cell::RefCell::new(Vec::with_capacity(Self::BATCH)),
+            prefetch,
+        }
+    }
+
+    /// Offers a directory's entries to the prefetch threads; when they are
+    /// busy the walk goes on without (it never waits for them).
+    fn prefetch(&self, dir: &Arc<OwnedFd>, names: &Arc<Names>) {
+        let Some(tx) = &self.prefetch else { return };
+        if names.spans.len() < Self::PREFETCH_MIN {
+            return;
+        }
+        for part in 0..Self::PREFETCHERS {
+            let _ = tx.try_send(PrefetchJob {
+                dir: dir.clone(),
+                names: names.clone(),
+                part,
+                parts: Self::PREFETCHERS,
+            });
+        }
+    }
+
+    fn send(&self, e: Event) -> Result<()> {
+        let full = {
+            let mut batch = self.batch.borrow_mut();
+            batch.push(e);
+            batch.len() >= Self::BATCH
+        };
+        if full {
+            self.flush()
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Sends what is buffered; the walk calls it once at its end.
+    pub(super) fn flush(&self) -> Result<()> {
+        let batch = std::mem::replace(
+            &mut *self.batch.borrow_mut(),
+            Vec::with_capacity(Self::BATCH),
+        );
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.tx
+            .send(batch)
+            .map_err(|_| Error::Aborted("tree assembler stopped".into()))
+    }
 }
 
 pub(super) fn source_error(path: &Path, error: &str) -> SourceError {
@@ -258,7 +353,7 @@ pub(super) fn walk_entry(
     saver: &Saver,
     dir: &SourceDir,
     name: &OsStr,
-    events: &Sender<Event>,
+    events: &Events,
     jobs: &Sender<FileJob>,
 ) -> Result<()> {
     let path = dir.path.join(name);
