@@ -673,28 +673,23 @@ impl IndexCache {
     /// families, the shared block cache (and what is pinned in it), and
     /// table readers kept outside the cache.
     pub fn memory(&self) -> IndexMemory {
-        let per_family_max = |name: &str| {
+        // A property's value in each family.
+        let per_family = |name: &str| -> Vec<u64> {
             ALL_CFS
                 .into_iter()
                 .filter_map(|cf| self.cf(cf).ok())
                 .filter_map(|cf| self.db.property_int_value_cf(cf, name).ok().flatten())
-                .max()
-                .unwrap_or(0)
+                .collect()
         };
-        let per_family = |name: &str| {
-            ALL_CFS
-                .into_iter()
-                .filter_map(|cf| self.cf(cf).ok())
-                .filter_map(|cf| self.db.property_int_value_cf(cf, name).ok().flatten())
-                .sum()
-        };
+        let sum = |name: &str| per_family(name).into_iter().sum();
+        let max = |name: &str| per_family(name).into_iter().max().unwrap_or(0);
         IndexMemory {
-            memtables: per_family("rocksdb.size-all-mem-tables"),
-            table_readers: per_family("rocksdb.estimate-table-readers-mem"),
+            memtables: sum("rocksdb.size-all-mem-tables"),
+            table_readers: sum("rocksdb.estimate-table-readers-mem"),
             // One cache is shared by the families (the default family
             // has a cache of its own, unused).
-            block_cache: per_family_max("rocksdb.block-cache-usage"),
-            block_cache_pinned: per_family_max("rocksdb.block-cache-pinned-usage"),
+            block_cache: max("rocksdb.block-cache-usage"),
+            block_cache_pinned: max("rocksdb.block-cache-pinned-usage"),
         }
     }
 
