@@ -88,3 +88,48 @@ fn killed_backups_leave_a_valid_repository_and_resume() {
         assert_same_tree(&big, &restored);
     }
 }
+
+/// Ctrl-C stops a backup cleanly: no snapshot, its session lease removed
+/// (nothing for the next maintenance to wait out), and the next backup
+/// completes on a repository that checks clean.
+#[test]
+fn an_interrupted_backup_stops_cleanly_and_removes_its_lease() {
+    let env = Env::new();
+    env.init();
+    let big = env.path("big");
+    fs::create_dir_all(&big).unwrap();
+    let mut r = rng(77);
+    for i in 0..12 {
+        fs::write(big.join(format!("f{i}")), random_bytes(&mut r, 20 << 20)).unwrap();
+    }
+    let child = env
+        .cmd()
+        .args(["backup", "--threads", "1", big.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while env.pack_names().is_empty() && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("cancelled"), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "stopped promptly"
+    );
+    let leases: Vec<_> = fs::read_dir(env.repo.join("locks"))
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(leases.is_empty(), "leases left: {leases:?}");
+    assert_eq!(env.json(&["snapshots"]).as_array().unwrap().len(), 0);
+    env.backup(&big, &[]);
+    env.ok(&["check", "--read-data"]);
+}

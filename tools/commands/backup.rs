@@ -27,7 +27,7 @@ pub(super) fn run(g: &Global, a: BackupArgs) -> Result<ExitCode> {
         force_read: a.force,
         uploaders: None,
         hostname: a.host,
-        cancel: None,
+        cancel: Some(crate::interrupt::cancel_flag()),
     };
     let progress = Arc::new(Progress::default());
     let ticker = Ticker::start(!g.quiet && !g.json, progress_line(progress.clone()));

@@ -203,7 +203,7 @@ pub fn backup(
 
     let mut summary = BackupSummary::default();
     let mut root_parts = Vec::new();
-    std::thread::scope(|s| -> Result<()> {
+    let walked = std::thread::scope(|s| -> Result<()> {
         let saver = &saver;
         let (job_tx, job_rx) = bounded::<FileJob>(threads * 4);
         let (chunk_tx, chunk_rx) = bounded::<Chunk>(threads * 2);
@@ -278,13 +278,15 @@ pub fn backup(
             Ok(Err(e)) => Err(e),
             Err(_) => Err(Error::Aborted("tree assembler panicked".into())),
         }
-    })
-    .map_err(|e| crate::util::lock(&saver.first_error).take().unwrap_or(e))?;
-    if let Some(e) = crate::util::lock(&saver.first_error).take() {
-        return Err(e);
-    }
+    });
+    // Workers stopped by a cancel fail in their own words ("workers
+    // stopped"): the cause the caller needs is the cancel.
     if saver.cancelled() {
         return Err(Error::Aborted("backup cancelled".into()));
+    }
+    walked.map_err(|e| crate::util::lock(&saver.first_error).take().unwrap_or(e))?;
+    if let Some(e) = crate::util::lock(&saver.first_error).take() {
+        return Err(e);
     }
     summary.bytes_added = saver.stats.bytes_added.load(Ordering::Relaxed);
     summary.data_blobs_added = saver.stats.data_blobs.load(Ordering::Relaxed);
