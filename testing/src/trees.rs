@@ -9,6 +9,15 @@ use rand::Rng;
 
 use crate::random::{random_bytes, rng, text_bytes};
 
+/// Creates `dir` holding `count` files `f0`, `f1`, … of `size` random
+/// (incompressible) bytes each, drawn from `rng`.
+pub fn random_files(dir: &Path, rng: &mut rand::rngs::StdRng, count: usize, size: usize) {
+    fs::create_dir_all(dir).expect("mkdir");
+    for i in 0..count {
+        fs::write(dir.join(format!("f{i}")), random_bytes(rng, size)).expect("write");
+    }
+}
+
 /// Writes a random tree: nested dirs, empty and non-empty files of mixed
 /// sizes, symlinks, unicode and long names.
 pub fn random_tree(root: &Path, seed: u64, files: usize) {

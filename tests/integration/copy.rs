@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use marmoset_testing::random::{random_bytes, rng};
 use marmoset_testing::s3_server::S3Server;
-use marmoset_testing::trees::{assert_same_tree, random_tree};
+use marmoset_testing::trees::{assert_same_tree, random_files, random_tree};
 
 use crate::integration::cli::Env;
 
@@ -222,11 +222,8 @@ fn an_interrupted_copy_is_resumed_without_uploading_again() {
     let env = Env::new();
     env.init();
     let src = env.path("src");
-    fs::create_dir_all(&src).unwrap();
     let mut r = rng(36);
-    for i in 0..12 {
-        fs::write(src.join(format!("f{i}")), random_bytes(&mut r, 2 << 20)).unwrap();
-    }
+    random_files(&src, &mut r, 12, 2 << 20);
     env.backup(&src, &[]);
     let t = Target::local(&env);
     t.ok(

@@ -6,8 +6,8 @@
 use std::fs;
 use std::time::{Duration, Instant};
 
-use marmoset_testing::random::{random_bytes, rng};
-use marmoset_testing::trees::{assert_same_tree, random_tree};
+use marmoset_testing::random::rng;
+use marmoset_testing::trees::{assert_same_tree, random_files, random_tree};
 use rand::Rng;
 
 use crate::integration::cli::Env;
@@ -33,11 +33,8 @@ fn killed_backups_leave_a_valid_repository_and_resume() {
         let before = pack_bytes(&env);
 
         let big = env.path("big");
-        fs::create_dir_all(&big).unwrap();
         let mut r = rng(seed + 1000);
-        for i in 0..12 {
-            fs::write(big.join(format!("f{i}")), random_bytes(&mut r, 20 << 20)).unwrap();
-        }
+        random_files(&big, &mut r, 12, 20 << 20);
         let mut child = env
             .cmd()
             .args(["backup", "--threads", "1", big.to_str().unwrap()])
@@ -97,11 +94,7 @@ fn an_interrupted_backup_stops_cleanly_and_removes_its_lease() {
     let env = Env::new();
     env.init();
     let big = env.path("big");
-    fs::create_dir_all(&big).unwrap();
-    let mut r = rng(77);
-    for i in 0..12 {
-        fs::write(big.join(format!("f{i}")), random_bytes(&mut r, 20 << 20)).unwrap();
-    }
+    random_files(&big, &mut rng(77), 12, 20 << 20);
     let child = env
         .cmd()
         .args(["backup", "--threads", "1", big.to_str().unwrap()])

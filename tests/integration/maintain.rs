@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use marmoset_testing::random::{random_bytes, rng};
-use marmoset_testing::trees::{assert_same_tree, random_tree};
+use marmoset_testing::trees::{assert_same_tree, random_files, random_tree};
 use rand::Rng;
 
 use crate::integration::cli::Env;
@@ -101,12 +101,9 @@ fn sparse_packs_are_rewritten() {
     let env = Env::new();
     env.init();
     let src = env.path("src");
-    fs::create_dir_all(&src).unwrap();
     let mut r = rng(5);
     // Many files in one pack; then most of them disappear.
-    for i in 0..40 {
-        fs::write(src.join(format!("f{i}")), random_bytes(&mut r, 300_000)).unwrap();
-    }
+    random_files(&src, &mut r, 40, 300_000);
     env.backup(&src, &[]);
     for i in 0..35 {
         fs::remove_file(src.join(format!("f{i}"))).unwrap();
@@ -577,11 +574,8 @@ fn a_pack_truncated_in_its_trailer_is_found_and_its_blobs_saved() {
     let env = Env::new();
     env.init();
     let src = env.path("src");
-    fs::create_dir_all(&src).unwrap();
     let mut r = rng(8);
-    for i in 0..5 {
-        fs::write(src.join(format!("f{i}")), random_bytes(&mut r, 300_000)).unwrap();
-    }
+    random_files(&src, &mut r, 5, 300_000);
     env.backup(&src, &[]);
     let (pack, _) = env.locate(&first_chunk(&env, "f0"));
     // How many chunks 300 kB of random data makes depends on the
